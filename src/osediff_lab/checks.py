@@ -1,0 +1,72 @@
+"""Reject configurations that cannot work, before any model is built or data is read."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from osediff_lab.data.datamodule import resolve_root
+from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.models.components import resolve_pretrained_path
+from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
+
+LOSS_WEIGHTS = ("l2_weight", "lpips_weight", "vsd_weight")
+MIXED = ("16-mixed", "bf16-mixed", "16", "bf16")
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every problem found, each naming the config key (empty when the config can run)."""
+    problems: list[str] = []
+    loss, gen, data = cfg.loss, cfg.generator, cfg.data
+    for key in LOSS_WEIGHTS:
+        if loss[key] < 0:
+            problems.append(f"loss.{key}={loss[key]} is negative; loss weights must be >= 0")
+    if loss.l2_weight + loss.lpips_weight + loss.vsd_weight <= 0:
+        problems.append("loss.l2_weight, loss.lpips_weight and loss.vsd_weight are all 0: nothing to train")
+    if loss.reg_steps_per_gen_step < 1:
+        problems.append(f"loss.reg_steps_per_gen_step={loss.reg_steps_per_gen_step} must be >= 1")
+    for lo, hi in (("vsd_t_min", "vsd_t_max"), ("reg_t_min", "reg_t_max")):
+        if not 0 <= loss[lo] < loss[hi] <= 1000:
+            problems.append(f"loss.{lo}={loss[lo]} / loss.{hi}={loss[hi]}: need 0 <= min < max <= 1000")
+    if gen.latent not in ("mode", "sample"):
+        problems.append(f"generator.latent='{gen.latent}' must be 'mode' or 'sample'")
+    if gen.frozen_dtype not in ("fp32", "bf16", "fp16"):
+        problems.append(f"generator.frozen_dtype='{gen.frozen_dtype}' must be fp32, bf16 or fp16")
+    elif gen.frozen_dtype != "fp32" and str(cfg.trainer.precision) not in MIXED:
+        problems.append(
+            f"generator.frozen_dtype={gen.frozen_dtype} needs a mixed trainer precision (trainer.precision=bf16-mixed "
+            f"or 16-mixed), got trainer.precision={cfg.trainer.precision}"
+        )
+    for key in ("unet_rank", "vae_rank", "reg_rank"):
+        if gen.lora[key] < 1:
+            problems.append(f"generator.lora.{key}={gen.lora[key]} must be >= 1")
+    multiple = cfg.scale * 8
+    if data.crop_size % multiple:
+        problems.append(f"data.crop_size={data.crop_size} must be a multiple of scale x 8 = {multiple}")
+    if data.batch_size < 1:
+        problems.append(f"data.batch_size={data.batch_size} must be >= 1")
+    if cfg.model.source == "pretrained":
+        try:
+            resolve_pretrained_path(cfg.model)
+        except MissingWeightsError as exc:
+            problems.append(str(exc))
+    if loss.lpips_weight > 0:
+        if loss.lpips.net not in BACKBONE_FILES:
+            problems.append(f"loss.lpips.net='{loss.lpips.net}' must be one of {sorted(BACKBONE_FILES)}")
+        elif loss.lpips.pretrained:
+            try:
+                check_lpips_weights(loss.lpips.net, cfg.paths.weights_dir)
+            except MissingWeightsError as exc:
+                problems.append(str(exc))
+    if data.kind == "folder":
+        try:
+            resolve_root(data)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem, so a user fixes them all in one go."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("this configuration cannot run:\n  - " + "\n  - ".join(problems))

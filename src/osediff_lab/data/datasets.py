@@ -1,0 +1,86 @@
+"""HQ training datasets: random crop + horizontal flip of images found on disk."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from osediff_lab.data.images import UnreadableImage, image_size, load_rgb, pil_to_tensor
+from osediff_lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SMALL_IMAGE_POLICIES = ("error", "skip", "upscale")
+
+
+class HQCropDataset(Dataset):
+    """Yields {"hq": (3, crop, crop) in [-1, 1], "path": str}; unreadable files are skipped and counted.
+
+    Images smaller than the crop follow ``small_image_policy``: ``error`` (refuse before training),
+    ``skip`` (drop them), or ``upscale`` (bicubic-enlarge the short side to the crop size).
+    """
+
+    def __init__(
+        self, files: list[Path], crop_size: int, flip: bool = True, small_image_policy: str = "error", repeat: int = 1
+    ) -> None:
+        if small_image_policy not in SMALL_IMAGE_POLICIES:
+            raise ConfigError(f"data.small_image_policy must be one of {SMALL_IMAGE_POLICIES}, got '{small_image_policy}'")
+        self.crop_size = crop_size
+        self.flip = flip
+        self.policy = small_image_policy
+        self.skipped: list[str] = []
+        self.small: list[str] = []
+        kept = []
+        for f in files:
+            try:
+                w, h = image_size(f)
+            except UnreadableImage as exc:
+                log.warning("skipping unreadable image %s", exc)
+                self.skipped.append(str(f))
+                continue
+            if min(w, h) < crop_size:
+                self.small.append(str(f))
+                if small_image_policy == "skip":
+                    continue
+            kept.append(Path(f))
+        if self.small and small_image_policy == "error":
+            raise ConfigError(
+                f"{len(self.small)} image(s) are smaller than data.crop_size={crop_size} (e.g. {self.small[0]}); "
+                "lower data.crop_size or set data.small_image_policy=skip|upscale"
+            )
+        if self.small:
+            log.info("%d image(s) smaller than the crop: policy '%s'", len(self.small), small_image_policy)
+        if not kept:
+            raise ConfigError(f"no usable images (of {len(files)} files; {len(self.skipped)} unreadable, {len(self.small)} too small)")
+        self.files = kept * max(1, int(repeat))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _crop(self, im: Image.Image) -> torch.Tensor:
+        w, h = im.size
+        c = self.crop_size
+        if min(w, h) < c:
+            s = c / min(w, h)
+            im = im.resize((max(c, round(w * s)), max(c, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+        top = int(torch.randint(0, h - c + 1, ()).item())
+        left = int(torch.randint(0, w - c + 1, ()).item())
+        x = pil_to_tensor(im.crop((left, top, left + c, top + c)))
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x * 2 - 1
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.files)):
+            path = self.files[(index + attempt) % len(self.files)]
+            try:
+                return {"hq": self._crop(load_rgb(path)), "path": str(path)}
+            except UnreadableImage as exc:
+                log.warning("skipping unreadable image during training: %s", exc)
+                self.skipped.append(str(path))
+        raise RuntimeError("every image in the dataset became unreadable")

@@ -1,0 +1,1 @@
+"""Lightning plumbing around the pure model code."""

@@ -1,0 +1,38 @@
+"""Experiment loggers: W&B (offline by default) with a local CSV fallback that never crashes a run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
+    """The configured logger; if W&B cannot start (no key online, unwritable dir), warn once and use CSV."""
+    lc = cfg.logger
+    if lc.name == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if lc.name != "wandb":
+        raise ValueError(f"logger.name must be 'wandb' or 'csv', got '{lc.name}'")
+    mode = str(lc.mode)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        logger = WandbLogger(
+            project=lc.project,
+            group=lc.group,
+            tags=list(lc.tags),
+            job_type=lc.job_type,
+            save_dir=str(run_dir),
+            mode=mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        _ = logger.experiment  # start the run now, so a broken setup falls back here, not mid-training
+        return logger
+    except Exception as exc:  # any W&B failure must degrade to local logging
+        log.warning("W&B logging unavailable (%s: %s); logging to CSV under %s instead", type(exc).__name__, exc, run_dir)
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")

@@ -1,0 +1,298 @@
+"""OSEDiffModule: manual optimisation alternating one generator step and N regularizer steps.
+
+Owns the generator (LoRA UNet + LoRA VAE encoder), the regularizer UNet (frozen pretrained weights
+for the real score, 'reg' LoRA for the fake score), the frozen text encoder and LPIPS. The math lives
+in ``osediff_lab.models.vsd``; this file only wires it to optimisers, logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from osediff_lab.data.degradation import Degradation, upsample_to
+from osediff_lab.models.lora import adapters_disabled
+from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
+from osediff_lab.models.vsd import (
+    add_noise,
+    classifier_free_guidance,
+    diffusion_loss,
+    sample_timesteps,
+    vsd_loss,
+    x0_from_eps,
+)
+from osediff_lab.prompts import PromptProvider
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
+
+
+class OSEDiffModule(pl.LightningModule):
+    """Training system for OSEDiff. Batches carry ``hq`` in [-1, 1]; ``lq`` is made on device if absent."""
+
+    def __init__(
+        self,
+        parts: OSEDiffParts,
+        lpips_model: nn.Module | None,
+        prompts: PromptProvider,
+        degradation: Degradation,
+        cfg: DictConfig,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.loss_cfg = cfg.loss
+        self.optim_cfg = cfg.optim
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.tokenizer = parts.components.tokenizer
+        self.text_encoder = parts.components.text_encoder
+        self.generator = parts.generator
+        self.reg_unet = parts.reg_unet
+        self.lpips = lpips_model
+        self.prompts = prompts
+        self.degradation = degradation
+        self.lora_targets = parts.targets
+        self.register_buffer("alphas_cumprod", parts.components.scheduler.alphas_cumprod.float().clone(), persistent=False)
+        if cfg.generator.gradient_checkpointing:
+            self.generator.unet.enable_gradient_checkpointing()
+            self.generator.vae.enable_gradient_checkpointing()
+        frozen_dtype = DTYPES[cfg.generator.frozen_dtype]
+        if frozen_dtype != torch.float32:
+            for module in (self.text_encoder, self.generator, self.reg_unet):
+                cast_frozen(module, frozen_dtype)
+        self.gen_params = [p for _, p in trainable_parameters(self.generator)]
+        self.reg_params = [p for _, p in trainable_parameters(self.reg_unet)]
+        self.trained_names = [n for n, _ in trainable_parameters(self)]
+        self._embed_cache: dict[str, torch.Tensor] = {}
+        self._bad_steps = 0
+        self._grad_norms: dict[int, torch.Tensor] = {}
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+
+    def train(self, mode: bool = True) -> OSEDiffModule:
+        """Frozen feature extractors stay in eval mode (LPIPS has dropout) whatever Lightning asks."""
+        super().train(mode)
+        self.text_encoder.eval()
+        if self.lpips is not None:
+            self.lpips.eval()
+        return self
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Degrade on the training device (batched) unless the batch is already paired."""
+        if "lq" not in batch:
+            batch["lq"] = self.degradation(batch["hq"])
+        batch["lq_up"] = upsample_to(batch["lq"], batch["hq"].shape[-2:])
+        return batch
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings per prompt, cached by string (null and fixed prompts are encoded once)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        if missing:
+            tok = self.tokenizer(
+                missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            )
+            embeds = self.text_encoder(tok.input_ids.to(self.device))[0]
+            if len(self._embed_cache) > 4096:
+                self._embed_cache.clear()
+            self._embed_cache.update(zip(missing, embeds, strict=True))
+        return torch.stack([self._embed_cache[p] for p in prompts]).to(self.device)
+
+    def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
+        """Prompts for the batch: from the LQ image or, when prompt.source=hq, the HQ image (public release)."""
+        lq01 = (batch["lq_up"] + 1) / 2
+        hq01 = (batch["hq"] + 1) / 2
+        source = self.cfg.get("prompt", {}).get("source", "lq") if self.cfg.get("prompt") else "lq"
+        return self.prompts(hq01 if source == "hq" else lq01, hq01)
+
+    # ---- losses -------------------------------------------------------------------------------
+    def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self.reg_unet(z_t, t, encoder_hidden_states=embeds.to(z_t.dtype)).sample
+
+    @torch.no_grad()
+    def vsd_targets(self, z_h: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score."""
+        lc = self.loss_cfg
+        b = z_h.shape[0]
+        t = sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, None, z_h.device)
+        noise = torch.randn_like(z_h)
+        z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
+        eps_fake = self.unet_eps(z_t, t, embeds)
+        neg = self.encode_text([lc.negative_prompt] * b)
+        with adapters_disabled(self.reg_unet):
+            eps_both = self.unet_eps(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds]))
+        eps_uncond, eps_cond = eps_both.chunk(2)
+        eps_real = classifier_free_guidance(eps_uncond, eps_cond, lc.cfg_scale)
+        return x0_from_eps(z_t, eps_real, t, self.alphas_cumprod), x0_from_eps(z_t, eps_fake, t, self.alphas_cumprod)
+
+    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Weighted generator loss terms, x_H in [-1, 1] and z_H."""
+        lc = self.loss_cfg
+        x_h, z_h = self.generator(batch["lq_up"], embeds)
+        hq = batch["hq"]
+        terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
+        if lc.lpips_weight > 0:
+            terms["lpips"] = self.lpips(x_h.float(), hq.float()).mean()
+        if lc.vsd_weight > 0:
+            x0_real, x0_fake = self.vsd_targets(z_h, embeds)
+            terms["vsd"], w = vsd_loss(z_h, x0_real, x0_fake)
+            self.log("train/vsd_weight_factor", w.mean(), on_step=True)
+        weights = {"l2": lc.l2_weight, "lpips": lc.lpips_weight, "vsd": lc.vsd_weight}
+        terms["total"] = sum(weights[k] * v for k, v in terms.items())
+        return terms, x_h, z_h
+
+    def regularizer_loss(self, z_h: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Diffusion loss of the fake-score UNet on detached generator latents."""
+        lc = self.loss_cfg
+        z0 = z_h.detach()
+        t = sample_timesteps(z0.shape[0], lc.reg_t_min, lc.reg_t_max, None, z0.device)
+        noise = torch.randn_like(z0)
+        z_t = add_noise(z0, noise, t, self.alphas_cumprod)
+        return diffusion_loss(self.unet_eps(z_t, t, embeds.detach()), noise)
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def _finite(self, loss: torch.Tensor, params: list[nn.Parameter]) -> bool:
+        if not torch.isfinite(loss):
+            return False
+        return all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+
+    def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter], terms: dict[str, torch.Tensor]) -> bool:
+        """Backward, skip on non-finite numbers (logged with the offending term), clip, step."""
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            self.manual_backward(loss)
+        if not self._finite(loss, params):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["gradient"]
+            self._bad_steps += 1
+            log.warning("step %d: non-finite %s in the %s step (%s); optimiser step skipped", self.global_step, name, name, ", ".join(bad))
+            self.log(f"train/{name}_skipped", 1.0, on_step=True)
+            opt.zero_grad(set_to_none=True)
+            limit = self.cfg.optim.max_consecutive_bad_steps
+            if self._bad_steps >= limit:
+                raise NonFiniteLossError(
+                    f"{self._bad_steps} consecutive non-finite steps (last: {name}, {', '.join(bad)}) at step "
+                    f"{self.global_step}; raise optim.max_consecutive_bad_steps or lower the learning rate"
+                )
+            return False
+        opt.step()
+        if name == "regularizer":
+            self._uncount_optimizer_step()
+        return True
+
+    def _uncount_optimizer_step(self) -> None:
+        """Make ``global_step`` count generator updates: Lightning counts every optimiser's step, so
+        without this ``trainer.max_steps``, logging and checkpoint intervals would shift with
+        ``loss.reg_steps_per_gen_step``."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        for tracker in (progress.total, progress.current):
+            tracker.ready -= 1
+            tracker.completed -= 1
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip after AMP unscaling (Lightning calls this between unscale and step); record the norm."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        clip = self.optim_cfg.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+        self._grad_norms[id(optimizer)] = norm.detach()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        opt_g, opt_r = self.optimizers()
+        sch_g, sch_r = self.lr_schedulers()
+        embeds = self.encode_text(self.batch_prompts(batch))
+
+        terms, _, z_h = self.generator_losses(batch, embeds)
+        ok_g = self._step("generator", opt_g, terms["total"], self.gen_params, terms)
+
+        reg_losses = []
+        ok_r = True
+        for _ in range(self.loss_cfg.reg_steps_per_gen_step):
+            loss_r = self.regularizer_loss(z_h, embeds)
+            ok_r = self._step("regularizer", opt_r, loss_r, self.reg_params, {"reg": loss_r}) and ok_r
+            reg_losses.append(loss_r.detach())
+        if ok_g and ok_r:
+            self._bad_steps = 0
+        sch_g.step()
+        sch_r.step()
+
+        logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
+        logs["train/loss_reg"] = torch.stack(reg_losses).mean()
+        logs["train/lr_generator"] = opt_g.param_groups[0]["lr"]
+        logs["train/lr_regularizer"] = opt_r.param_groups[0]["lr"]
+        opt_g_inner, opt_r_inner = opt_g.optimizer, opt_r.optimizer
+        if id(opt_g_inner) in self._grad_norms:
+            logs["train/grad_norm_generator"] = self._grad_norms[id(opt_g_inner)]
+        if id(opt_r_inner) in self._grad_norms:
+            logs["train/grad_norm_regularizer"] = self._grad_norms[id(opt_r_inner)]
+        self.log_dict(logs, on_step=True, prog_bar=False)
+        self.log("loss", terms["total"].detach(), prog_bar=True, on_step=True)
+        return terms["total"].detach()
+
+    def configure_optimizers(self):
+        oc = self.optim_cfg
+
+        def make(params: list[nn.Parameter], lr: float):
+            if oc.use_8bit:
+                import bitsandbytes as bnb
+
+                cls = bnb.optim.AdamW8bit
+            else:
+                cls = torch.optim.AdamW
+            opt = cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+            sched = get_scheduler(
+                oc.scheduler, opt, num_warmup_steps=oc.warmup_steps, num_training_steps=max(1, self.trainer.max_steps)
+            )
+            return opt, sched
+
+        opt_g, sch_g = make(self.gen_params, oc.lr)
+        opt_r, sch_r = make(self.reg_params, oc.reg_lr)
+        return [opt_g, opt_r], [sch_g, sch_r]
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trained tensors (LoRA sets, conv_in): megabytes, not gigabytes."""
+        keep = set(self.trained_names)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["osediff"] = {"trained_names": self.trained_names, "lora_targets": self.lora_targets}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint that does not hold exactly this model's trained tensors."""
+        have = set(checkpoint["state_dict"])
+        want = set(self.trained_names)
+        missing, unexpected = sorted(want - have), sorted(have - want)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint does not match this model: {len(missing)} missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it trained with another model/generator config?"
+            )
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint stores, by their module names."""
+        params = dict(self.named_parameters())
+        return {n: params[n] for n in self.trained_names}
+
+    def generator_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained generator tensors keyed relative to the generator (``unet.*``, ``vae.*``): the LoRA export."""
+        prefix = "generator."
+        return {n[len(prefix):]: p for n, p in self.trained_state_dict().items() if n.startswith(prefix)}
+
+    @torch.no_grad()
+    def super_resolve(self, lq_up: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Deterministic SR (encoder latent mode) of x_L in [-1, 1]; returns x_H in [-1, 1]."""
+        latent, self.generator.latent = self.generator.latent, "mode"
+        try:
+            return self.generator(lq_up, self.encode_text(prompts))[0]
+        finally:
+            self.generator.latent = latent

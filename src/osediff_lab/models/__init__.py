@@ -1,0 +1,1 @@
+"""Model building blocks: components per preset, LoRA, the one-step generator, VSD math."""

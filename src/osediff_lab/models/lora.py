@@ -1,0 +1,106 @@
+"""LoRA exactly as OSEDiff places it: target selection by module-name suffix, adapters, LoRA-only tensors.
+
+UNet layers are split into three adapters (encoder: down blocks + conv_in; decoder: up blocks +
+conv_out; others: the rest), the VAE encoder (incl. quant_conv) gets one adapter. Only Linear and
+Conv2d layers are ever wrapped, so biases and normalisation layers are never adapted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+import warnings
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+def _matches(name: str, suffixes: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def select_targets(model: nn.Module, suffixes: Iterable[str], prefix: str = "") -> list[str]:
+    """Names of Linear/Conv2d modules under ``prefix`` whose name ends with one of ``suffixes``."""
+    suffixes = tuple(suffixes)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ADAPTABLE) and name.startswith(prefix) and _matches(name, suffixes)
+    ]
+
+
+def split_unet_targets(names: Iterable[str]) -> dict[str, list[str]]:
+    """OSEDiff's three UNet groups: encoder (down blocks, conv_in), decoder (up blocks, conv_out), others."""
+    groups: dict[str, list[str]] = {"encoder": [], "decoder": [], "others": []}
+    for name in names:
+        if name.startswith("down_blocks") or name == "conv_in":
+            groups["encoder"].append(name)
+        elif name.startswith("up_blocks") or name == "conv_out":
+            groups["decoder"].append(name)
+        else:
+            groups["others"].append(name)
+    return groups
+
+
+def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, adapter_name: str, init: str) -> None:
+    """Inject one PEFT LoRA adapter over exactly the named modules (full names, not patterns)."""
+    if not targets:
+        raise ValueError(f"adapter '{adapter_name}': no target modules")
+    if rank <= 0:
+        raise ValueError(f"adapter '{adapter_name}': LoRA rank must be positive, got {rank}")
+    init_weights: bool | str = True if init == "kaiming" else init
+    pattern = "^(" + "|".join(t.replace(".", r"\.") for t in targets) + ")$"
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_weights, target_modules=pattern)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters by design
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+
+
+def lora_layers(model: nn.Module) -> Iterator[BaseTunerLayer]:
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            yield module
+
+
+def activate_adapters(model: nn.Module, names: list[str]) -> None:
+    """Make every listed adapter active at once (each layer holds one of them)."""
+    for layer in lora_layers(model):
+        layer.set_adapter([n for n in names if n in layer.lora_A] or names)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base (pretrained) weights only; restores the active adapters and their requires_grad."""
+    layers = list(lora_layers(model))
+    saved = [(layer, layer.active_adapters) for layer in layers]
+    grads = {id(p): p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, active in saved:
+            layer.enable_adapters(True)
+            layer.set_adapter(active)
+        for layer in layers:
+            for p in layer.parameters():
+                p.requires_grad_(grads[id(p)])
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    """Names of every LoRA tensor (lora_A / lora_B) in a model."""
+    return [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every active adapter into its base weight (inference speed; outputs unchanged up to fp error)."""
+    for layer in lora_layers(model):
+        layer.merge(adapter_names=list(layer.active_adapters))
+
+
+def count_parameters(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)

@@ -1,0 +1,81 @@
+"""Assemble OSEDiff from components: the LoRA generator and the regularizer UNet, per config.
+
+The regularizer shares the frozen pretrained UNet: the real score runs it with adapters disabled,
+the fake score with its own LoRA ('reg') enabled. That keeps two UNets in memory, not three.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+from omegaconf import DictConfig
+from torch import nn
+
+from osediff_lab.models.components import Components
+from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.lora import add_lora, select_targets, split_unet_targets
+
+UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
+
+
+@dataclass
+class OSEDiffParts:
+    components: Components
+    generator: OSEDiffGenerator
+    reg_unet: UNet2DConditionModel
+    targets: dict[str, list[str]]
+
+
+def _lora_unet(unet: UNet2DConditionModel, lora: DictConfig) -> dict[str, list[str]]:
+    """Three UNet adapters over the configured suffixes; conv_in additionally fully trainable."""
+    groups = split_unet_targets(select_targets(unet, lora.unet_targets))
+    for group, names in groups.items():
+        if names:
+            add_lora(unet, names, lora.unet_rank, lora.unet_alpha, UNET_ADAPTERS[group], lora.init)
+    unet.conv_in.base_layer.requires_grad_(True)
+    return {f"unet.{UNET_ADAPTERS[g]}": names for g, names in groups.items()}
+
+
+def _lora_vae(gen: OSEDiffGenerator, lora: DictConfig, train_encoder: bool, train_decoder: bool) -> dict[str, list[str]]:
+    targets = {}
+    vae = gen.vae
+    if train_encoder:
+        names = select_targets(vae, lora.vae_targets, prefix="encoder.") + ["quant_conv"]
+        add_lora(vae, names, lora.vae_rank, lora.vae_alpha, "default_encoder", lora.init)
+        targets["vae.default_encoder"] = names
+    if train_decoder:
+        names = select_targets(vae, lora.vae_targets, prefix="decoder.") + ["post_quant_conv"]
+        add_lora(vae, names, lora.vae_rank, lora.vae_alpha, "default_decoder", lora.init)
+        targets["vae.default_decoder"] = names
+    return targets
+
+
+def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
+    """Generator (its own UNet copy + LoRA, VAE encoder LoRA) and the regularizer UNet ('reg' LoRA)."""
+    gen_unet = copy.deepcopy(components.unet)
+    generator = OSEDiffGenerator(
+        components.vae, gen_unet, components.scheduler.alphas_cumprod, gen_cfg.timestep, gen_cfg.latent
+    )
+    lora = gen_cfg.lora
+    targets = _lora_unet(gen_unet, lora)
+    targets |= _lora_vae(generator, lora, gen_cfg.train_vae_encoder, gen_cfg.train_vae_decoder)
+
+    reg_unet = components.unet
+    reg_names = select_targets(reg_unet, lora.unet_targets)
+    add_lora(reg_unet, reg_names, lora.reg_rank, lora.reg_alpha, "reg", lora.init)
+    targets["reg_unet.reg"] = reg_names
+    return OSEDiffParts(components, generator, reg_unet, targets)
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Store every frozen floating-point parameter in ``dtype``; trainable tensors stay fp32."""
+    for p in module.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
