@@ -7,8 +7,8 @@ Conv2d layers are ever wrapped, so biases and normalisation layers are never ada
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch

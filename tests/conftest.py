@@ -1,0 +1,28 @@
+"""Shared fixtures: composed configs for the tiny preset, the shared/ data location, quiet CPU runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from helpers import REALSR, TINY, compose_config
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> DictConfig:
+    return compose_config(TINY, tmp_path)
+
+
+@pytest.fixture
+def realsr() -> Path:
+    if not (REALSR / "LR").is_dir():
+        pytest.skip(f"RealSR benchmark not found at {REALSR} (../shared is absent in a fresh clone; CI has it)")
+    return REALSR
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

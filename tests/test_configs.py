@@ -1,0 +1,95 @@
+"""Every experiment config composes; bad configs fail before training with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from helpers import TINY, compose_config
+from osediff_lab.checks import config_problems, validate_config
+from osediff_lab.errors import ConfigError
+from osediff_lab.train import CONF_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name, tmp_path):
+    cfg = compose_config([f"+experiment={name}"], tmp_path)
+    assert cfg.task_name
+    assert cfg.model.name in ("tiny", "sd21_base", "sd21_shape")
+
+
+def test_demo_experiment_is_runnable_here(tmp_path):
+    cfg = compose_config(["+experiment=demo"], tmp_path)
+    assert config_problems(cfg) == []
+    assert cfg.model.name == "tiny" and cfg.data.name == "demo" and not cfg.loss.lpips.pretrained
+
+
+def test_ablate_vsd_declares_its_sweep(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+experiment=ablate_vsd"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert set(cfg.hydra.sweeper.params.loss.split(",")) == {"osediff", "no_vsd"}
+    assert cfg.model.name == "sd21_base" and cfg.data.name == "lsdir"
+
+
+def test_missing_weights_and_data_named_before_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("OSEDIFF_SD21_BASE", raising=False)
+    monkeypatch.delenv("OSEDIFF_LSDIR", raising=False)
+    cfg = compose_config(["+experiment=osediff_paper", "loss.lpips.pretrained=false"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    msg = str(err.value)
+    assert "model.pretrained_path" in msg and "OSEDIFF_SD21_BASE" in msg
+    assert "data.root" in msg and "OSEDIFF_LSDIR" in msg
+    assert "model=tiny data=demo" in msg
+
+
+def test_missing_path_on_disk_named(tmp_path):
+    cfg = compose_config(["model=sd21_base", f"model.pretrained_path={tmp_path / 'nope'}", *TINY[1:]], tmp_path)
+    problems = " ".join(config_problems(cfg))
+    assert str(tmp_path / "nope" / "unet") in problems
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="model"):
+        compose_config(["model=does_not_exist"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("loss.lpips_weight=-1", "loss.lpips_weight"),
+        ("loss.vsd_weight=-0.5", "loss.vsd_weight"),
+        ("loss.reg_steps_per_gen_step=0", "loss.reg_steps_per_gen_step"),
+        ("loss.vsd_t_max=2000", "loss.vsd_t_max"),
+        ("generator.lora.unet_rank=0", "generator.lora.unet_rank"),
+        ("data.crop_size=100", "data.crop_size"),
+        ("generator.frozen_dtype=bf16", "trainer.precision"),
+    ],
+)
+def test_bad_values_name_their_key(override, key, tmp_path):
+    cfg = compose_config([*TINY, override], tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
+
+
+def test_crop_larger_than_images_without_policy_names_key(tmp_path):
+    from osediff_lab.data.datamodule import HQDataModule
+
+    cfg = compose_config([*TINY, "data.crop_size=1024", "data.small_image_policy=error"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.crop_size=1024.*data\.small_image_policy"):
+        HQDataModule(cfg.data).setup("fit")
+
+
+def test_lpips_weights_missing_is_reported(tmp_path):
+    cfg = compose_config([*TINY, "loss.lpips.pretrained=true", f"paths.weights_dir={tmp_path}"], tmp_path)
+    problems = " ".join(config_problems(cfg))
+    assert str(Path(tmp_path) / "torch_hub" / "checkpoints") in problems and "loss.lpips.pretrained=false" in problems
