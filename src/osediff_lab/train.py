@@ -55,6 +55,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[pl.Callback], 
 
 def train(cfg: DictConfig) -> dict:
     """Validate, build, fit, export LoRA weights; returns the run summary (also written as summary.json)."""
+    return run(cfg)[2]
+
+
+def run(cfg: DictConfig) -> tuple[pl.Trainer, OSEDiffModule, dict]:
+    """``train`` that also hands back the trainer and the trained module (tests, notebooks)."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +98,7 @@ def train(cfg: DictConfig) -> dict:
         }
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         _print_outputs(summary)
-    return summary
+    return trainer, module, summary
 
 
 def _peak_memory_mb() -> float:
