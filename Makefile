@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m osediff_lab.train +experiment=demo
+	$(BIN)/python -m osediff_lab.train +experiment=demo resume=false
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

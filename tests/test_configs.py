@@ -43,7 +43,7 @@ def test_ablate_vsd_declares_its_sweep(tmp_path):
 def test_missing_weights_and_data_named_before_work(tmp_path, monkeypatch):
     monkeypatch.delenv("OSEDIFF_SD21_BASE", raising=False)
     monkeypatch.delenv("OSEDIFF_LSDIR", raising=False)
-    cfg = compose_config(["+experiment=osediff_paper", "loss.lpips.pretrained=false"], tmp_path)
+    cfg = compose_config(["+experiment=ablate_vsd", "loss.lpips.pretrained=false"], tmp_path)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     msg = str(err.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from osediff_lab.data.datamodule import resolve_root
+from osediff_lab.data.datamodule import data_problems
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.models.components import resolve_pretrained_path
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
@@ -57,11 +57,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 check_lpips_weights(loss.lpips.net, cfg.paths.weights_dir)
             except MissingWeightsError as exc:
                 problems.append(str(exc))
-    if data.kind == "folder":
-        try:
-            resolve_root(data)
-        except ConfigError as exc:
-            problems.append(str(exc))
+    problems.extend(data_problems(cfg))
     return problems
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from osediff_lab import resolvers  # registers ${run_id:...} before Hydra composes
 from osediff_lab.checks import validate_config
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
@@ -21,6 +23,10 @@ from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid
 from osediff_lab.lit.loggers import build_logger
 from osediff_lab.lit.module import OSEDiffModule
+from osediff_lab.lit.resume import DataPosition, Preemption, RNGState, find_resume_checkpoint
+from osediff_lab.lit.stats import RunStats
+from osediff_lab.lit.validation import best_checkpoint
+from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
 from osediff_lab.models.components import build_components
 from osediff_lab.models.osediff import build_osediff
 from osediff_lab.models.perceptual import build_lpips
@@ -50,7 +56,22 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[pl.Callback], 
         auto_insert_metric_name=False,
     )
     samples = SampleGrid(run_dir / "samples", cc.samples.every_n_steps, cc.samples.num_images)
-    return [ckpt, samples, LearningRateMonitor(logging_interval="step")], samples
+    fault_tolerance = [RNGState(), DataPosition(), Preemption(run_dir / "checkpoints" / "last.ckpt")]
+    stats = RunStats(cfg.get("metric_defs"))
+    best = [best_checkpoint(cc.checkpoint, run_dir / "checkpoints" / "best")] if cc.checkpoint.get("monitor") else []
+    return [ckpt, *best, samples, stats, LearningRateMonitor(logging_interval="step"), *fault_tolerance], samples
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path`` if given; else, with ``resume=true``, the newest good checkpoint of this run directory."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if not cfg.get("resume", True):
+        return None
+    found = find_resume_checkpoint(run_dir / "checkpoints")
+    if found is not None:
+        log.warning("resuming automatically from %s (resume=false starts over)", found)
+    return str(found) if found else None
 
 
 def train(cfg: DictConfig) -> dict:
@@ -65,28 +86,35 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer, OSEDiffModule, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = HQDataModule(cfg.data)
+    datamodule = HQDataModule(cfg.data, val=cfg.get("val"), scale=cfg.scale)
     datamodule.setup("fit")
     module = build_module(cfg)
     callbacks, samples = build_callbacks(cfg, run_dir)
     trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **(OmegaConf.to_container(cfg.trainer, resolve=True) | val_trainer_kwargs(cfg)),
         logger=build_logger(cfg, run_dir),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
     wall = time.time() - start
 
-    summary = {"run_dir": str(run_dir), "steps": trainer.global_step, "wall_time_s": round(wall, 2)}
+    summary = {
+        "run_dir": str(run_dir),
+        "task_name": cfg.task_name,
+        "overrides": _overrides(),
+        "steps": trainer.global_step,
+        "wall_time_s": round(wall, 2),
+    }
     if trainer.is_global_zero:
         lora, sidecar = export_lora(
             module.generator_state_dict(), cfg, module.lora_targets, run_dir / "lora" / "osediff_lora.safetensors"
         )
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        summary |= {
+        stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
+        summary |= stats.summary() | {
             "last_metrics": metrics,
             "lora": str(lora),
             "lora_sidecar": str(sidecar),
@@ -99,6 +127,13 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer, OSEDiffModule, dict]:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         _print_outputs(summary)
     return trainer, module, summary
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (what distinguishes the runs of a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _peak_memory_mb() -> float:
@@ -129,4 +164,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = resolvers.quote_null_choices(sys.argv)
     main()

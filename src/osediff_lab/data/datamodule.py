@@ -1,17 +1,29 @@
-"""LightningDataModule: resolves the configured image source and serves HQ crops."""
+"""LightningDataModule: resolves the configured image source and serves HQ crops.
+
+Source kinds (``data.kind``): ``demo`` (scikit-image photos), ``folder`` (any tree; lsdir and div2k are
+folders), ``ffhq`` (the first ``first_n`` images by name), ``mix`` (several sources, each repeated
+``repeat`` times: lsdir_ffhq), ``txt_list`` (text files listing image paths, each with a repeat count).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.images import list_images
+from osediff_lab.data.paired import PairedImageDataset
 from osediff_lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+HINT = "To try the framework without a dataset use model=tiny data=demo."
 
 
 def demo_files(names: list[str]) -> list[Path]:
@@ -26,44 +38,136 @@ def demo_files(names: list[str]) -> list[Path]:
     return files
 
 
-def resolve_root(cfg: DictConfig) -> Path:
-    """The dataset root from ``data.root`` (or its environment variable), checked to exist."""
+def resolve_dir(path: str | Path) -> Path:
+    """A configured directory: ``~`` expanded; a relative path is taken from the working directory when it
+    exists there, else from the repository root (so ../shared/... works from anywhere)."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def resolve_root(cfg: DictConfig, key: str = "data") -> Path:
+    """The dataset root from ``<key>.root`` (or its environment variable), checked to exist."""
     env = cfg.get("root_env")
     hint = f" or the environment variable {env}" if env else ""
+    name = cfg.get("name") or key.rsplit(".", 1)[-1]
     if not cfg.get("root"):
-        raise ConfigError(
-            f"data '{cfg.name}' has no root directory: set data.root=...{hint}. "
-            "To try the framework without a dataset use model=tiny data=demo."
-        )
-    root = Path(os.path.expanduser(str(cfg.root)))
+        raise ConfigError(f"data '{name}' has no root directory: set {key}.root=...{hint}. {HINT}")
+    root = resolve_dir(cfg.root)
     if not root.is_dir():
-        raise ConfigError(
-            f"data '{cfg.name}': data.root={root} does not exist; set data.root=...{hint}. "
-            "To try the framework without a dataset use model=tiny data=demo."
-        )
+        raise ConfigError(f"data '{name}': {key}.root={root} does not exist; set {key}.root=...{hint}. {HINT}")
     return root
 
 
-def source_files(cfg: DictConfig) -> list[Path]:
-    """Image paths for the configured source kind."""
+def read_txt_list(path: str | Path, key: str) -> list[Path]:
+    """Image paths listed one per line (blank lines and # comments ignored); relative ones are taken from the list's folder."""
+    path = resolve_dir(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: list file does not exist")
+    files = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(os.path.expanduser(line))
+            files.append(p if p.is_absolute() else path.parent / p)
+    if not files:
+        raise ConfigError(f"{key}={path}: the list names no images")
+    return files
+
+
+def _folder_files(cfg: DictConfig, key: str) -> list[Path]:
+    root = resolve_root(cfg, key)
+    files = list_images(root)
+    if not files:
+        raise ConfigError(f"data '{cfg.get('name', key)}': no images under {key}.root={root}")
+    if cfg.kind == "ffhq":
+        n = int(cfg.first_n)
+        if len(files) < n:
+            log.warning("%s: only %d images under %s, fewer than first_n=%d", key, len(files), root, n)
+        files = files[:n]
+    return files
+
+
+def _repeat(files: list[Path], repeat, key: str) -> list[Path]:
+    if int(repeat) < 1:
+        raise ConfigError(f"{key}.repeat={repeat} must be >= 1")
+    return files * int(repeat)
+
+
+def source_files(cfg: DictConfig, key: str = "data") -> list[Path]:
+    """Image paths for the configured source kind (with repeats; duplicates weight a source)."""
     if cfg.kind == "demo":
         return demo_files(list(cfg.images))
-    if cfg.kind == "folder":
-        root = resolve_root(cfg)
-        files = list_images(root)
-        if not files:
-            raise ConfigError(f"data '{cfg.name}': no images under data.root={root}")
+    if cfg.kind in ("folder", "ffhq"):
+        return _folder_files(cfg, key)
+    if cfg.kind == "mix":
+        if not cfg.get("sources"):
+            raise ConfigError(f"{key}.sources is empty: name at least one source")
+        files = []
+        for name, src in cfg.sources.items():
+            k = f"{key}.sources.{name}"
+            part = _repeat(source_files(src, k), src.get("repeat", 1), k)
+            log.info("%s: %d entries", k, len(part))
+            files += part
         return files
-    raise ConfigError(f"data.kind '{cfg.kind}' is unknown (demo, folder)")
+    if cfg.kind == "txt_list":
+        if not cfg.get("lists"):
+            raise ConfigError(f"{key}.lists is empty: set {key}.lists='[{{path: a.txt, repeat: 1}}]'")
+        files = []
+        for i, entry in enumerate(cfg.lists):
+            k = f"{key}.lists[{i}]"
+            files += _repeat(read_txt_list(entry.path, f"{k}.path"), entry.get("repeat", 1), k)
+        return files
+    raise ConfigError(f"{key}.kind '{cfg.kind}' is unknown (demo, folder, ffhq, mix, txt_list)")
+
+
+def data_problems(cfg: DictConfig) -> list[str]:
+    """Missing roots, list files and benchmark folders of ``cfg.data`` and ``cfg.val``, each naming its key."""
+    problems = []
+    data = cfg.data
+    sources = data.sources.items() if data.kind == "mix" and data.get("sources") else [("", data)]
+    for name, src in sources:
+        key = f"data.sources.{name}" if name else "data"
+        if src.kind in ("folder", "ffhq"):
+            try:
+                resolve_root(src, key)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    if data.kind == "txt_list":
+        try:
+            source_files(data)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    val = cfg.get("val")
+    if val is not None and val.get("name", "none") != "none":
+        for key in ("lr_dir", "hr_dir"):
+            where = resolve_dir(val[key]) if val.get(key) else None
+            if where is None or not where.is_dir():
+                problems.append(f"val '{val.name}': val.{key}={where} does not exist; set val.{key}=... or val=none")
+    return problems
+
+
+def paired_dataset(val: DictConfig, scale: int) -> PairedImageDataset:
+    """The paired benchmark named by a ``val`` config (LR/HR folders matched by name, optional ``limit``)."""
+    return PairedImageDataset(resolve_dir(val.lr_dir), resolve_dir(val.hr_dir), scale, val.get("limit"))
 
 
 class HQDataModule(pl.LightningDataModule):
-    """Training crops from ``cfg`` (the data group); degradation happens later, on device."""
+    """Training crops from ``cfg`` (the data group); degradation happens later, on device.
 
-    def __init__(self, cfg: DictConfig) -> None:
+    ``seed`` fixes the shuffling order independently of other random draws; worker processes are
+    seeded by Lightning (``seed_everything(workers=True)``).
+    """
+
+    def __init__(self, cfg: DictConfig, seed: int | None = None, val: DictConfig | None = None, scale: int = 4) -> None:
         super().__init__()
         self.cfg = cfg
+        self.seed = seed
+        self.val_cfg = val if val is not None and val.get("name", "none") != "none" else None
+        self.scale = scale
         self.train_set: HQCropDataset | None = None
+        self.val_set: PairedImageDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -72,12 +176,23 @@ class HQDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         workers = int(self.cfg.num_workers)
+        extra = {"prefetch_factor": int(self.cfg.prefetch_factor)} if workers > 0 and self.cfg.get("prefetch_factor") else {}
         return DataLoader(
             self.train_set,
             batch_size=self.cfg.batch_size,
             shuffle=True,
             drop_last=True,
             num_workers=workers,
-            pin_memory=bool(self.cfg.get("pin_memory", False)),
-            persistent_workers=workers > 0,
+            pin_memory=bool(self.cfg.get("pin_memory", False)) and torch.cuda.is_available(),
+            persistent_workers=workers > 0 and bool(self.cfg.get("persistent_workers", True)),
+            generator=torch.Generator().manual_seed(self.seed) if self.seed is not None else None,
+            **extra,
         )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The paired benchmark of ``val`` (in file-name order), or no batches when validation is off."""
+        if self.val_cfg is None:
+            return []
+        if self.val_set is None:
+            self.val_set = paired_dataset(self.val_cfg, self.scale)
+        return DataLoader(self.val_set, batch_size=int(self.val_cfg.batch_size), shuffle=False, num_workers=int(self.cfg.num_workers))

@@ -54,9 +54,16 @@ class HQCropDataset(Dataset):
             )
         if self.small:
             log.info("%d image(s) smaller than the crop: policy '%s'", len(self.small), small_image_policy)
+        if self.skipped:
+            log.warning("%d of %d file(s) unreadable and skipped (e.g. %s)", len(self.skipped), len(files), self.skipped[0])
+        log.info(
+            "dataset: %d of %d files used (%d unreadable, %d smaller than %d: %s)",
+            len(kept), len(files), len(self.skipped), len(self.small), crop_size, small_image_policy,
+        )
         if not kept:
             raise ConfigError(f"no usable images (of {len(files)} files; {len(self.skipped)} unreadable, {len(self.small)} too small)")
         self.files = kept * max(1, int(repeat))
+        self._bad: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -76,11 +83,16 @@ class HQCropDataset(Dataset):
         return x * 2 - 1
 
     def __getitem__(self, index: int) -> dict:
+        """The crop of file ``index``; a file that fails to load (corrupt, or gone since the scan) is
+        skipped for the next one, remembered, and counted in ``skipped`` (per worker process)."""
         for attempt in range(len(self.files)):
             path = self.files[(index + attempt) % len(self.files)]
+            if str(path) in self._bad:
+                continue
             try:
                 return {"hq": self._crop(load_rgb(path)), "path": str(path)}
             except UnreadableImage as exc:
-                log.warning("skipping unreadable image during training: %s", exc)
+                self._bad.add(str(path))
                 self.skipped.append(str(path))
-        raise RuntimeError("every image in the dataset became unreadable")
+                log.warning("skipping unreadable image during training (%d skipped so far): %s", len(self.skipped), exc)
+        raise RuntimeError(f"every image in the dataset became unreadable ({len(self.skipped)} skipped, e.g. {self.skipped[:3]})")

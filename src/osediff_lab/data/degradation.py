@@ -63,4 +63,8 @@ def build_degradation(cfg: DictConfig, scale: int) -> Degradation:
         return BicubicDegradation(scale)
     if cfg.name == "none":
         return PairedOnly(scale)
-    raise ConfigError(f"degradation.name '{cfg.name}' is unknown; choose degradation=bicubic or degradation=none")
+    if cfg.name == "realesrgan":
+        from osediff_lab.data.realesrgan import RealESRGANDegradation
+
+        return RealESRGANDegradation(cfg, scale)
+    raise ConfigError(f"degradation.name '{cfg.name}' is unknown; choose degradation=realesrgan, bicubic or none")

@@ -30,12 +30,22 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise UnreadableImage(f"{path}: {exc}") from exc
 
 
+def _peak(im: Image.Image, arr: np.ndarray) -> float:
+    """Full-scale value of a high-bit-depth grayscale image: 16-bit modes are 65535; 32-bit ints and floats
+    are read as 16-bit, 8-bit or [0, 1] data by their largest value."""
+    if im.mode.startswith("I;16"):
+        return 65535.0
+    top = float(arr.max()) if arr.size else 0.0
+    if im.mode == "F" and top <= 1.0:
+        return 1.0
+    return 65535.0 if top > 255 else 255.0
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images to 8-bit RGB."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """Convert grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit/32-bit images to 8-bit RGB."""
+    if im.mode.startswith("I") or im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray(np.round(arr / peak * 255).clip(0, 255).astype(np.uint8), mode="L")
+        im = Image.fromarray(np.round(arr / _peak(im, arr) * 255).clip(0, 255).astype(np.uint8))
     if im.mode == "P":
         im = im.convert("RGBA")
     return im.convert("RGB")

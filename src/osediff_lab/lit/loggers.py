@@ -16,7 +16,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     """The configured logger; if W&B cannot start (no key online, unwritable dir), warn once and use CSV."""
     lc = cfg.logger
     if lc.name == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        return _csv(run_dir)
     if lc.name != "wandb":
         raise ValueError(f"logger.name must be 'wandb' or 'csv', got '{lc.name}'")
     mode = str(lc.mode)
@@ -29,10 +29,29 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
             job_type=lc.job_type,
             save_dir=str(run_dir),
             mode=mode,
+            id=_wandb_run_id(run_dir),
+            resume="allow",
             config=OmegaConf.to_container(cfg, resolve=True),
         )
         _ = logger.experiment  # start the run now, so a broken setup falls back here, not mid-training
         return logger
     except Exception as exc:  # any W&B failure must degrade to local logging
         log.warning("W&B logging unavailable (%s: %s); logging to CSV under %s instead", type(exc).__name__, exc, run_dir)
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        return _csv(run_dir)
+
+
+def _csv(run_dir: Path) -> CSVLogger:
+    """CSV metrics flushed every step, so a killed run loses no logged value."""
+    return CSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per run directory: a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    path.write_text(run_id)
+    return run_id

@@ -7,6 +7,7 @@ in ``osediff_lab.models.vsd``; this file only wires it to optimisers, logging an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -17,8 +18,10 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from osediff_lab.data.degradation import Degradation, upsample_to
+from osediff_lab.lit.validation import build_validator
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
 from osediff_lab.models.vsd import (
@@ -80,6 +83,7 @@ class OSEDiffModule(pl.LightningModule):
         self._bad_steps = 0
         self._grad_norms: dict[int, torch.Tensor] = {}
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.validator = build_validator(cfg)  # metric networks kept outside the module's state
 
     def train(self, mode: bool = True) -> OSEDiffModule:
         """Frozen feature extractors stay in eval mode (LPIPS has dropout) whatever Lightning asks."""
@@ -116,7 +120,9 @@ class OSEDiffModule(pl.LightningModule):
         lq01 = (batch["lq_up"] + 1) / 2
         hq01 = (batch["hq"] + 1) / 2
         source = self.cfg.get("prompt", {}).get("source", "lq") if self.cfg.get("prompt") else "lq"
-        return self.prompts(hq01 if source == "hq" else lq01, hq01)
+        if source == "hq":  # the HQ crop comes from a file: cached prompts are keyed by that file's content
+            return self.prompts(hq01, hq01, paths=batch.get("path"))
+        return self.prompts(lq01, hq01)
 
     # ---- losses -------------------------------------------------------------------------------
     def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
@@ -164,27 +170,60 @@ class OSEDiffModule(pl.LightningModule):
         return diffusion_loss(self.unet_eps(z_t, t, embeds.detach()), noise)
 
     # ---- optimisation -------------------------------------------------------------------------
-    def _finite(self, loss: torch.Tensor, params: list[nn.Parameter]) -> bool:
-        if not torch.isfinite(loss):
-            return False
-        return all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+    def _ddp_no_sync(self):
+        """Keep DDP's reducer out of our backward passes: each optimiser syncs its own grads instead."""
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+    def _sync_grads(self, params: list[nn.Parameter]) -> None:
+        """Average gradients over ranks with one flat all-reduce (a no-op in a single process).
+
+        DDP's own reducer expects every parameter to get a gradient from every backward, which the
+        alternating generator/regularizer steps never satisfy (the public release needed
+        find_unused_parameters=True, a full graph walk per step); this syncs exactly the stepped set.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
 
     def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter], terms: dict[str, torch.Tensor]) -> bool:
-        """Backward, skip on non-finite numbers (logged with the offending term), clip, step."""
+        """Backward, sync, skip on non-finite numbers (logged with the offending term), clip, step.
+
+        A non-finite loss poisons the gradients instead of skipping the all-reduce, so every rank
+        takes the same decision and none waits forever on the others.
+        """
         opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            self.manual_backward(loss)
-        if not self._finite(loss, params):
+        loss_ok = bool(torch.isfinite(loss))
+        if loss_ok:
+            with self._ddp_no_sync():
+                self.manual_backward(loss)
+        else:
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+        self._sync_grads(params)
+        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
             bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["gradient"]
             self._bad_steps += 1
-            log.warning("step %d: non-finite %s in the %s step (%s); optimiser step skipped", self.global_step, name, name, ", ".join(bad))
+            log.warning("step %d: non-finite %s in the %s step; optimiser step skipped", self.global_step, ", ".join(bad), name)
             self.log(f"train/{name}_skipped", 1.0, on_step=True)
             opt.zero_grad(set_to_none=True)
-            limit = self.cfg.optim.max_consecutive_bad_steps
+            limit = self.optim_cfg.max_consecutive_bad_steps
             if self._bad_steps >= limit:
                 raise NonFiniteLossError(
                     f"{self._bad_steps} consecutive non-finite steps (last: {name}, {', '.join(bad)}) at step "
-                    f"{self.global_step}; raise optim.max_consecutive_bad_steps or lower the learning rate"
+                    f"{self.global_step}; the last good checkpoint is kept. Lower the learning rate or raise "
+                    "optim.max_consecutive_bad_steps"
                 )
             return False
         opt.step()
@@ -259,6 +298,13 @@ class OSEDiffModule(pl.LightningModule):
         opt_g, sch_g = make(self.gen_params, oc.lr)
         opt_r, sch_r = make(self.reg_params, oc.reg_lr)
         return [opt_g, opt_r], [sch_g, sch_r]
+
+    # ---- validation (osediff_lab.lit.validation) ------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validator.step(self, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.validator.epoch_end(self)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -102,5 +102,16 @@ def merge_lora(model: nn.Module) -> None:
         layer.merge(adapter_names=list(layer.active_adapters))
 
 
+def merge_and_unload(model: nn.Module) -> None:
+    """Merge every active adapter, then put each base layer back in place of its LoRA wrapper (plain
+    Linear/Conv2d: no per-call adapter bookkeeping at inference)."""
+    merge_lora(model)
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).get_base_layer())
+
+
 def count_parameters(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)

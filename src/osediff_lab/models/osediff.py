@@ -53,16 +53,25 @@ def _lora_vae(gen: OSEDiffGenerator, lora: DictConfig, train_encoder: bool, trai
     return targets
 
 
-def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
-    """Generator (its own UNet copy + LoRA, VAE encoder LoRA) and the regularizer UNet ('reg' LoRA)."""
-    gen_unet = copy.deepcopy(components.unet)
+def build_generator(
+    components: Components, gen_cfg: DictConfig, share_unet: bool = False
+) -> tuple[OSEDiffGenerator, dict[str, list[str]]]:
+    """The LoRA generator and its adapter targets; ``share_unet`` wraps components.unet itself (inference)
+    instead of a copy (training, where the pretrained UNet must stay clean for the regularizer)."""
+    gen_unet = components.unet if share_unet else copy.deepcopy(components.unet)
     generator = OSEDiffGenerator(
         components.vae, gen_unet, components.scheduler.alphas_cumprod, gen_cfg.timestep, gen_cfg.latent
     )
     lora = gen_cfg.lora
     targets = _lora_unet(gen_unet, lora)
     targets |= _lora_vae(generator, lora, gen_cfg.train_vae_encoder, gen_cfg.train_vae_decoder)
+    return generator, targets
 
+
+def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
+    """Generator (its own UNet copy + LoRA, VAE encoder LoRA) and the regularizer UNet ('reg' LoRA)."""
+    generator, targets = build_generator(components, gen_cfg)
+    lora = gen_cfg.lora
     reg_unet = components.unet
     reg_names = select_targets(reg_unet, lora.unet_targets)
     add_lora(reg_unet, reg_names, lora.reg_rank, lora.reg_alpha, "reg", lora.init)

@@ -5,21 +5,24 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from osediff_lab.errors import ConfigError
 
 
 class PromptProvider(Protocol):
-    """Maps a batch of LQ images (and, in training, their HQ originals), both in [0, 1], to prompts."""
+    """Maps a batch of LQ images (and, in training, their HQ originals), both in [0, 1], to prompts.
 
-    def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None) -> list[str]: ...
+    ``paths`` optionally names the source file of each image in ``lq``, so cached prompts can be keyed by file.
+    """
+
+    def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None, paths: list[str] | None = None) -> list[str]: ...
 
 
 class NullPrompt:
     """The empty prompt for every image (the paper's 'null' ablation arm)."""
 
-    def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None) -> list[str]:
+    def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None, paths: list[str] | None = None) -> list[str]:
         return [""] * lq.shape[0]
 
 
@@ -29,7 +32,7 @@ class FixedPrompt:
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None) -> list[str]:
+    def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None, paths: list[str] | None = None) -> list[str]:
         return [self.text] * lq.shape[0]
 
 
@@ -40,4 +43,35 @@ def build_prompt_provider(cfg: DictConfig | None) -> PromptProvider:
         return NullPrompt()
     if name == "fixed":
         return FixedPrompt(str(cfg.text))
-    raise ConfigError(f"prompt.name '{name}' is not available; choose prompt=null or prompt=fixed")
+    if name == "dape":
+        from osediff_lab.prompts.dape import build_dape
+
+        provider = build_dape(cfg)
+    elif name == "llava":
+        from osediff_lab.prompts.llava import build_llava
+
+        provider = build_llava(cfg)
+    else:
+        raise ConfigError(f"prompt.name '{name}' is not available; choose prompt=null|fixed|dape|llava (or dape_tiny|llava_tiny)")
+    return with_cache(provider, cfg)
+
+
+# Prompt options that never change the text of a prompt, so they are left out of the cache key.
+NON_TEXT_SETTINGS = ("source", "on_miss", "cache", "batch_size")
+
+
+def with_cache(provider: PromptProvider, cfg: DictConfig) -> PromptProvider:
+    """``provider`` behind the on-disk cache when ``prompt.cache.enabled``; misses follow ``prompt.on_miss``."""
+    if not cfg.cache.enabled:
+        return provider
+    from osediff_lab.prompts.cache import CachedPrompt, PromptCache
+
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_TEXT_SETTINGS}
+    return CachedPrompt(
+        provider,
+        PromptCache(cfg.cache.path),
+        settings,
+        on_miss=str(cfg.on_miss),
+        fill_command=f"python -m osediff_lab.prompts.precompute data=<your data> prompt={cfg.name}",
+        batch_size=int(cfg.batch_size),
+    )

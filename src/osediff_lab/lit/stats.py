@@ -1,0 +1,54 @@
+"""Run statistics for the final summary: loss means/variances and the best value of each validation metric."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+
+class RunStats(pl.Callback):
+    """Welford mean/variance of every ``train/loss_*`` (the VSD loss oscillates: its variance is a
+    study result) and best-so-far of every ``val/*`` metric, direction from ``metric_defs``."""
+
+    def __init__(self, metric_defs: DictConfig | None) -> None:
+        self.metric_defs = metric_defs or {}
+        self.loss: dict[str, list[float]] = {}  # name -> [count, mean, M2]
+        self.best: dict[str, float] = {}
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loss, self.best = state_dict["loss"], state_dict["best"]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if not key.startswith("train/loss_") or not torch.is_tensor(value):
+                continue
+            x = float(value)
+            if not math.isfinite(x):
+                continue
+            n, mean, m2 = self.loss.get(key, [0, 0.0, 0.0])
+            n += 1
+            delta = x - mean
+            mean += delta / n
+            m2 += delta * (x - mean)
+            self.loss[key] = [n, mean, m2]
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if not key.startswith("val/") or not torch.is_tensor(value):
+                continue
+            defs = self.metric_defs.get(key.removeprefix("val/"), {})
+            lower = bool(defs.get("lower_better", False))
+            x = float(value)
+            old = self.best.get(key)
+            if old is None or (x < old if lower else x > old):
+                self.best[key] = x
+
+    def summary(self) -> dict:
+        losses = {k: {"mean": m, "var": m2 / (n - 1) if n > 1 else 0.0, "count": n} for k, (n, m, m2) in self.loss.items()}
+        return {"loss_stats": losses, "best_metrics": dict(self.best)}

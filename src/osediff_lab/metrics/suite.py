@@ -1,0 +1,148 @@
+"""The configured pyiqa metrics, built offline from the weights cache; unavailable ones are reported, never scored.
+
+Availability is decided from the manifest before any model is built or image read: a metric whose files are
+missing or damaged becomes an ``Unavailable`` record naming the files and the fetch command.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from osediff_lab.errors import ConfigError
+from osediff_lab.weights.cache import EntryStatus, check_entry, fetch_command, offline
+from osediff_lab.weights.manifest import MANIFEST
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """One metric of the protocol (see conf/metric_defs/)."""
+
+    name: str
+    pyiqa: str
+    mode: str  # fr | nr | fid
+    lower_better: bool
+    options: dict = field(default_factory=dict)
+    weights: tuple[str, ...] = ()
+    model_file: str | None = None
+    call_options: dict = field(default_factory=dict)
+
+
+def metric_defs(defs: DictConfig, names: list[str]) -> list[MetricDef]:
+    """The definitions for ``names`` from the ``metric_defs`` config group; unknown names are a ConfigError."""
+    unknown = [n for n in names if n not in defs]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; defined in conf/metric_defs: {sorted(defs)}")
+    out = []
+    for n in names:
+        d = OmegaConf.to_container(defs[n], resolve=True)
+        missing_entries = [w for w in d.get("weights", []) if w not in MANIFEST]
+        if missing_entries:
+            raise ConfigError(f"metric_defs.{n}.weights names {missing_entries}, which are not in the weights manifest")
+        if d.get("mode") not in ("fr", "nr", "fid"):
+            raise ConfigError(f"metric_defs.{n}.mode must be fr, nr or fid, got {d.get('mode')!r}")
+        out.append(
+            MetricDef(
+                n, d["pyiqa"], d["mode"], bool(d.get("lower_better", False)), d.get("options") or {},
+                tuple(d.get("weights") or ()), d.get("model_file"), d.get("call_options") or {},
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A configured metric that cannot run because weight files are missing or damaged."""
+
+    name: str
+    problems: tuple[EntryStatus, ...]
+
+    @property
+    def reason(self) -> str:
+        files = "; ".join(f"{s.entry.name} {s.state} at {s.path}" for s in self.problems)
+        return f"{files}; fix: {fetch_command([s.entry.name for s in self.problems])}"
+
+    @property
+    def message(self) -> str:
+        return f"{self.name}: UNAVAILABLE ({self.reason})"
+
+
+def availability(defs: list[MetricDef], cache: str | Path) -> tuple[list[MetricDef], list[Unavailable]]:
+    """Split metrics into runnable and unavailable by checking their files (presence + format, no hashing)."""
+    ok, missing = [], []
+    for d in defs:
+        problems = tuple(s for s in (check_entry(MANIFEST[w], cache, verify_hash=False) for w in d.weights) if s.state != "present")
+        if problems:
+            missing.append(Unavailable(d.name, problems))
+        else:
+            ok.append(d)
+    return ok, missing
+
+
+def _pick_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class MetricSuite:
+    """Per-image metrics (``score``) and folder metrics (``score_folders``) for the runnable subset of ``defs``."""
+
+    def __init__(self, defs: list[MetricDef], cache: str | Path, device: str | torch.device = "cpu") -> None:
+        import pyiqa
+
+        self.cache = Path(cache).expanduser()
+        self.device = _pick_device(device)
+        runnable, self.unavailable = availability(defs, self.cache)
+        for u in self.unavailable:
+            log.warning(u.message)
+        self.defs = {d.name: d for d in runnable}
+        self.models: dict[str, torch.nn.Module] = {}
+        with offline(self.cache):
+            for d in runnable:
+                kwargs = dict(d.options)
+                if d.model_file:
+                    kwargs["pretrained_model_path"] = str(check_entry(MANIFEST[d.model_file], self.cache, False).path)
+                self.models[d.name] = pyiqa.create_metric(d.pyiqa, device=self.device, **kwargs).eval()
+
+    @property
+    def per_image(self) -> list[str]:
+        return [n for n, d in self.defs.items() if d.mode != "fid"]
+
+    @property
+    def folder(self) -> list[str]:
+        return [n for n, d in self.defs.items() if d.mode == "fid"]
+
+    def to(self, device: str | torch.device) -> MetricSuite:
+        self.device = torch.device(device)
+        for m in self.models.values():
+            m.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def score(self, sr: torch.Tensor, gt: torch.Tensor) -> dict[str, list[float]]:
+        """Per-image scores of SR (B, 3, H, W) against GT (same shape), both in [0, 1]; NR metrics see SR only."""
+        if sr.shape != gt.shape:
+            raise ValueError(f"SR {tuple(sr.shape)} and GT {tuple(gt.shape)} differ in shape")
+        sr = sr.to(self.device, torch.float32).clamp(0, 1)
+        gt = gt.to(self.device, torch.float32).clamp(0, 1)
+        out = {}
+        for name in self.per_image:
+            model = self.models[name]
+            value = model(sr, gt) if self.defs[name].mode == "fr" else model(sr)
+            out[name] = [float(v) for v in torch.as_tensor(value).reshape(sr.shape[0], -1)[:, 0]]
+        return out
+
+    def score_folders(self, sr_dir: str | Path, gt_dir: str | Path) -> dict[str, float]:
+        """Distribution metrics (FID) of the SR folder against the GT folder."""
+        out = {}
+        for name in self.folder:
+            value = self.models[name](str(sr_dir), str(gt_dir), **self.defs[name].call_options)
+            out[name] = float(value)
+        return out

@@ -1,0 +1,190 @@
+"""Read inference weights in any supported format and rebuild the generator on its base model.
+
+Formats: ours (LoRA-only safetensors + JSON sidecar), a Lightning training checkpoint (.ckpt), and
+the official OSEDiff release (a torch-saved dict of PEFT tensors and module-name lists).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.export import load_torch_weights, lora_sidecar, training_checkpoint_parts
+from osediff_lab.models.components import (
+    Components,
+    build_random,
+    check_compatible,
+    load_pretrained,
+    resolve_pretrained_path,
+)
+from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.lora import add_lora
+from osediff_lab.models.osediff import UNET_ADAPTERS, build_generator
+
+log = logging.getLogger(__name__)
+
+OURS = "osediff-lab-lora/1"
+# Adapter (as models/osediff.py names them) -> the official file's module-name list.
+OFFICIAL_LISTS = {f"unet.{adapter}": f"unet_lora_{group}_modules" for group, adapter in UNET_ADAPTERS.items()}
+OFFICIAL_LISTS["vae.default_encoder"] = "vae_lora_encoder_modules"
+OFFICIAL_KEYS = ("state_dict_unet", "state_dict_vae", *OFFICIAL_LISTS.values(), "rank_unet", "rank_vae")
+BASE_ENV = "OSEDIFF_SD21_BASE"
+
+
+@dataclass
+class Checkpoint:
+    """Weights read from disk: ``state`` keyed relative to the generator (``unet.*``, ``vae.*``).
+
+    ``meta`` is the sidecar for ours (and for a training checkpoint, the sidecar it would export);
+    for the official format it holds the de-duplicated module lists (``unet.default_encoder`` ...) and ranks.
+    """
+
+    kind: str
+    state: dict[str, torch.Tensor]
+    meta: dict
+    path: Path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any supported format, recognised by content (safetensors by suffix); nothing is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"checkpoint {path} does not exist; pass ckpt=<.safetensors | .ckpt | official .pkl>")
+    if path.suffix == ".safetensors":
+        return _read_ours(path)
+    obj = load_torch_weights(path)
+    if isinstance(obj, dict) and "state_dict_unet" in obj:
+        return _read_official(obj, path)
+    if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
+        state, cfg, targets = training_checkpoint_parts(obj, str(path))
+        return Checkpoint("osediff-lab", state, lora_sidecar(cfg, targets), path)
+    raise ConfigError(
+        f"{path}: unknown checkpoint format; expected our LoRA .safetensors (+ .json sidecar), a training "
+        f".ckpt, or the official OSEDiff release (keys {', '.join(OFFICIAL_KEYS)})"
+    )
+
+
+def _read_ours(path: Path) -> Checkpoint:
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise MissingWeightsError(f"{path} needs its sidecar {sidecar} (written beside it by the export)")
+    meta = json.loads(sidecar.read_text())
+    if meta.get("format") != OURS:
+        raise ConfigError(f"{sidecar}: format '{meta.get('format')}' is not {OURS}")
+    return Checkpoint("osediff-lab", load_file(str(path)), meta, path)
+
+
+def _read_official(obj: dict, path: Path) -> Checkpoint:
+    missing = [k for k in OFFICIAL_KEYS if k not in obj]
+    if missing:
+        raise ConfigError(f"{path}: official OSEDiff checkpoint without {', '.join(missing)}")
+    state = {f"unet.{k}": v for k, v in obj["state_dict_unet"].items()}
+    state |= {f"vae.{k}": v for k, v in obj["state_dict_vae"].items()}
+    meta = {adapter: list(dict.fromkeys(obj[key])) for adapter, key in OFFICIAL_LISTS.items()}
+    meta |= {"rank_unet": int(obj["rank_unet"]), "rank_vae": int(obj["rank_vae"])}
+    return Checkpoint("official", state, meta, path)
+
+
+def _pretrained_dir(path: str | None, source: str) -> Path:
+    """A diffusers directory: ``path`` when it exists, else ${OSEDIFF_SD21_BASE}; errors name the fix."""
+    if not path or not Path(os.path.expanduser(path)).is_dir():
+        env = os.environ.get(BASE_ENV)
+        if path:
+            log.info("%s: base %s not found here, trying $%s", source, path, BASE_ENV)
+        path = env or path
+    cfg = OmegaConf.create({"name": source, "pretrained_path": path, "pretrained_env": BASE_ENV})
+    try:
+        return resolve_pretrained_path(cfg)
+    except MissingWeightsError as exc:
+        raise MissingWeightsError(f"{exc} Or pass base=<diffusers-format directory> to inference.") from exc
+
+
+def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
+    """The frozen base model: ``base`` (a diffusers dir) if given; else what the checkpoint names.
+
+    Random-init presets (tiny) are rebuilt from the sidecar's architecture and seed, which reproduces
+    the training base when it was built right after seeding (as train.py does).
+    """
+    if base is not None:
+        components = load_pretrained(_pretrained_dir(str(base), "base"))
+    elif ckpt.kind == "official":
+        components = load_pretrained(_pretrained_dir(None, "official OSEDiff weights (LoRA on SD2.1-base)"))
+    elif ckpt.meta["model_arch"]["source"] == "random":
+        arch = OmegaConf.create(ckpt.meta["model_arch"])
+        log.warning("%s: base model '%s' has random weights, rebuilt with seed %s", ckpt.path, arch.name, ckpt.meta.get("seed"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(ckpt.meta.get("seed") or 0))
+            components = build_random(arch)
+        check_compatible(components, f"model '{arch.name}'")
+    else:
+        components = load_pretrained(_pretrained_dir(ckpt.meta["model_arch"].get("pretrained_path"), ckpt.meta["base_model"]["name"]))
+    for module in (components.text_encoder, components.vae, components.unet):
+        module.requires_grad_(False)
+        module.eval()
+    return components
+
+
+def build_loaded_generator(components: Components, ckpt: Checkpoint, official: DictConfig) -> OSEDiffGenerator:
+    """The generator with the checkpoint's adapters placed on the base model (shared, not copied) and loaded."""
+    if ckpt.kind == "official":
+        generator = OSEDiffGenerator(
+            components.vae, components.unet, components.scheduler.alphas_cumprod, official.timestep, "mode"
+        )
+        for key, names in ckpt.meta.items():
+            if key.startswith(("unet.", "vae.")) and names:
+                part, adapter = key.split(".")
+                model = getattr(generator, part)
+                _check_names_exist(model, names, ckpt.path, part)
+                rank = ckpt.meta["rank_unet"] if part == "unet" else ckpt.meta["rank_vae"]
+                add_lora(model, names, rank, official.lora_alpha, adapter, "gaussian")
+    else:
+        meta = ckpt.meta
+        gen_cfg = OmegaConf.create(
+            {
+                "timestep": meta["timestep"],
+                "latent": "mode",
+                "train_vae_encoder": meta["train_vae_encoder"],
+                "train_vae_decoder": meta["train_vae_decoder"],
+                "lora": meta["lora"],
+            }
+        )
+        generator, targets = build_generator(components, gen_cfg, share_unet=True)
+        if targets != meta["target_modules"]:
+            raise ConfigError(
+                f"{ckpt.path}: its LoRA targets differ from those this base model gives "
+                f"({sorted(targets)} vs {sorted(meta['target_modules'])}); is base the model it was trained on?"
+            )
+    load_generator_state(generator, ckpt.state, ckpt.path)
+    return generator
+
+
+def _check_names_exist(model: torch.nn.Module, names: list[str], path: Path, part: str) -> None:
+    known = dict(model.named_modules())
+    absent = [n for n in names if n not in known]
+    if absent:
+        raise ConfigError(
+            f"{path}: {len(absent)} {part} modules it adapts are not in the base model (e.g. {absent[:3]}); "
+            "the official weights need an SD2.1-base-layout model"
+        )
+
+
+def load_generator_state(generator: OSEDiffGenerator, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy trained tensors in; every LoRA tensor must be provided and every provided tensor must fit."""
+    own = generator.state_dict()
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if (".lora_A." in k or ".lora_B." in k) and k not in state]
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if unexpected or missing or shapes:
+        raise ConfigError(
+            f"{source} does not fit the generator: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(shapes)} of another shape (e.g. {shapes[:2]})"
+        )
+    generator.load_state_dict(state, strict=False)

@@ -1,0 +1,58 @@
+"""Colour fixes: give the SR output the colours of its (upsampled) input. Pure functions on batches
+(B, C, H, W) of the same size and the same range ([0, 1] in the pipeline; any common range works)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+COLOR_FIXES = ("adain", "wavelet", "none")
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel mean and (population) std, shaped (B, C, 1, 1)."""
+    return x.mean(dim=(-2, -1), keepdim=True), x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+
+
+def adain_color_fix(target: torch.Tensor, source: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``target`` renormalised to the per-channel mean and std of ``source`` (not clamped)."""
+    t_mean, t_std = channel_stats(target)
+    s_mean, s_std = channel_stats(source)
+    return (target - t_mean) / t_std.clamp_min(eps) * s_std + s_mean
+
+
+def wavelet_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """One level of the a-trous wavelet: 3x3 binomial blur with holes of ``dilation``, edges replicated."""
+    k1 = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
+    kernel = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 3, 3)
+    padded = F.pad(x, (dilation,) * 4, mode="replicate")
+    return F.conv2d(padded, kernel, dilation=dilation, groups=x.shape[1])
+
+
+def wavelet_split(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) with high + low == x: ``levels`` detail bands summed, and the residual low-pass."""
+    low = x
+    high = torch.zeros_like(x)
+    for level in range(levels):
+        blurred = wavelet_blur(low, 2**level)
+        high = high + (low - blurred)
+        low = blurred
+    return high, low
+
+
+def wavelet_color_fix(target: torch.Tensor, source: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Detail of ``target`` over the low frequencies (colour, shading) of ``source`` (not clamped)."""
+    high, _ = wavelet_split(target, levels)
+    _, low = wavelet_split(source, levels)
+    return high + low
+
+
+def color_fix(name: str, target: torch.Tensor, source: torch.Tensor, wavelet_levels: int) -> torch.Tensor:
+    """Dispatch by config name: adain | wavelet | none."""
+    if name == "adain":
+        return adain_color_fix(target, source)
+    if name == "wavelet":
+        return wavelet_color_fix(target, source, wavelet_levels)
+    if name == "none":
+        return target
+    raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got '{name}'")

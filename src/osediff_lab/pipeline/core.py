@@ -1,0 +1,164 @@
+"""OSEDiffPipeline: LQ images in, SR images out, with the paper's size rule, tiling and colour fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from osediff_lab.data.images import pil_to_tensor, to_rgb
+from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.lora import merge_and_unload
+from osediff_lab.pipeline.checkpoints import build_loaded_generator, load_base, read_checkpoint
+from osediff_lab.pipeline.colorfix import color_fix
+from osediff_lab.pipeline.options import make_options, resolve_device, resolve_dtype
+from osediff_lab.pipeline.sizes import plan_sizes, to_network_input, to_output, unpad
+from osediff_lab.pipeline.tiling import set_vae_tiling, tiled_apply, vae_factor
+from osediff_lab.prompts import PromptProvider, build_prompt_provider
+
+VAE_TILING_ATTRS = ("use_tiling", "tile_latent_min_size", "tile_sample_min_size", "tile_overlap_factor")
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> 8-bit RGB image (rounded)."""
+    arr = (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+
+
+class OSEDiffPipeline:
+    """One-step super-resolution with a loaded generator.
+
+    ``merge_lora`` folds the adapters into the generator's weights in place, and the generator and
+    text encoder are moved to the pipeline's device and precision: for a model still being trained
+    (validation) pass ``merge_lora=False, precision='fp32'``.
+    """
+
+    def __init__(
+        self,
+        generator: OSEDiffGenerator,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        prompts: PromptProvider,
+        scale: int,
+        options: DictConfig | dict | None = None,
+    ) -> None:
+        self.options = make_options(options)
+        self.scale = int(self.options.scale or scale)
+        self.device = resolve_device(self.options.device)
+        self.dtype = resolve_dtype(self.options.precision, self.device)
+        if self.options.merge_lora:
+            merge_and_unload(generator)
+        self.generator = generator.to(self.device, self.dtype)
+        self.decode_dtype = self.dtype
+        if self.dtype == torch.float16 and self.options.upcast_vae_decoder:
+            generator.vae.decoder.float()
+            generator.vae.post_quant_conv.float()
+            self.decode_dtype = torch.float32
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.to(self.device, self.dtype)
+        self.prompts = prompts
+        self._embeds: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        base: str | Path | None = None,
+        options: DictConfig | dict | None = None,
+        prompt: DictConfig | dict | None = None,
+        **overrides: Any,
+    ) -> OSEDiffPipeline:
+        """Load any supported checkpoint (ours .safetensors + .json, a training .ckpt, the official release)
+        onto its base model (``base``: a diffusers dir; default: what the checkpoint names).
+
+        ``options``/``overrides`` are pipeline options (conf/infer.yaml ``pipeline``), e.g. ``merge_lora=False``;
+        ``prompt`` a prompt config (default: the checkpoint's prompt mode; the null prompt for the official file).
+        """
+        opts = make_options(options, **overrides)
+        ckpt = read_checkpoint(path)
+        components = load_base(ckpt, base)
+        generator = build_loaded_generator(components, ckpt, opts.official)
+        if prompt is None:
+            prompt = ckpt.meta.get("prompt", {"name": "null"})
+        scale = ckpt.meta["scale"] if ckpt.kind == "osediff-lab" else opts.official.scale
+        provider = build_prompt_provider(OmegaConf.create(prompt))
+        return cls(generator, components.tokenizer, components.text_encoder, provider, scale, opts)
+
+    # ---- public API ----------------------------------------------------------------------------
+    def __call__(self, images: list[Image.Image] | torch.Tensor) -> list[Image.Image] | torch.Tensor:
+        """PIL images (any mode, made RGB) -> RGB PIL images scale x larger; or a batch (B, 3, h, w) in
+        [0, 1] -> (B, 3, scale*h, scale*w) in [0, 1] (float32, on the pipeline's device)."""
+        if isinstance(images, torch.Tensor):
+            return self.enhance(images)[0]
+        return [self.enhance_image(im)[0] for im in images]
+
+    def enhance_image(self, image: Image.Image) -> tuple[Image.Image, str]:
+        """One PIL image -> (its SR image, the prompt used)."""
+        sr, prompts = self.enhance(pil_to_tensor(to_rgb(image))[None])
+        return tensor_to_pil(sr[0]), prompts[0]
+
+    @torch.inference_mode()
+    def enhance(self, lq: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """LQ batch (B, 3, h, w) in [0, 1] -> (SR batch (B, 3, scale*h, scale*w) in [0, 1] float32, prompts)."""
+        if lq.ndim != 4 or lq.shape[1] != 3:
+            raise ValueError(f"expected an LQ batch (B, 3, h, w) in [0, 1], got shape {tuple(lq.shape)}")
+        o = self.options
+        plan = plan_sizes(lq.shape[-2], lq.shape[-1], self.scale, o.process_size, vae_factor(self.generator.vae))
+        x_work, x_padded = to_network_input(lq.to(self.device, torch.float32), plan)
+        prompts = self.prompts(x_work)
+        x_h = self.generate(x_padded * 2 - 1, self.embed(prompts))
+        sr = unpad((x_h.float() + 1) / 2, plan)
+        return to_output(color_fix(o.color_fix, sr, x_work, o.wavelet_levels), plan), prompts
+
+    def generate(self, x_l: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """x_L in [-1, 1] (sides multiples of the VAE factor) -> x_H in [-1, 1]: encode, tiled UNet step, decode."""
+        o, gen = self.options, self.generator
+        with self._eval():
+            gen.latent = o.latent
+            rng = torch.Generator(self.device).manual_seed(o.seed) if o.latent == "sample" else None
+            with self._vae_tiling(o.vae_tiling.encoder_tile):
+                z_l = gen.encode(x_l.to(self.dtype), rng)
+            lt = o.latent_tiling
+            z_h = tiled_apply(lambda z: gen.denoise(z, embeds), z_l, lt.tile, lt.overlap, lt.sigma)
+            with self._vae_tiling(o.vae_tiling.decoder_tile):
+                return gen.decode(z_h.to(self.decode_dtype))
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings per prompt, cached by string."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing:
+            tok = self.tokenizer(
+                missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            )
+            self._embeds.update(zip(missing, self.text_encoder(tok.input_ids.to(self.device))[0], strict=True))
+        return torch.stack([self._embeds[p] for p in prompts]).to(self.dtype)
+
+    # ---- state that must not leak into a model shared with training ------------------------------
+    @contextmanager
+    def _eval(self) -> Iterator[None]:
+        gen = self.generator
+        was_training, latent = gen.training, gen.latent
+        gen.eval()
+        try:
+            yield
+        finally:
+            gen.train(was_training)
+            gen.latent = latent
+
+    @contextmanager
+    def _vae_tiling(self, latent_tile: int) -> Iterator[None]:
+        vae = self.generator.vae
+        saved = {a: getattr(vae, a) for a in VAE_TILING_ATTRS}
+        set_vae_tiling(vae, latent_tile, self.options.vae_tiling.overlap)
+        try:
+            yield
+        finally:
+            for attr, value in saved.items():
+                setattr(vae, attr, value)

@@ -1,0 +1,63 @@
+"""Pipeline options: defaults from conf/infer.yaml (the single source of truth), checked before use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from osediff_lab.errors import ConfigError
+from osediff_lab.pipeline.colorfix import COLOR_FIXES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_options() -> DictConfig:
+    """The ``pipeline`` section of conf/infer.yaml."""
+    from osediff_lab.train import CONF_DIR  # imported here: train pulls in the training stack
+
+    return OmegaConf.load(CONF_DIR / "infer.yaml").pipeline
+
+
+def make_options(cfg: DictConfig | dict | None = None, **overrides: Any) -> DictConfig:
+    """Defaults, then ``cfg``, then keyword overrides (e.g. ``merge_lora=False``); validated."""
+    options = OmegaConf.merge(default_options(), cfg or {}, overrides)
+    problems = option_problems(options)
+    if problems:
+        raise ConfigError("pipeline options cannot run:\n  - " + "\n  - ".join(problems))
+    return options
+
+
+def option_problems(o: DictConfig) -> list[str]:
+    """Every problem, each naming the ``pipeline.*`` key."""
+    problems = []
+    if o.color_fix not in COLOR_FIXES:
+        problems.append(f"pipeline.color_fix='{o.color_fix}' must be one of {COLOR_FIXES}")
+    if o.latent not in ("mode", "sample"):
+        problems.append(f"pipeline.latent='{o.latent}' must be 'mode' or 'sample'")
+    if o.precision not in ("auto", *DTYPES):
+        problems.append(f"pipeline.precision='{o.precision}' must be auto, {', '.join(DTYPES)}")
+    lt = o.latent_tiling
+    if not 0 <= lt.overlap < lt.tile:
+        problems.append(f"pipeline.latent_tiling: need 0 <= overlap ({lt.overlap}) < tile ({lt.tile})")
+    if lt.sigma <= 0:
+        problems.append(f"pipeline.latent_tiling.sigma={lt.sigma} must be > 0")
+    vt = o.vae_tiling
+    if min(vt.encoder_tile, vt.decoder_tile) < 1 or not 0 <= vt.overlap < 1:
+        problems.append("pipeline.vae_tiling: tiles must be >= 1 latent px and overlap in [0, 1)")
+    if o.scale is not None and o.scale < 1:
+        problems.append(f"pipeline.scale={o.scale} must be >= 1")
+    if o.process_size < 1:
+        problems.append(f"pipeline.process_size={o.process_size} must be >= 1")
+    return problems
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[precision]

@@ -1,0 +1,168 @@
+"""On-disk prompt cache: text per (image content hash, prompt settings), in one SQLite file.
+
+Images are keyed by the SHA-256 of their source file's bytes when the file is known (training with
+``prompt.source=hq`` and ``precompute``: the prompt then describes the whole source image), otherwise by the
+SHA-256 of the image quantised to 8 bits. Settings are every prompt option that can change the text, so
+changing any of them misses instead of returning stale prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from osediff_lab.data.images import load_rgb, pil_to_tensor
+from osediff_lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ON_MISS = ("compute", "error")
+
+
+def settings_hash(settings: dict) -> str:
+    """A stable hash of the text-determining prompt settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def pixel_key(image01: torch.Tensor) -> str:
+    """Content hash of one image in [0, 1] ([3, H, W]), quantised to 8 bits so float noise does not matter."""
+    q = (image01.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    h = hashlib.sha256(str(tuple(q.shape)).encode())
+    h.update(q.numpy().tobytes())
+    return "px:" + h.hexdigest()
+
+
+def file_key(path: str | Path) -> str:
+    """Content hash of an image file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "file:" + h.hexdigest()
+
+
+class PromptCache:
+    """A SQLite table of prompt texts keyed by (settings hash, image key); safe for several processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(os.path.expanduser(str(path)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS prompts (settings TEXT, image TEXT, text TEXT, PRIMARY KEY (settings, image))")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=60)
+
+    def get_many(self, settings: str, images: list[str]) -> dict[str, str]:
+        """Cached texts for those ``images`` that have one."""
+        if not images:
+            return {}
+        with self._connect() as db:
+            found = {}
+            for start in range(0, len(images), 500):
+                chunk = images[start : start + 500]
+                rows = db.execute(
+                    f"SELECT image, text FROM prompts WHERE settings = ? AND image IN ({','.join('?' * len(chunk))})",
+                    [settings, *chunk],
+                )
+                found.update(rows.fetchall())
+        return found
+
+    def put_many(self, settings: str, items: dict[str, str]) -> None:
+        with self._connect() as db:
+            db.executemany("INSERT OR REPLACE INTO prompts VALUES (?, ?, ?)", [(settings, k, v) for k, v in items.items()])
+
+    def __len__(self) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]
+
+
+def load_image01(path: str | Path) -> torch.Tensor:
+    """One image file as [1, 3, H, W] in [0, 1]."""
+    return pil_to_tensor(load_rgb(path)).unsqueeze(0)
+
+
+class CachedPrompt:
+    """Wraps a provider: cached texts are returned as stored; misses are computed (and stored) or an error."""
+
+    def __init__(
+        self, inner, cache: PromptCache, settings: dict, on_miss: str = "compute", fill_command: str = "", batch_size: int = 8
+    ) -> None:
+        if on_miss not in ON_MISS:
+            raise ConfigError(f"prompt.on_miss must be one of {ON_MISS}, got '{on_miss}'")
+        self.inner = inner
+        self.cache = cache
+        self.settings = settings_hash(settings)
+        self.on_miss = on_miss
+        self.fill_command = fill_command
+        self.batch_size = batch_size
+        self._file_keys: dict[tuple[str, int, int], str] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _key_of_file(self, path: str) -> str:
+        st = os.stat(path)
+        memo = (path, st.st_mtime_ns, st.st_size)
+        if memo not in self._file_keys:
+            self._file_keys[memo] = file_key(path)
+        return self._file_keys[memo]
+
+    def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None, paths: list[str] | None = None) -> list[str]:
+        """Prompts for images in [0, 1]; with ``paths`` the entries are those of the source files."""
+        keys = [self._key_of_file(p) for p in paths] if paths else [pixel_key(x) for x in lq]
+        found = self.cache.get_many(self.settings, list(dict.fromkeys(keys)))
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            if self.on_miss == "error":
+                raise KeyError(
+                    f"{len(missing)} of {len(keys)} prompts are not in the cache {self.cache.path} for these prompt "
+                    f"settings (e.g. {paths[missing[0]] if paths else keys[missing[0]]}); fill it with `{self.fill_command}` "
+                    "or set prompt.on_miss=compute"
+                )
+            if paths:
+                computed = self._compute_files([paths[i] for i in missing], lq.device)
+            else:
+                idx = torch.tensor(missing, device=lq.device)
+                texts = self.inner(lq[idx], hq[idx] if hq is not None else None)
+                computed = dict(zip([keys[i] for i in missing], texts, strict=True))
+            self.cache.put_many(self.settings, computed)
+            found |= computed
+        return [found[k] for k in keys]
+
+    def _compute_files(self, paths: list[str], device: torch.device | str = "cpu") -> dict[str, str]:
+        """Prompts of whole image files, batched among files of equal size."""
+        buckets: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+        for p in dict.fromkeys(paths):
+            x = load_image01(p)
+            buckets.setdefault(tuple(x.shape[-2:]), []).append((self._key_of_file(p), x))
+        out = {}
+        for items in buckets.values():
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                texts = self.inner(torch.cat([x for _, x in chunk]).to(device))
+                out.update(zip([k for k, _ in chunk], texts, strict=True))
+        return out
+
+    def fill_files(self, paths: Iterable[str | Path], device: torch.device | str = "cpu", progress: bool = True) -> dict[str, int]:
+        """Compute and store prompts for every file not cached yet (what ``precompute`` runs)."""
+        paths = [str(p) for p in paths]
+        keys = {p: self._key_of_file(p) for p in tqdm(paths, desc="hashing", disable=not progress)}
+        found = self.cache.get_many(self.settings, list(dict.fromkeys(keys.values())))
+        todo = list({keys[p]: p for p in paths if keys[p] not in found}.values())
+        window = self.batch_size * 8
+        with tqdm(total=len(todo), desc="prompts", disable=not progress) as bar:
+            for start in range(0, len(todo), window):
+                part = todo[start : start + window]
+                self.cache.put_many(self.settings, self._compute_files(part, device))
+                bar.update(len(part))
+        return {"files": len(paths), "cached_before": len(paths) - sum(keys[p] not in found for p in paths), "computed": len(todo)}

@@ -1,0 +1,42 @@
+"""`python -m osediff_lab.prompts.precompute data=... prompt=llava`: fill the prompt cache for a dataset.
+
+Computes the prompt of every source image of ``data`` (whole files, keyed by content hash and the prompt
+settings) so that training with ``prompt.source=hq`` reads them instead of running the captioner.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from osediff_lab.data.datamodule import source_files
+from osediff_lab.errors import ConfigError
+from osediff_lab.prompts import build_prompt_provider
+from osediff_lab.prompts.cache import CachedPrompt
+from osediff_lab.train import CONF_DIR
+
+log = logging.getLogger(__name__)
+
+
+def precompute(cfg: DictConfig, device: str | None = None, progress: bool = True) -> dict:
+    """Fill the cache for every file of ``cfg.data``; returns counts (files, cached_before, computed) and the cache path."""
+    provider = build_prompt_provider(cfg.prompt)
+    if not isinstance(provider, CachedPrompt):
+        raise ConfigError(f"prompt={cfg.prompt.name} has no cache to fill: set prompt.cache.enabled=true")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stats = provider.fill_files(source_files(cfg.data), device=device, progress=progress)
+    return stats | {"cache": str(provider.cache.path)}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    stats = precompute(cfg)
+    print(f"prompt cache {stats['cache']}: {stats['files']} files, {stats['cached_before']} already cached, "
+          f"{stats['computed']} computed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""`python -m osediff_lab.report <sweep dir | W&B group>`: a study's results table (+ a plot) from run summaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PLOT_AXES = ("val/psnr", "val/musiq")
+
+
+def load_local(sweep_dir: Path) -> list[dict]:
+    """Every run summary (summary.json) under a sweep or run directory."""
+    runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("summary.json"))]
+    if not runs:
+        raise SystemExit(f"no summary.json under {sweep_dir}: has any run of this sweep finished?")
+    return runs
+
+
+def load_wandb(group: str, project: str) -> list[dict]:
+    """Run summaries of a W&B group through the public API (needs network and a logged-in user)."""
+    import wandb
+
+    runs = wandb.Api().runs(project, filters={"group": group})
+    out = []
+    for r in runs:
+        metrics = {k: v for k, v in r.summary.items() if isinstance(v, int | float)}
+        out.append({"run_dir": r.name, "overrides": [f"{k}={v}" for k, v in r.config.items() if not isinstance(v, dict)],
+                    "steps": r.summary.get("trainer/global_step"), "last_metrics": metrics, "best_metrics": {}})
+    if not out:
+        raise SystemExit(f"W&B group '{group}' in project '{project}' has no runs")
+    return out
+
+
+def varying_overrides(runs: list[dict]) -> list[str]:
+    """Override keys whose values differ between runs: the study's independent variables."""
+    values: dict[str, set[str]] = {}
+    for r in runs:
+        for o in r.get("overrides", []):
+            k, _, v = o.partition("=")
+            values.setdefault(k.lstrip("+~"), set()).add(v)
+    keys = [k for k, vs in values.items() if len(vs) > 1 or len(runs) == 1]
+    return sorted(k for k in keys if not k.startswith("hydra") and k not in ("paths.output_root",))
+
+
+def run_label(run: dict, keys: list[str]) -> dict[str, str]:
+    given = {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in run.get("overrides", [])}
+    return {k: given.get(k, "(default)") for k in keys}
+
+
+def metric_columns(runs: list[dict]) -> list[str]:
+    names = set()
+    for r in runs:
+        names |= {k for k in r.get("best_metrics", {}) | r.get("last_metrics", {}) if k.startswith("val/")}
+    return sorted(names)
+
+
+def fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def results_table(runs: list[dict]) -> str:
+    """Markdown: one row per run; its varying overrides, steps, wall time, memory, metrics, VSD loss stats."""
+    keys = varying_overrides(runs)
+    metrics = metric_columns(runs)
+    header = [*keys, "steps", "wall (s)", "peak mem (MB)", *[f"{m} (best)" for m in metrics],
+              "loss_vsd mean", "loss_vsd var"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        vsd = r.get("loss_stats", {}).get("train/loss_vsd", {})
+        best = r.get("best_metrics", {})
+        last = r.get("last_metrics", {})
+        row = [*run_label(r, keys).values(), r.get("steps"), r.get("wall_time_s"), r.get("peak_memory_mb"),
+               *[best.get(m, last.get(m)) for m in metrics], vsd.get("mean"), vsd.get("var")]
+        lines.append("| " + " | ".join(fmt(x) for x in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(runs: list[dict], path: Path, x: str = PLOT_AXES[0], y: str = PLOT_AXES[1]) -> Path | None:
+    """Perception-distortion scatter (PSNR vs MUSIQ by default) when both metrics were logged."""
+    points = [(r, (r.get("best_metrics", {}) | r.get("last_metrics", {}))) for r in runs]
+    points = [(r, m) for r, m in points if x in m and y in m]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = varying_overrides(runs)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r, m in points:
+        ax.scatter(m[x], m[y])
+        ax.annotate(", ".join(run_label(r, keys).values()), (m[x], m[y]), fontsize=8)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title("perception-distortion trade-off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("source", help="a sweep/run directory with summary.json files, or a W&B group name")
+    parser.add_argument("--project", default="osediff-lab", help="W&B project (when source is a group)")
+    parser.add_argument("--out", type=Path, help="write the markdown table here (e.g. experiments/vsd/results.md)")
+    parser.add_argument("--plot", type=Path, help="write the PSNR-vs-MUSIQ plot here (PNG)")
+    args = parser.parse_args(argv)
+    source = Path(args.source)
+    runs = load_local(source) if source.exists() else load_wandb(args.source, args.project)
+    table = results_table(runs)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"<!-- generated by: python -m osediff_lab.report {args.source} -->\n\n" + table)
+        print(f"table written to {args.out}")
+    if args.plot:
+        written = plot_tradeoff(runs, args.plot)
+        print(f"plot written to {written}" if written else f"no plot: runs lack {PLOT_AXES[0]} and {PLOT_AXES[1]}")
+
+
+if __name__ == "__main__":
+    main()

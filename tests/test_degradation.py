@@ -1,0 +1,316 @@
+"""Real-ESRGAN degradation: kernels by their formulas, noise by its measured std, JPEG against Pillow,
+reproducibility from the seed, and the LQ size contract."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import open_dict
+from PIL import Image
+
+from helpers import compose_config
+from osediff_lab.data.degradation import build_degradation
+from osediff_lab.data.kernels import (
+    KERNEL_TYPES,
+    gaussian_kernel,
+    generalized_gaussian_kernel,
+    plateau_kernel,
+    sample_kernels,
+    sinc_kernel,
+)
+from osediff_lab.data.realesrgan import (
+    PairPool,
+    RealESRGANDegradation,
+    describe,
+    filter_each,
+    gaussian_noise,
+    jpeg,
+    kernel_spec,
+    poisson_noise,
+    pulse,
+    resize_each,
+)
+from osediff_lab.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose_config(["degradation=realesrgan"])
+
+
+def photo(size: int = 128) -> np.ndarray:
+    """A natural 8-bit RGB crop (scikit-image's astronaut, bundled, no download)."""
+    import skimage
+
+    return np.ascontiguousarray(skimage.data.astronaut()[100 : 100 + size, 150 : 150 + size])
+
+
+def to01(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float()[None] / 255
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 10 * math.log10(1 / ((a - b) ** 2).mean().item())
+
+
+# ---- kernels ---------------------------------------------------------------------------------------
+def test_every_kernel_sums_to_one():
+    s = torch.tensor([0.3, 1.0, 2.5])
+    th = torch.tensor([0.0, 0.7, -2.0])
+    beta = torch.tensor([0.5, 1.0, 3.0])
+    for k in (
+        gaussian_kernel(21, s, s * 0.5 + 0.2, th),
+        generalized_gaussian_kernel(21, s, s, th, beta),
+        plateau_kernel(21, s, s + 0.3, th, beta),
+        sinc_kernel(21, torch.tensor([0.3, 0.6, 1.0]) * math.pi),
+    ):
+        assert k.shape == (3, 21, 21)
+        torch.testing.assert_close(k.sum(dim=(-2, -1)), torch.ones(3), atol=1e-6, rtol=0)
+
+
+def test_isotropic_gaussian_is_the_outer_product_of_1d_gaussians():
+    sigma = 1.7
+    x = torch.arange(21, dtype=torch.float64) - 10
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    expected = torch.outer(g, g) / torch.outer(g, g).sum()
+    k = gaussian_kernel(21, torch.tensor([sigma]), torch.tensor([sigma]), torch.tensor([1.234]))[0]
+    torch.testing.assert_close(k.double(), expected, atol=1e-7, rtol=0)
+
+
+def test_isotropic_kernels_are_symmetric():
+    s, zero = torch.tensor([1.3]), torch.tensor([0.0])
+    for k in (
+        generalized_gaussian_kernel(21, s, s, zero, torch.tensor([2.5]))[0],
+        plateau_kernel(21, s, s, zero, torch.tensor([1.5]))[0],
+        sinc_kernel(21, torch.tensor([0.4 * math.pi]))[0],
+    ):
+        for view in (k.T, k.flip(0), k.flip(1), k.rot90()):
+            torch.testing.assert_close(view, k, atol=1e-7, rtol=0)
+
+
+def test_anisotropic_gaussian_covariance_matches_sigma_and_rotation():
+    sx, sy, th = 3.0, 1.0, math.radians(30)
+    k = gaussian_kernel(41, torch.tensor([sx]), torch.tensor([sy]), torch.tensor([th]))[0].double()
+    ax = torch.arange(41, dtype=torch.float64) - 20
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    cov = torch.tensor(
+        [[(k * xx * xx).sum(), (k * xx * yy).sum()], [(k * xx * yy).sum(), (k * yy * yy).sum()]], dtype=torch.float64
+    )
+    r = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=torch.float64)
+    expected = r @ torch.diag(torch.tensor([sx**2, sy**2], dtype=torch.float64)) @ r.T
+    torch.testing.assert_close(cov, expected, atol=0.02, rtol=0.01)
+
+
+def test_generalized_and_plateau_shapes_by_hand():
+    s = torch.tensor([2.0])
+    zero = torch.tensor([0.0])
+    beta = torch.tensor([2.0])
+    q = lambda x, y: (x**2 + y**2) / 4.0  # noqa: E731  (Mahalanobis distance for sigma 2, isotropic)
+    gen = generalized_gaussian_kernel(21, s, s, zero, beta)[0].double()
+    pla = plateau_kernel(21, s, s, zero, beta)[0].double()
+    # ratios between taps are normalisation-free: centre (10,10) vs offset (x=3, y=1) at [11, 13]
+    assert gen[11, 13] / gen[10, 10] == pytest.approx(math.exp(-0.5 * q(3, 1) ** 2), rel=1e-6)
+    assert pla[11, 13] / pla[10, 10] == pytest.approx(1 / (1 + q(3, 1) ** 2), rel=1e-6)
+
+
+def test_sinc_spectrum_cuts_off_at_omega():
+    n = 256
+    f = torch.fft.fftfreq(n, dtype=torch.float64) * 2 * math.pi
+    fy, fx = torch.meshgrid(f, f, indexing="ij")
+    radius = (fx**2 + fy**2).sqrt()
+    for frac in (0.3, 0.5, 0.8):
+        omega = frac * math.pi
+        spectrum = torch.fft.fft2(sinc_kernel(21, torch.tensor([omega]))[0].double(), s=(n, n)).abs()
+        assert spectrum[radius < 0.8 * omega].min() > 0.7  # passband
+        assert spectrum[(radius > 1.2 * omega) & (radius < math.pi)].max() < 0.12  # stopband
+        assert 0.35 < spectrum[(radius > 0.97 * omega) & (radius < 1.03 * omega)].mean() < 0.6  # half amplitude at omega
+
+
+def test_sampled_kernels_respect_window_types_and_normalisation(cfg):
+    g = torch.Generator().manual_seed(0)
+    kernels, params = sample_kernels(400, kernel_spec(cfg.degradation, cfg.degradation.first), g)
+    assert kernels.shape == (400, 21, 21)
+    torch.testing.assert_close(kernels.sum(dim=(-2, -1)), torch.ones(400), atol=1e-5, rtol=0)
+    ax = torch.arange(21) - 10
+    for k, ks in zip(kernels, params["ksize"].tolist(), strict=True):
+        assert ks % 2 == 1 and 7 <= ks <= 21
+        outside = (ax.abs()[:, None] > ks // 2) | (ax.abs()[None, :] > ks // 2)
+        assert k[outside].abs().sum() == 0 and k[10, 10] > 0
+    kinds = params["type"]
+    assert 0.04 < (kinds == -1).float().mean() < 0.18  # sinc_prob 0.1
+    assert 0.3 < (kinds == KERNEL_TYPES.index("iso")).float().mean() < 0.5  # 0.45 of the remaining 0.9 ~ 0.405
+    iso = kinds == 0
+    torch.testing.assert_close(params["sigma_x"][iso], params["sigma_y"][iso])
+
+
+# ---- batched operations --------------------------------------------------------------------------
+def test_filter_each_applies_each_samples_own_kernel():
+    x = torch.rand(3, 3, 24, 20)
+    kernels = torch.rand(3, 7, 7)
+    out = filter_each(x, kernels)
+    for i in range(3):
+        padded = F.pad(x[i : i + 1], (3, 3, 3, 3), mode="reflect")
+        ref = F.conv2d(padded, kernels[i].expand(3, 1, 7, 7), groups=3)
+        torch.testing.assert_close(out[i : i + 1], ref, atol=1e-5, rtol=1e-5)
+    padded_kernels = F.pad(kernels, (7, 7, 7, 7))  # zero taps around a kernel change nothing
+    torch.testing.assert_close(filter_each(x, padded_kernels), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(filter_each(x, pulse(3, 21)), x)
+
+
+def test_resize_each_matches_per_sample_interpolation():
+    x = torch.rand(2, 3, 40, 40)
+    sizes, out_sizes = [(40, 40), (30, 36)], [(20, 22), (45, 50)]
+    modes = ["bilinear", "area"]
+    out = resize_each(x, sizes, out_sizes, modes, antialias=False)
+    assert out.shape == (2, 3, 45, 50)
+    ref0 = F.interpolate(x[:1], size=(20, 22), mode="bilinear", align_corners=False)
+    ref1 = F.interpolate(x[1:, :, :30, :36], size=(45, 50), mode="area")
+    torch.testing.assert_close(out[:1, :, :20, :22], ref0)
+    torch.testing.assert_close(out[1:], ref1)
+    torch.testing.assert_close(out[0, :, 20:, :22], out[0, :, 19:20, :22].expand(3, 25, 22))  # edge-replicated canvas
+
+
+def test_gaussian_noise_std_matches_each_samples_sigma():
+    g = torch.Generator().manual_seed(1)
+    sigma = torch.tensor([1.0, 10.0, 30.0, 20.0]) / 255
+    gray = torch.tensor([False, False, True, True])
+    noise = gaussian_noise(torch.Size((4, 3, 128, 128)), sigma, gray, g, "cpu")
+    measured = noise.flatten(1).std(dim=1)
+    torch.testing.assert_close(measured, sigma, rtol=0.03, atol=0)
+    torch.testing.assert_close(noise[2:, 0], noise[2:, 2])  # gray: one field for every channel
+    assert (noise[0, 0] - noise[0, 1]).abs().max() > 0
+
+
+def test_poisson_noise_std_follows_shot_noise_law():
+    g = torch.Generator().manual_seed(2)
+    levels, v = 256.0, 0.5
+    scale = torch.tensor([0.5, 2.0, 3.0])
+    x = torch.full((3, 3, 128, 128), v)
+    noise = poisson_noise(x, scale, torch.tensor([False, False, True]), levels, g)
+    expected = scale * math.sqrt(v / levels)
+    torch.testing.assert_close(noise.flatten(1).std(dim=1), expected, rtol=0.04, atol=0)
+    assert noise.flatten(1).mean(dim=1).abs().max() < 0.01
+
+
+def test_jpeg_quality_95_is_close_and_30_is_not():
+    x = to01(photo())
+    hi, lo = psnr(jpeg(x, torch.tensor([95.0])), x), psnr(jpeg(x, torch.tensor([30.0])), x)
+    assert hi > 36
+    assert lo < hi - 5 and lo < 32
+
+
+def test_jpeg_agrees_with_pillow_encoder():
+    """Tolerance: PSNR(ours, Pillow's decode) >= 38 dB, and the distortion each causes within 1.5 dB.
+
+    Residual differences: kornia's differentiable rounding and bilinear chroma resampling vs libjpeg's box
+    downsampling and fancy upsampling.
+    """
+    img = photo()
+    x = to01(img)
+    for q in (30, 60, 90):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=q)  # Pillow default: 4:2:0 subsampling, IJG tables
+        ref = to01(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+        ours = jpeg(x, torch.tensor([float(q)]))
+        assert psnr(ours, ref) >= 38
+        assert abs(psnr(ours, x) - psnr(ref, x)) < 1.5
+    batch = jpeg(x.expand(2, -1, -1, -1), torch.tensor([30.0, 90.0]))  # per-sample quality in one batch
+    torch.testing.assert_close(batch[1:], jpeg(x, torch.tensor([90.0])))
+    assert ((batch * 255) - (batch * 255).round()).abs().max() < 1e-4  # decoded to 8 bit
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+def make(cfg, **overrides) -> RealESRGANDegradation:
+    c = cfg.degradation.copy()
+    with open_dict(c):
+        for k, v in overrides.items():
+            c[k] = v
+    return RealESRGANDegradation(c, 4)
+
+
+def test_build_from_config_and_lq_size_is_hq_over_scale(cfg):
+    d = build_degradation(cfg.degradation, cfg.scale)
+    assert isinstance(d, RealESRGANDegradation)
+    for h, w in ((64, 64), (64, 96)):
+        hq = torch.rand(3, 3, h, w) * 2 - 1
+        lq = d(hq)
+        assert lq.shape == (3, 3, h // 4, w // 4)
+        assert lq.min() >= -1 and lq.max() <= 1
+    with pytest.raises(ValueError, match="not divisible"):
+        d(torch.zeros(1, 3, 62, 64))
+
+
+def test_same_seed_same_batches_and_state_resumes(cfg):
+    hq = torch.rand(2, 3, 48, 48) * 2 - 1
+    a, b = make(cfg, seed=7), make(cfg, seed=7)
+    torch.testing.assert_close(a(hq), b(hq), rtol=0, atol=0)
+    assert a.last_params == b.last_params
+    assert not torch.equal(make(cfg, seed=8)(hq), make(cfg, seed=7)(hq))
+    state = a.state_dict()
+    expected = a(hq)
+    resumed = make(cfg, seed=0)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed(hq), expected, rtol=0, atol=0)
+
+
+def test_parameters_are_drawn_per_sample_and_described(cfg):
+    d = make(cfg, seed=3)
+    d(torch.rand(8, 3, 64, 64) * 2 - 1)
+    assert len(d.last_params) == 8
+    assert len({r["jpeg1"] for r in d.last_params}) == 8
+    assert len({r["resize1"][1] for r in d.last_params}) > 1
+    lines = describe(d.last_params[0])
+    assert any("jpeg q" in line for line in lines) and lines[0].startswith("1:")
+
+
+def test_bad_kernel_type_is_a_config_error(cfg):
+    c = cfg.degradation.copy()
+    with open_dict(c):
+        c.first.kernel_types = ["iso", "box", "aniso", "plateau_iso", "plateau_aniso", "generalized_iso"]
+    with pytest.raises(ConfigError, match="degradation.first.kernel_types"):
+        RealESRGANDegradation(c, 4)
+
+
+def test_pair_pool_keeps_partners_together_and_mixes_batches():
+    pool, g = PairPool(6), torch.Generator().manual_seed(0)
+    returned: list[float] = []
+    for step in range(10):
+        ids = torch.arange(2 * step, 2 * step + 2, dtype=torch.float32)
+        hq, lq = ids.view(2, 1, 1, 1).expand(2, 3, 8, 8), (10 * ids).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+        out_hq, out_lq = pool(hq, lq, g)
+        torch.testing.assert_close(out_lq[:, :, 0, 0], 10 * out_hq[:, :, 0, 0])  # partners stay together
+        got = out_hq[:, 0, 0, 0].tolist()
+        if step < 3:
+            assert got == ids.tolist()  # filling: passes through
+        else:
+            assert all(i < 2 * step for i in got)  # swapped for pairs of earlier batches
+            returned += got
+    assert len(set(returned)) == len(returned)  # once full, each stored pair is served once (Real-ESRGAN's queue)
+    with pytest.raises(ValueError, match="multiple of the batch size"):
+        PairPool(5)(hq, lq, g)
+
+
+def test_pool_enabled_call_overwrites_hq_with_partners(cfg):
+    d = make(cfg, seed=5, pool={"enabled": True, "size": 2})
+    first = torch.rand(2, 3, 32, 32) * 2 - 1
+    lq_first = d(first.clone())
+    second = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch = second.clone()
+    lq = d(batch)
+    assert {round(float(v), 5) for v in batch[:, 0, 0, 0]} == {round(float(v), 5) for v in first[:, 0, 0, 0]}
+    assert {round(float(v), 5) for v in lq[:, 0, 0, 0]} == {round(float(v), 5) for v in lq_first[:, 0, 0, 0]}
+
+
+def test_preview_writes_a_grid_with_one_column_per_sample(tmp_path):
+    from osediff_lab.data.preview import run_preview
+
+    cfg = compose_config(["degradation=realesrgan", "data=demo", "data.crop_size=64", "data.batch_size=2"], tmp_path)
+    path = run_preview(cfg)
+    assert path.parent == tmp_path / "preview" and path.suffix == ".png"
+    with Image.open(path) as im:
+        assert im.width >= 2 * 64 and im.height > 2 * 64  # HQ row, LQ row, parameter text

@@ -1,0 +1,76 @@
+"""Validation during training on the tiny preset: a 4-image RealSR subset, means checked against pyiqa."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from helpers import TINY, compose_config
+from osediff_lab.data.datamodule import HQDataModule, paired_dataset
+from osediff_lab.data.degradation import upsample_to
+from osediff_lab.errors import ConfigError
+from osediff_lab.lit.validation import Validator, table_rows, to_unit, trainer_kwargs
+from osediff_lab.train import build_module, run
+
+
+def val_config(realsr, tmp_path, extra: list[str]):
+    return compose_config([*TINY, "val=realsr", f"val.root={realsr}", f"paths.weights_dir={tmp_path / 'w'}", *extra], tmp_path)
+
+
+def test_validate_on_4_realsr_pairs_matches_pyiqa(realsr, tmp_path):
+    import pyiqa
+
+    cfg = val_config(realsr, tmp_path, ["val.limit=4", "val.metrics=[psnr,ssim]"])
+    module = build_module(cfg)
+    dm = HQDataModule(cfg.data, val=cfg.val, scale=cfg.scale)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(module, datamodule=dm)[0]
+    assert set(logged) == {"val/psnr", "val/ssim"}
+
+    # independent recomputation: the module's own SR of each pair, 8-bit rounded, scored by pyiqa directly
+    ref = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr", device="cpu")
+    data = paired_dataset(cfg.val, cfg.scale)
+    assert len(data) == 4
+    scores = []
+    module.eval()
+    for item in data:
+        lq_up = upsample_to(item["lq"][None], item["hq"].shape[-2:])
+        sr = module.super_resolve(lq_up, [""])
+        scores.append(float(ref(to_unit(sr, True), to_unit(item["hq"][None], False))))
+    assert logged["val/psnr"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+    assert 0 < logged["val/ssim"] < 1
+
+
+def test_fit_validates_every_n_steps_and_keeps_best_checkpoint(realsr, tmp_path):
+    cfg = val_config(
+        realsr, tmp_path,
+        ["val.limit=1", "val.metrics=[psnr]", "val.every_n_steps=1", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
+         "callbacks.checkpoint.monitor=val/psnr", "callbacks.checkpoint.mode=max"],
+    )
+    trainer, _, summary = run(cfg)
+    assert "val/psnr" in summary["last_metrics"]
+    best = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor == "val/psnr"]
+    assert len(best) == 1 and best[0].best_model_path.endswith(".ckpt")
+    assert float(best[0].best_model_score) == pytest.approx(summary["last_metrics"]["val/psnr"])
+
+
+def test_trainer_kwargs_follow_the_val_group(tiny_cfg, realsr, tmp_path):
+    assert trainer_kwargs(tiny_cfg) == {"limit_val_batches": 0}  # val=none is the train default
+    cfg = val_config(realsr, tmp_path, ["val.every_n_steps=7"])
+    assert trainer_kwargs(cfg) == {"val_check_interval": 7, "check_val_every_n_epoch": None}
+    with pytest.raises(ConfigError, match="every_n_steps"):
+        trainer_kwargs(val_config(realsr, tmp_path, ["val.every_n_steps=0"]))
+
+
+def test_folder_metrics_are_refused_during_training(realsr, tmp_path):
+    with pytest.raises(ConfigError, match="fid"):
+        Validator(val_config(realsr, tmp_path, ["val.metrics=[psnr,fid]"]))
+
+
+def test_table_rows_hold_uint8_images_and_scores():
+    ex = {"name": "a", "lq": torch.rand(3, 4, 4), "sr": torch.ones(3, 16, 16), "hq": torch.zeros(3, 16, 16), "psnr": 12.5}
+    columns, rows = table_rows([ex], ["psnr"], step=3)
+    assert columns == ["step", "name", "LQ", "SR", "HQ", "psnr"]
+    assert rows[0][0] == 3 and rows[0][-1] == 12.5
+    assert rows[0][3].dtype.name == "uint8" and rows[0][3].shape == (16, 16, 3) and rows[0][3].max() == 255

@@ -1,0 +1,152 @@
+"""The weights manifest, cache checks, the fetch path (file:// only) and the offline guard. No network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SHARED
+from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.models.perceptual import BACKBONE_FILES
+from osediff_lab.weights import MANIFEST, check_entry, expected_path, offline, require, resolve_names
+from osediff_lab.weights.__main__ import main as weights_cli
+from osediff_lab.weights.cache import NetworkBlockedError, format_problem
+from osediff_lab.weights.fetch import fetch_entry
+from osediff_lab.weights.manifest import WeightFile
+
+NIQE_MAT = SHARED / "weights" / "niqe_modelparameters.mat"
+
+
+def test_manifest_urls_are_the_libraries_own_defaults():
+    """A fetched file must be exactly what pyiqa / torchvision / CLIP / timm would have downloaded."""
+    import timm
+    import torchvision.models as tvm
+    from pyiqa.archs import clip_model, dists_arch, maniqa_arch, musiq_arch, niqe_arch
+    from pyiqa.archs.inception import FID_WEIGHTS_URL
+
+    assert MANIFEST["dists"].url == dists_arch.default_model_urls["url"]
+    assert MANIFEST["niqe"].url == niqe_arch.default_model_urls["niqe"]
+    assert MANIFEST["musiq_koniq"].url == musiq_arch.default_model_urls["koniq10k"]
+    assert MANIFEST["maniqa_pipal"].url == maniqa_arch.default_model_urls["pipal"]
+    assert MANIFEST["fid_inception"].url == FID_WEIGHTS_URL
+    assert MANIFEST["clip_rn50"].url == clip_model._MODELS["RN50"]
+    assert MANIFEST["clip_rn50"].sha256 == clip_model._MODELS["RN50"].split("/")[-2]
+    assert MANIFEST["tv_vgg16"].url == tvm.VGG16_Weights.IMAGENET1K_V1.url
+    assert MANIFEST["tv_alexnet"].url == tvm.AlexNet_Weights.IMAGENET1K_V1.url
+    assert MANIFEST["vit_b8_maniqa"].hf_repo == timm.models.get_pretrained_cfg("vit_base_patch8_224").hf_hub_id
+    # models/perceptual.py looks for the same torchvision file names under <weights>/torch_hub/checkpoints
+    for net, file in BACKBONE_FILES.items():
+        assert any(e.path.endswith(f"checkpoints/{file}") for e in MANIFEST.values()), net
+
+
+def test_bundled_lpips_linear_layers_are_present(tmp_path):
+    for name in ("lpips_linear_alex", "lpips_linear_vgg", "lpips_linear_squeeze"):
+        status = check_entry(MANIFEST[name], tmp_path)
+        assert status.state == "present", status
+
+
+def test_groups_expand_and_unknown_names_fail():
+    assert {e.name for e in resolve_names(["lpips_vgg"])} == {"tv_vgg16", "lpips_linear_vgg"}
+    assert "niqe" in {e.name for e in resolve_names(["metrics"])}
+    assert len(resolve_names(None)) == len(MANIFEST)
+    with pytest.raises(ConfigError, match="nope"):
+        resolve_names(["nope"])
+
+
+def test_check_cli_reports_missing_then_present(tmp_path, capsys):
+    if not NIQE_MAT.is_file():
+        pytest.skip(f"{NIQE_MAT} not found (../shared is absent in a fresh clone)")
+    assert weights_cli(["--weights-dir", str(tmp_path), "check", "niqe", "fid"]) == 1
+    out = capsys.readouterr().out
+    assert "missing" in out and "niqe" in out and "present" not in out
+    dest = expected_path(MANIFEST["niqe"], tmp_path)
+    dest.parent.mkdir(parents=True)
+    shutil.copy(NIQE_MAT, dest)
+    assert weights_cli(["--weights-dir", str(tmp_path), "check", "niqe"]) == 0
+    assert "present" in capsys.readouterr().out
+
+
+def test_corrupt_files_are_detected(tmp_path):
+    # truncated PyTorch zip checkpoint
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.arange(1000.0)}, good)
+    assert format_problem(good) is None
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:200])
+    assert "truncated" in format_problem(cut)
+    # safetensors whose data is shorter than its header promises
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    st = tmp_path / "x.safetensors"
+    st.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    assert "expects" in format_problem(st)
+    # a torchvision file whose sha256 does not start with the prefix in its name
+    entry = MANIFEST["tv_alexnet"]
+    dest = expected_path(entry, tmp_path)
+    dest.parent.mkdir(parents=True)
+    shutil.copy(good, dest)
+    status = check_entry(entry, tmp_path)
+    assert status.state == "corrupt" and "sha256" in status.detail
+    assert check_entry(entry, tmp_path, verify_hash=False).state == "present"
+
+
+def test_fetch_from_file_url_verifies_and_installs(tmp_path):
+    src = tmp_path / "src" / "blob.pth"
+    src.parent.mkdir()
+    torch.save({"a": torch.ones(3)}, src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    entry = WeightFile("blob", "test file", "x/blob.pth", src.as_uri(), sha256=digest)
+    assert "fetched" in fetch_entry(entry, cache)
+    assert (cache / "x" / "blob.pth").read_bytes() == src.read_bytes()
+    assert "already present" in fetch_entry(entry, cache)
+
+    bad = WeightFile("bad", "wrong digest", "y/blob.pth", src.as_uri(), sha256="0" * 64)
+    with pytest.raises(OSError, match="does not match"):
+        fetch_entry(bad, cache)
+    assert not (cache / "y").exists() or not any((cache / "y").iterdir())  # nothing half-written left behind
+
+
+def test_fetch_cli_uses_the_downloader(tmp_path, monkeypatch):
+    if not NIQE_MAT.is_file():
+        pytest.skip(f"{NIQE_MAT} not found (../shared is absent in a fresh clone)")
+    seen = []
+
+    def fake_network(url: str, dest: Path) -> None:
+        seen.append(url)
+        shutil.copy(NIQE_MAT, dest)
+
+    monkeypatch.setattr("osediff_lab.weights.fetch.download_url", fake_network)
+    assert weights_cli(["--weights-dir", str(tmp_path), "fetch", "niqe"]) == 0
+    assert seen == [MANIFEST["niqe"].url]
+    assert check_entry(MANIFEST["niqe"], tmp_path).state == "present"
+
+
+def test_require_names_files_and_fix(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"fetch fid_inception"):
+        require([MANIFEST["fid_inception"]], tmp_path, "FID")
+
+
+def test_offline_points_libraries_at_cache_and_blocks_network(tmp_path):
+    import pyiqa.utils.download_util as pyiqa_download
+
+    before = torch.hub.get_dir()
+    with offline(tmp_path):
+        assert torch.hub.get_dir() == str(tmp_path / "torch_hub")
+        assert pyiqa_download.DEFAULT_CACHE_DIR == str(tmp_path / "torch_hub" / "pyiqa")
+        with pytest.raises(NetworkBlockedError):
+            socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET address: never routed
+    assert torch.hub.get_dir() == before
+
+
+def test_zip_check_accepts_real_zip(tmp_path):
+    z = tmp_path / "m.pt"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("a", "b")
+    assert format_problem(z) is None
