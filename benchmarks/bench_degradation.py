@@ -59,6 +59,13 @@ def main() -> None:
     print(f"batched (one call, batch {args.batch}):    {args.batch / t_batched:7.2f} pairs/s  ({t_batched:.3f} s/batch)")
     print(f"one sample at a time ({args.batch} calls):  {args.batch / t_single:7.2f} pairs/s  ({t_single:.3f} s/batch)")
     print(f"batched / one-at-a-time speed ratio: {t_single / t_batched:.2f}x")
+    shared_cfg = cfg.copy()
+    shared_cfg.resize_per_sample = False
+    shared = RealESRGANDegradation(shared_cfg, 4)
+    shared(hq)
+    t_shared = median_seconds(lambda: shared(hq), args.repeats, args.device)
+    print(f"batched, one resize per batch (resize_per_sample=false): {args.batch / t_shared:7.2f} pairs/s  "
+          f"({t_single / t_shared:.2f}x one-at-a-time)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import compose_config  # noqa: E402
-
 from osediff_lab.data.datamodule import HQDataModule  # noqa: E402
 from osediff_lab.train import run  # noqa: E402
 

@@ -194,22 +194,46 @@ def test_missing_roots_are_named_by_key(tmp_path, monkeypatch):
     assert not [p for p in config_problems(ok) if "data" in p]
 
 
-def test_datamodule_loader_settings_and_seeded_order(tmp_path):
+def folder_cfg(root: Path, **kw):
+    base = dict(name="folder", kind="folder", root=str(root), crop_size=32, flip=True, small_image_policy="error",
+                batch_size=2, num_workers=0, pin_memory=True, prefetch_factor=2)
+    return data_cfg(**(base | kw))
+
+
+def test_datamodule_seeded_order_and_crops_ignore_the_global_rng(tmp_path):
     make_folder(tmp_path / "imgs", 6)
-    cfg = data_cfg(
-        name="folder", kind="folder", root=str(tmp_path / "imgs"), crop_size=32, flip=True, small_image_policy="error",
-        batch_size=2, num_workers=0, pin_memory=True, prefetch_factor=2,
-    )
-    orders = []
-    for _ in range(2):
-        dm = HQDataModule(cfg, seed=11)
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # only the datamodule's seed may matter
+        dm = HQDataModule(folder_cfg(tmp_path / "imgs"), seed=11)
         dm.setup("fit")
-        orders.append([p for batch in dm.train_dataloader() for p in batch["path"]])
-    assert orders[0] == orders[1] and len(orders[0]) == 6
-    loader = HQDataModule(OmegaConf.merge(cfg, {"num_workers": 2}), seed=1)
-    loader.setup()
-    dl = loader.train_dataloader()
-    assert dl.persistent_workers and dl.num_workers == 2 and dl.prefetch_factor == 2
+        runs.append([(p, hq) for batch in dm.train_dataloader() for p, hq in zip(batch["path"], batch["hq"], strict=True)])
+    assert [p for p, _ in runs[0]] == [p for p, _ in runs[1]] and len(runs[0]) == 6
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(runs[0], runs[1], strict=True))
+    ds = dm.train_set
+    n = len(ds)
+    assert ds[3]["path"] == ds[3 + n]["path"]  # a global sample id of the next epoch: same file ...
+    assert not torch.equal(ds[3]["hq"], ds[3 + n]["hq"])  # ... its own crop
+
+
+def test_resumed_sampler_continues_the_epoch(tmp_path):
+    make_folder(tmp_path / "imgs", 6)
+    full = HQDataModule(folder_cfg(tmp_path / "imgs"), seed=3)
+    full.setup()
+    order = [p for batch in full.train_dataloader() for p in batch["path"]]
+    resumed = HQDataModule(folder_cfg(tmp_path / "imgs"), seed=3)
+    resumed.setup()
+    loader = resumed.train_dataloader()
+    resumed.sampler.skip_next(2)
+    assert [p for batch in loader for p in batch["path"]] == order[2:]
+
+
+def test_datamodule_loader_settings(tmp_path):
+    make_folder(tmp_path / "imgs", 4)
+    dm = HQDataModule(folder_cfg(tmp_path / "imgs", num_workers=2))
+    dm.setup()
+    dl = dm.train_dataloader()
+    assert dl.persistent_workers and dl.num_workers == 2 and dl.prefetch_factor == 2 and dl.drop_last
     assert dl.pin_memory == torch.cuda.is_available()
 
 

@@ -268,6 +268,15 @@ def test_parameters_are_drawn_per_sample_and_described(cfg):
     assert any("jpeg q" in line for line in lines) and lines[0].startswith("1:")
 
 
+def test_batch_wide_resize_option_shares_one_factor(cfg):
+    d = make(cfg, seed=3, resize_per_sample=False)
+    lq = d(torch.rand(4, 3, 64, 64) * 2 - 1)
+    assert lq.shape == (4, 3, 16, 16)
+    for stage in ("resize1", "resize2"):
+        assert len({r[stage] for r in d.last_params}) == 1
+    assert len({r["jpeg1"] for r in d.last_params}) == 4  # the rest stays per sample
+
+
 def test_bad_kernel_type_is_a_config_error(cfg):
     c = cfg.degradation.copy()
     with open_dict(c):

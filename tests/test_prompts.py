@@ -81,7 +81,7 @@ def test_cache_hits_are_identical_and_settings_changes_miss(tmp_path):
     cache = PromptCache(tmp_path / "c.sqlite")
     inner = Counting()
     cached = CachedPrompt(inner, cache, {"instruction": "describe"})
-    x = torch.rand(3, 3, 8, 8)
+    x = torch.randint(0, 256, (3, 3, 8, 8)) / 255  # 8-bit images, as decoded from files
     first = cached(x)
     assert inner.calls == 1 and cached.misses == 3
     again = cached(x + 1e-5)  # float noise below 8-bit resolution keeps the key

@@ -10,12 +10,28 @@ from helpers import TINY, compose_config
 from osediff_lab.data.datamodule import HQDataModule, paired_dataset
 from osediff_lab.data.degradation import upsample_to
 from osediff_lab.errors import ConfigError
+from osediff_lab.evaluate import evaluate
 from osediff_lab.lit.validation import Validator, table_rows, to_unit, trainer_kwargs
 from osediff_lab.train import build_module, run
+from test_evaluate import eval_cfg
+
+
+def data_names(cfg) -> list[str]:
+    return [lr.stem for lr, _ in paired_dataset(cfg.val, cfg.scale).pairs]
 
 
 def val_config(realsr, tmp_path, extra: list[str]):
     return compose_config([*TINY, "val=realsr", f"val.root={realsr}", f"paths.weights_dir={tmp_path / 'w'}", *extra], tmp_path)
+
+
+class KeepOutputs(pl.Callback):
+    """Collects what validation_step scored (SR in [0, 1]) and the batch it came from."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, dict]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen.append((outputs.cpu(), {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}))
 
 
 def test_validate_on_4_realsr_pairs_matches_pyiqa(realsr, tmp_path):
@@ -24,22 +40,23 @@ def test_validate_on_4_realsr_pairs_matches_pyiqa(realsr, tmp_path):
     cfg = val_config(realsr, tmp_path, ["val.limit=4", "val.metrics=[psnr,ssim]"])
     module = build_module(cfg)
     dm = HQDataModule(cfg.data, val=cfg.val, scale=cfg.scale)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    keep = KeepOutputs()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[keep])
     logged = trainer.validate(module, datamodule=dm)[0]
     assert set(logged) == {"val/psnr", "val/ssim"}
+    assert [b["name"][0] for _, b in keep.seen] == data_names(cfg)
+    assert len(keep.seen) == 4
 
-    # independent recomputation: the module's own SR of each pair, 8-bit rounded, scored by pyiqa directly
+    # independent scoring of what was validated: pyiqa directly on each SR (8-bit rounded) vs its HQ
     ref = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr", device="cpu")
-    data = paired_dataset(cfg.val, cfg.scale)
-    assert len(data) == 4
-    scores = []
-    module.eval()
-    for item in data:
-        lq_up = upsample_to(item["lq"][None], item["hq"].shape[-2:])
-        sr = module.super_resolve(lq_up, [""])
-        scores.append(float(ref(to_unit(sr, True), to_unit(item["hq"][None], False))))
+    scores = [float(ref(sr, to_unit(batch["hq"], False))) for sr, batch in keep.seen]
     assert logged["val/psnr"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
     assert 0 < logged["val/ssim"] < 1
+    # and the validated SR is the module's deterministic super-resolution of the LQ
+    sr0, batch0 = keep.seen[0]
+    lq_up = upsample_to(batch0["lq"], batch0["hq"].shape[-2:])
+    assert torch.allclose(to_unit(module.super_resolve(lq_up, [""]), True), sr0, atol=1 / 255 + 1e-6)
+    assert torch.equal(sr0, (sr0 * 255).round() / 255)  # scored at 8 bit, like saved PNGs
 
 
 def test_fit_validates_every_n_steps_and_keeps_best_checkpoint(realsr, tmp_path):
@@ -53,6 +70,13 @@ def test_fit_validates_every_n_steps_and_keeps_best_checkpoint(realsr, tmp_path)
     best = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor == "val/psnr"]
     assert len(best) == 1 and best[0].best_model_path.endswith(".ckpt")
     assert float(best[0].best_model_score) == pytest.approx(summary["last_metrics"]["val/psnr"])
+
+    # the evaluate command's checkpoint path: super-resolve val's LR with the exported LoRA, then score
+    out = tmp_path / "eval"
+    ev = evaluate(eval_cfg([f"checkpoint={summary['lora']}", "val=realsr", f"val.root={realsr}", "val.limit=1",
+                            "metrics=[psnr]", f"out_dir={out}", f"paths.weights_dir={tmp_path / 'w'}", "pipeline.device=cpu"]))
+    assert ev["count"] == 1 and sorted(p.name for p in (out / "sr").iterdir()) == [f"{data_names(cfg)[0]}.png"]
+    assert 5 < ev["metrics"]["psnr"]["value"] < 60
 
 
 def test_trainer_kwargs_follow_the_val_group(tiny_cfg, realsr, tmp_path):

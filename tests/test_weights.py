@@ -139,7 +139,7 @@ def test_offline_points_libraries_at_cache_and_blocks_network(tmp_path):
     before = torch.hub.get_dir()
     with offline(tmp_path):
         assert torch.hub.get_dir() == str(tmp_path / "torch_hub")
-        assert pyiqa_download.DEFAULT_CACHE_DIR == str(tmp_path / "torch_hub" / "pyiqa")
+        assert str(tmp_path / "torch_hub" / "pyiqa") == pyiqa_download.DEFAULT_CACHE_DIR
         with pytest.raises(NetworkBlockedError):
             socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET address: never routed
     assert torch.hub.get_dir() == before

@@ -145,21 +145,41 @@ def evaluate_folders(
     return summary
 
 
+def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path]:
+    """Super-resolve ``cfg.val``'s LR images with ``cfg.checkpoint`` (the inference pipeline, conf ``pipeline``)
+    into ``out/sr``; links the matching HR files into ``out/gt``. Returns (sr_dir, gt_dir)."""
+    from osediff_lab.data.datamodule import paired_dataset
+    from osediff_lab.data.images import load_rgb
+    from osediff_lab.pipeline import OSEDiffPipeline
+
+    if cfg.val.get("name", "none") == "none":
+        raise ConfigError("evaluate: checkpoint=... needs a paired benchmark to super-resolve: add val=realsr (or drealsr, div2k_val)")
+    pairs = paired_dataset(cfg.val, int(cfg.scale)).pairs
+    pipe = OSEDiffPipeline.from_checkpoint(cfg.checkpoint, base=cfg.get("base"), options=cfg.get("pipeline"))
+    sr_dir, gt_dir = out / "sr", out / "gt"
+    sr_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    for lr, hr in tqdm(pairs, desc="super-resolve", unit="img", disable=not cfg.progress):
+        pipe([load_rgb(lr)])[0].save(sr_dir / f"{lr.stem}.png")
+        link = gt_dir / hr.name
+        if not link.exists():
+            link.symlink_to(hr.resolve())
+    return sr_dir, gt_dir
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    """Run the configured evaluation; generating SR images from a checkpoint first is not wired yet."""
-    if cfg.get("checkpoint"):
-        raise ConfigError(
-            "evaluate: checkpoint=... (generate SR images first) needs the inference pipeline; run "
-            "`python -m osediff_lab.infer` to write SR images, then `python -m osediff_lab.evaluate sr_dir=... gt_dir=...`"
-        )
-    if not cfg.get("sr_dir") or not cfg.get("gt_dir"):
-        raise ConfigError("evaluate: set sr_dir=<folder of SR images> and gt_dir=<folder of ground truth>")
+    """Run the configured evaluation: on ``sr_dir``/``gt_dir``, or on SR images generated from ``checkpoint``."""
     defs = metric_defs(cfg.metric_defs, list(cfg.metrics))
-    summary = evaluate_folders(
-        cfg.sr_dir, cfg.gt_dir, defs, cfg.paths.weights_dir, cfg.out_dir, bool(cfg.center_crop), str(cfg.device), bool(cfg.progress)
-    )
+    out = Path(cfg.out_dir)
+    if cfg.get("checkpoint"):
+        sr_dir, gt_dir = generate_sr(cfg, out)
+    elif cfg.get("sr_dir") and cfg.get("gt_dir"):
+        sr_dir, gt_dir = cfg.sr_dir, cfg.gt_dir
+    else:
+        raise ConfigError("evaluate: set sr_dir=<SR folder> gt_dir=<ground truth folder>, or checkpoint=<file> val=realsr")
+    summary = evaluate_folders(sr_dir, gt_dir, defs, cfg.paths.weights_dir, out, bool(cfg.center_crop), str(cfg.device), bool(cfg.progress))
     print(markdown_table(summary))
-    print(f"outputs: {cfg.out_dir}/per_image.csv, summary.json, results.md")
+    print(f"outputs: {out}/per_image.csv, summary.json, results.md")
     return summary
 
 

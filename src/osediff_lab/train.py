@@ -24,7 +24,7 @@ from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid
 from osediff_lab.lit.loggers import build_logger
 from osediff_lab.lit.module import OSEDiffModule
 from osediff_lab.lit.resume import DataPosition, Preemption, RNGState, find_resume_checkpoint
-from osediff_lab.lit.stats import RunStats
+from osediff_lab.lit.stats import RankReport, RunStats
 from osediff_lab.lit.validation import best_checkpoint
 from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
 from osediff_lab.models.components import build_components
@@ -59,7 +59,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[pl.Callback], 
     fault_tolerance = [RNGState(), DataPosition(), Preemption(run_dir / "checkpoints" / "last.ckpt")]
     stats = RunStats(cfg.get("metric_defs"))
     best = [best_checkpoint(cc.checkpoint, run_dir / "checkpoints" / "best")] if cc.checkpoint.get("monitor") else []
-    return [ckpt, *best, samples, stats, LearningRateMonitor(logging_interval="step"), *fault_tolerance], samples
+    monitors = [stats, RankReport(run_dir / "ranks"), LearningRateMonitor(logging_interval="step")]
+    return [ckpt, *best, samples, *monitors, *fault_tolerance], samples
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:

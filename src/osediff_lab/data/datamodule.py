@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.images import list_images
 from osediff_lab.data.paired import PairedImageDataset
+from osediff_lab.data.sampling import ResumableRandomSampler
 from osediff_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,9 @@ def paired_dataset(val: DictConfig, scale: int) -> PairedImageDataset:
 class HQDataModule(pl.LightningDataModule):
     """Training crops from ``cfg`` (the data group); degradation happens later, on device.
 
-    ``seed`` fixes the shuffling order independently of other random draws; worker processes are
+    With ``seed`` the loader uses ``ResumableRandomSampler`` (seeded per-epoch order, sharded over the
+    trainer's ranks itself, so the trainer needs ``use_distributed_sampler=False``) and per-sample seeded
+    crops; ``self.sampler`` is what a resume tells to skip. Without it: plain shuffling, with workers
     seeded by Lightning (``seed_everything(workers=True)``).
     """
 
@@ -167,25 +170,32 @@ class HQDataModule(pl.LightningDataModule):
         self.val_cfg = val if val is not None and val.get("name", "none") != "none" else None
         self.scale = scale
         self.train_set: HQCropDataset | None = None
+        self.sampler: ResumableRandomSampler | None = None
         self.val_set: PairedImageDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             c = self.cfg
-            self.train_set = HQCropDataset(source_files(c), c.crop_size, c.flip, c.small_image_policy, c.get("repeat", 1))
+            self.train_set = HQCropDataset(
+                source_files(c), c.crop_size, c.flip, c.small_image_policy, c.get("repeat", 1), seed=self.seed
+            )
 
     def train_dataloader(self) -> DataLoader:
         workers = int(self.cfg.num_workers)
         extra = {"prefetch_factor": int(self.cfg.prefetch_factor)} if workers > 0 and self.cfg.get("prefetch_factor") else {}
+        if self.seed is not None and self.sampler is None:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            self.sampler = ResumableRandomSampler(len(self.train_set), self.seed, rank, world)
         return DataLoader(
             self.train_set,
             batch_size=self.cfg.batch_size,
-            shuffle=True,
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
             drop_last=True,
             num_workers=workers,
             pin_memory=bool(self.cfg.get("pin_memory", False)) and torch.cuda.is_available(),
             persistent_workers=workers > 0 and bool(self.cfg.get("persistent_workers", True)),
-            generator=torch.Generator().manual_seed(self.seed) if self.seed is not None else None,
             **extra,
         )
 

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from osediff_lab.data.images import UnreadableImage, image_size, load_rgb, pil_to_tensor
+from osediff_lab.data.sampling import sample_generator
 from osediff_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,15 +23,25 @@ class HQCropDataset(Dataset):
 
     Images smaller than the crop follow ``small_image_policy``: ``error`` (refuse before training),
     ``skip`` (drop them), or ``upscale`` (bicubic-enlarge the short side to the crop size).
+    With ``seed`` set, indices may be global sample ids (``ResumableRandomSampler``): the file is
+    ``id % len`` and the crop/flip come from a generator seeded by (seed, id), so a sample is the
+    same whatever the worker count or a resume; without it crops use the global torch RNG.
     """
 
     def __init__(
-        self, files: list[Path], crop_size: int, flip: bool = True, small_image_policy: str = "error", repeat: int = 1
+        self,
+        files: list[Path],
+        crop_size: int,
+        flip: bool = True,
+        small_image_policy: str = "error",
+        repeat: int = 1,
+        seed: int | None = None,
     ) -> None:
         if small_image_policy not in SMALL_IMAGE_POLICIES:
             raise ConfigError(f"data.small_image_policy must be one of {SMALL_IMAGE_POLICIES}, got '{small_image_policy}'")
         self.crop_size = crop_size
         self.flip = flip
+        self.seed = seed
         self.policy = small_image_policy
         self.skipped: list[str] = []
         self.small: list[str] = []
@@ -68,29 +79,31 @@ class HQCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _crop(self, im: Image.Image) -> torch.Tensor:
+    def _crop(self, im: Image.Image, g: torch.Generator | None = None) -> torch.Tensor:
         w, h = im.size
         c = self.crop_size
         if min(w, h) < c:
             s = c / min(w, h)
             im = im.resize((max(c, round(w * s)), max(c, round(h * s))), Image.BICUBIC)
             w, h = im.size
-        top = int(torch.randint(0, h - c + 1, ()).item())
-        left = int(torch.randint(0, w - c + 1, ()).item())
+        top = int(torch.randint(0, h - c + 1, (), generator=g).item())
+        left = int(torch.randint(0, w - c + 1, (), generator=g).item())
         x = pil_to_tensor(im.crop((left, top, left + c, top + c)))
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         return x * 2 - 1
 
     def __getitem__(self, index: int) -> dict:
         """The crop of file ``index``; a file that fails to load (corrupt, or gone since the scan) is
         skipped for the next one, remembered, and counted in ``skipped`` (per worker process)."""
+        g = sample_generator(self.seed, index) if self.seed is not None else None
+        index %= len(self.files)
         for attempt in range(len(self.files)):
             path = self.files[(index + attempt) % len(self.files)]
             if str(path) in self._bad:
                 continue
             try:
-                return {"hq": self._crop(load_rgb(path)), "path": str(path)}
+                return {"hq": self._crop(load_rgb(path), g), "path": str(path)}
             except UnreadableImage as exc:
                 self._bad.add(str(path))
                 self.skipped.append(str(path))

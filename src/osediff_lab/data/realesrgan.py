@@ -137,6 +137,8 @@ def sample_stage(n: int, cfg: DictConfig, stage: DictConfig, g: torch.Generator)
     up, down = _uniform(n, (1.0, hi), g), _uniform(n, (lo, 1.0), g)
     factor = torch.where(direction == 0, up, torch.where(direction == 1, down, torch.ones_like(up)))
     modes = torch.randint(0, len(cfg.resize_modes), (n,), generator=g)
+    if not cfg.resize_per_sample:  # Real-ESRGAN's original: the first sample's resize for the whole batch
+        direction, factor, modes = direction[:1].expand(n), factor[:1].expand(n), modes[:1].expand(n)
     return {
         "blur": blur,
         "kernels": kernels,

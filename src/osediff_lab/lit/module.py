@@ -300,8 +300,9 @@ class OSEDiffModule(pl.LightningModule):
         return [opt_g, opt_r], [sch_g, sch_r]
 
     # ---- validation (osediff_lab.lit.validation) ------------------------------------------------
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validator.step(self, batch)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Scores the batch; returns the SR images in [0, 1] that were scored (for callbacks)."""
+        return self.validator.step(self, batch)
 
     def on_validation_epoch_end(self) -> None:
         self.validator.epoch_end(self)

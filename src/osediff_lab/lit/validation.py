@@ -94,8 +94,8 @@ class Validator:
         self.examples: list[dict] = []
 
     @torch.no_grad()
-    def step(self, module: pl.LightningModule, batch: dict[str, Any]) -> None:
-        """Super-resolve one batch (``lq_up``/``hq`` in [-1, 1]) and record per-image scores."""
+    def step(self, module: pl.LightningModule, batch: dict[str, Any]) -> torch.Tensor:
+        """Super-resolve one batch (``lq_up``/``hq`` in [-1, 1]), record per-image scores; returns the scored SR in [0, 1]."""
         sr = module.super_resolve(batch["lq_up"], module.batch_prompts(batch))
         quantize = bool(self.cfg.quantize_8bit)
         sr01, hq01 = to_unit(sr, quantize), to_unit(batch["hq"], False)
@@ -112,6 +112,7 @@ class Validator:
                 {"name": batch["name"][i], "lq": lq01[i].cpu(), "sr": sr01[i].cpu(), "hq": hq01[i].cpu()}
                 | {m: scores[m][i] for m in self.metrics}
             )
+        return sr01
 
     def means(self, module: pl.LightningModule) -> dict[str, float]:
         """Mean of every metric over all images of all ranks (sums and counts are gathered, not means)."""

@@ -36,8 +36,8 @@ class OSEDiffPipeline:
     """One-step super-resolution with a loaded generator.
 
     ``merge_lora`` folds the adapters into the generator's weights in place, and the generator and
-    text encoder are moved to the pipeline's device and precision: for a model still being trained
-    (validation) pass ``merge_lora=False, precision='fp32'``.
+    text encoder are moved to the pipeline's device and precision. ``live=True`` leaves a model that is
+    still being trained as it is (device, dtypes, adapters unmerged): validation during training.
     """
 
     def __init__(
@@ -48,23 +48,33 @@ class OSEDiffPipeline:
         prompts: PromptProvider,
         scale: int,
         options: DictConfig | dict | None = None,
+        live: bool = False,
     ) -> None:
         self.options = make_options(options)
         self.scale = int(self.options.scale or scale)
-        self.device = resolve_device(self.options.device)
-        self.dtype = resolve_dtype(self.options.precision, self.device)
-        if self.options.merge_lora:
+        self.generator, self.tokenizer, self.text_encoder = generator, tokenizer, text_encoder
+        if live:
+            self.device = generator.vae.decoder.conv_in.weight.device
+            self.dtype = self.decode_dtype = generator.vae.decoder.conv_in.weight.dtype
+        else:
+            self._prepare()
+        self.prompts = prompts
+        self._embeds: dict[str, torch.Tensor] = {}
+
+    def _prepare(self) -> None:
+        """Merge LoRA (when asked), then move to the device and precision; fp16 decoder upcast."""
+        o, generator = self.options, self.generator
+        self.device = resolve_device(o.device)
+        self.dtype = resolve_dtype(o.precision, self.device)
+        if o.merge_lora:
             merge_and_unload(generator)
-        self.generator = generator.to(self.device, self.dtype)
+        generator.to(self.device, self.dtype)
         self.decode_dtype = self.dtype
-        if self.dtype == torch.float16 and self.options.upcast_vae_decoder:
+        if self.dtype == torch.float16 and o.upcast_vae_decoder:
             generator.vae.decoder.float()
             generator.vae.post_quant_conv.float()
             self.decode_dtype = torch.float32
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.to(self.device, self.dtype)
-        self.prompts = prompts
-        self._embeds: dict[str, torch.Tensor] = {}
+        self.text_encoder.to(self.device, self.dtype)
 
     @classmethod
     def from_checkpoint(

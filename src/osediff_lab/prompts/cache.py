@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from osediff_lab.data.images import load_rgb, pil_to_tensor
 from osediff_lab.errors import ConfigError
+from osediff_lab.prompts import PromptProvider
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class CachedPrompt:
     """Wraps a provider: cached texts are returned as stored; misses are computed (and stored) or an error."""
 
     def __init__(
-        self, inner, cache: PromptCache, settings: dict, on_miss: str = "compute", fill_command: str = "", batch_size: int = 8
+        self, inner: PromptProvider, cache: PromptCache, settings: dict, on_miss: str = "compute", fill_command: str = "", batch_size: int = 8
     ) -> None:
         if on_miss not in ON_MISS:
             raise ConfigError(f"prompt.on_miss must be one of {ON_MISS}, got '{on_miss}'")

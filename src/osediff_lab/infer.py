@@ -1,0 +1,95 @@
+"""`python -m osediff_lab.infer input=<file or folder> output=<folder> ckpt=<file> [options]`.
+
+Super-resolves every image Pillow can read under ``input`` (recursively), writing ``<name>.png`` and
+the prompt used as ``<name>.txt`` under ``output`` (sub-folders kept). Unreadable or failing images
+are reported and skipped; the summary (also ``output/summary.json``) lists what failed and why.
+Exit status 1 when any image failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from osediff_lab.data.images import UnreadableImage, load_rgb
+from osediff_lab.errors import ConfigError
+from osediff_lab.io import atomic_write, atomic_write_text
+from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.train import CONF_DIR
+
+log = logging.getLogger(__name__)
+
+
+def pillow_extensions() -> set[str]:
+    """Every file suffix Pillow has a reader for (.png, .jpg, .webp, .tif, .bmp, .ppm, .tga, ...)."""
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def collect_inputs(source: str | Path) -> list[tuple[Path, Path]]:
+    """(input file, output path without suffix relative to the output folder), sorted.
+
+    A single file is taken whatever its suffix; a folder contributes files with a Pillow suffix.
+    """
+    source = Path(source)
+    if source.is_file():
+        return [(source, Path(source.stem))]
+    if not source.is_dir():
+        raise ConfigError(f"input={source} is neither a file nor a folder")
+    extensions = pillow_extensions()
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    return [(p, p.relative_to(source).with_suffix("")) for p in files]
+
+
+def sibling(stem: Path, suffix: str) -> Path:
+    """``stem`` + suffix without eating dots in the name (``a.v2`` -> ``a.v2.png``)."""
+    return stem.parent / f"{stem.name}{suffix}"
+
+
+def run_inference(cfg: DictConfig) -> dict:
+    """Process every input; returns the summary {output, succeeded, failed: [{input, reason}]}."""
+    inputs = collect_inputs(cfg.input)
+    out_root = Path(cfg.output)
+    pipe = OSEDiffPipeline.from_checkpoint(cfg.ckpt, base=cfg.get("base"), options=cfg.pipeline, prompt=cfg.get("prompt"))
+    written: dict[Path, Path] = {}
+    failed: list[dict[str, str]] = []
+    for src, rel in tqdm(inputs, desc="super-resolving", unit="img", disable=not inputs):
+        dst = sibling(out_root / rel, ".png")
+        if dst in written:
+            failed.append({"input": str(src), "reason": f"output {dst} already written for {written[dst]}"})
+            continue
+        try:
+            sr, prompt = pipe.enhance_image(load_rgb(src))
+        except (UnreadableImage, ValueError, torch.OutOfMemoryError) as exc:
+            reason = str(exc) if isinstance(exc, UnreadableImage) else f"{type(exc).__name__}: {exc}"
+            failed.append({"input": str(src), "reason": reason})
+            tqdm.write(f"skipped {src}: {reason}")
+            continue
+        atomic_write(dst, lambda tmp, im=sr: im.save(tmp, format="PNG"))
+        atomic_write_text(sibling(out_root / rel, ".txt"), prompt + "\n")
+        written[dst] = src
+    summary = {"output": str(out_root), "succeeded": len(written), "failed": failed}
+    atomic_write_text(out_root / "summary.json", json.dumps(summary, indent=2))
+    print(f"\nosediff-lab infer: {len(written)} of {len(inputs)} images written to {out_root}")
+    for item in failed:
+        print(f"  FAILED {item['input']}: {item['reason']}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="infer")
+def main(cfg: DictConfig) -> None:
+    summary = run_inference(cfg)
+    if summary["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

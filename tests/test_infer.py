@@ -1,0 +1,100 @@
+"""The inference CLI: folders of mixed formats, outputs and prompts, corrupt inputs, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from helpers import TINY, compose_config
+from osediff_lab.export import export_lora
+from osediff_lab.infer import collect_inputs, run_inference
+from osediff_lab.models.components import build_components
+from osediff_lab.models.osediff import build_generator
+from osediff_lab.train import CONF_DIR
+from test_pipeline import perturb_trained, single_thread
+
+__all__ = ["single_thread"]  # the module-wide one-thread fixture
+FIXED = "a high quality photograph, sharp, detailed"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny model exported in our format (its random base is rebuilt from the sidecar's seed)."""
+    cfg = compose_config(TINY)
+    torch.manual_seed(cfg.seed)
+    generator, targets = build_generator(build_components(cfg.model), cfg.generator)
+    perturb_trained(generator)
+    state = {n: p for n, p in generator.named_parameters() if p.requires_grad}
+    return export_lora(state, cfg, targets, tmp_path_factory.mktemp("ckpt") / "lora.safetensors")[0]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Images in several formats and modes, one corrupt PNG, one non-image file."""
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8))
+    rgb.save(root / "a.png")
+    (root / "sub").mkdir()
+    rgb.convert("L").save(root / "sub" / "b.jpg", quality=90)
+    rgb.convert("P").save(root / "c.bmp")
+    rgb.convert("RGBA").save(root / "d.v2.tif")
+    (root / "broken.png").write_bytes((root / "a.png").read_bytes()[:60])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def infer_config(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="infer", overrides=overrides)
+
+
+def run(inputs, ckpt, out, extra=()):
+    cfg = infer_config([f"input={inputs}", f"output={out}", f"ckpt={ckpt}", "pipeline.process_size=32", "prompt=fixed", *extra])
+    return run_inference(cfg)
+
+
+def test_collect_inputs_takes_every_pillow_format_and_keeps_names(inputs):
+    found = {str(rel): src.suffix for src, rel in collect_inputs(inputs)}
+    assert found == {"a": ".png", "sub/b": ".jpg", "c": ".bmp", "d.v2": ".tif", "broken": ".png"}
+
+
+def test_folder_run_writes_pngs_and_prompts_and_reports_the_corrupt_file(inputs, ckpt, tmp_path):
+    summary = run(inputs, ckpt, tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("a", "sub/b", "c", "d.v2"):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.size == (44, 36) and im.mode == "RGB"
+        assert (out / f"{name}.txt").read_text().strip() == FIXED
+    assert summary["succeeded"] == 4
+    (failure,) = summary["failed"]
+    assert failure["input"].endswith("broken.png") and "broken.png" in failure["reason"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert not (out / "broken.png").exists() and not (out / "notes.png").exists()
+
+    again = run(inputs, ckpt, tmp_path / "again")
+    assert again["succeeded"] == 4
+    for name in ("a", "sub/b", "c", "d.v2"):
+        assert (out / f"{name}.png").read_bytes() == (tmp_path / "again" / f"{name}.png").read_bytes()
+
+
+def test_cli_single_file(inputs, ckpt, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    args = [f"input={inputs / 'a.png'}", f"output={tmp_path / 'out'}", f"ckpt={ckpt}", "pipeline.process_size=32",
+            "pipeline.color_fix=wavelet", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.run([sys.executable, "-m", "osediff_lab.infer", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 of 1 images" in proc.stdout
+    with Image.open(tmp_path / "out" / "a.png") as im:
+        assert im.size == (44, 36)
+    assert (tmp_path / "out" / "a.txt").read_text() == "\n"  # the checkpoint's prompt mode: null
