@@ -78,7 +78,7 @@ def test_folder_run_writes_pngs_and_prompts_and_reports_the_corrupt_file(inputs,
         assert (out / f"{name}.txt").read_text().strip() == FIXED
     assert summary["succeeded"] == 4
     (failure,) = summary["failed"]
-    assert failure["input"].endswith("broken.png") and "broken.png" in failure["reason"]
+    assert failure["input"].endswith("broken.png") and failure["reason"].startswith(("OSError", "SyntaxError"))
     assert json.loads((out / "summary.json").read_text()) == summary
     assert not (out / "broken.png").exists() and not (out / "notes.png").exists()
 

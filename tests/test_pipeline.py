@@ -42,9 +42,10 @@ def tiny_model(overrides: list[str] | None = None, seed: int = 42) -> tuple[Comp
 
 
 def make_pipeline(components: Components, generator: OSEDiffGenerator, **options) -> OSEDiffPipeline:
-    """A pipeline over a copy of the generator (merging changes weights in place)."""
+    """A pipeline over copies of the generator and text encoder (merging and casting change them in place)."""
     opts = {"merge_lora": False, **FAST, **options}
-    return OSEDiffPipeline(copy.deepcopy(generator), components.tokenizer, components.text_encoder, NullPrompt(), 4, opts)
+    text_encoder = copy.deepcopy(components.text_encoder)
+    return OSEDiffPipeline(copy.deepcopy(generator), components.tokenizer, text_encoder, NullPrompt(), 4, opts)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -244,7 +245,8 @@ def test_live_mode_leaves_a_training_model_as_it_was(model):
     live_gen.latent = "sample"
     before = {n: p.clone() for n, p in live_gen.state_dict().items()}
     tiling = live_gen.vae.use_tiling
-    pipe = OSEDiffPipeline(live_gen, components.tokenizer, components.text_encoder, NullPrompt(), 4, FAST, live=True)
+    text_encoder = copy.deepcopy(components.text_encoder)
+    pipe = OSEDiffPipeline(live_gen, components.tokenizer, text_encoder, NullPrompt(), 4, FAST, live=True)
     out = pipe(lq_batch(8, 8))
     assert torch.equal(out, make_pipeline(*model)(lq_batch(8, 8)))  # latent mode used, same numbers
     assert live_gen.training and live_gen.latent == "sample" and live_gen.vae.use_tiling == tiling

@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     missing = [k for k in ("ckpt", "out") if args.get(k) is None]
     if missing:
         raise SystemExit(f"usage: python -m osediff_lab.export ckpt=<lightning .ckpt> out=<file.safetensors> (missing {missing})")
-    weights, sidecar = export_from_checkpoint(args.ckpt, args.out)
+    try:
+        weights, sidecar = export_from_checkpoint(args.ckpt, args.out)
+    except (ConfigError, MissingWeightsError) as exc:
+        raise SystemExit(f"export failed: {exc}") from exc
     print(f"LoRA weights {weights}\nsidecar      {sidecar}")
     return weights, sidecar
 

@@ -69,7 +69,8 @@ def run_inference(cfg: DictConfig) -> dict:
         try:
             sr, prompt = pipe.enhance_image(load_rgb(src))
         except (UnreadableImage, ValueError, torch.OutOfMemoryError) as exc:
-            reason = str(exc) if isinstance(exc, UnreadableImage) else f"{type(exc).__name__}: {exc}"
+            cause = exc.__cause__ if isinstance(exc, UnreadableImage) and exc.__cause__ else exc
+            reason = f"{type(cause).__name__}: {cause}"
             failed.append({"input": str(src), "reason": reason})
             tqdm.write(f"skipped {src}: {reason}")
             continue

@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer, OSEDiffModule, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = HQDataModule(cfg.data, val=cfg.get("val"), scale=cfg.scale)
+    datamodule = HQDataModule(cfg.data, seed=cfg.seed, val=cfg.get("val"), scale=cfg.scale)
     datamodule.setup("fit")
     module = build_module(cfg)
     callbacks, samples = build_callbacks(cfg, run_dir)
@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer, OSEDiffModule, dict]:
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the datamodule's ResumableRandomSampler shards over ranks itself
     )
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))

@@ -171,6 +171,7 @@ class HQDataModule(pl.LightningDataModule):
         self.scale = scale
         self.train_set: HQCropDataset | None = None
         self.sampler: ResumableRandomSampler | None = None
+        self._resume: tuple[int, int] | None = None
         self.val_set: PairedImageDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -180,6 +181,12 @@ class HQDataModule(pl.LightningDataModule):
                 source_files(c), c.crop_size, c.flip, c.small_image_policy, c.get("repeat", 1), seed=self.seed
             )
 
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Restart mid-epoch: the next training loader begins after ``batches`` batches of ``epoch``."""
+        if self.seed is None:
+            raise RuntimeError("exact mid-epoch resume needs HQDataModule(seed=...) (the resumable sampler)")
+        self._resume = (epoch, batches)
+
     def train_dataloader(self) -> DataLoader:
         workers = int(self.cfg.num_workers)
         extra = {"prefetch_factor": int(self.cfg.prefetch_factor)} if workers > 0 and self.cfg.get("prefetch_factor") else {}
@@ -187,6 +194,13 @@ class HQDataModule(pl.LightningDataModule):
             trainer = self.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             self.sampler = ResumableRandomSampler(len(self.train_set), self.seed, rank, world)
+            if self._resume is not None:
+                epoch, batches = self._resume
+                done = batches * int(self.cfg.batch_size)
+                if done >= self.sampler.per_rank():
+                    epoch, done = epoch + 1, 0
+                self.sampler.set_epoch(epoch)
+                self.sampler.skip_next(done)
         return DataLoader(
             self.train_set,
             batch_size=self.cfg.batch_size,

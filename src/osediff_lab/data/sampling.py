@@ -38,7 +38,8 @@ class ResumableRandomSampler(Sampler[int]):
         return math.ceil(self.n / self.world)
 
     def __len__(self) -> int:
-        return self.per_rank() - self._skip
+        """The full epoch length, also while resuming: Lightning counts the restored batches itself."""
+        return self.per_rank()
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)

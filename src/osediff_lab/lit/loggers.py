@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,9 +42,27 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         return _csv(run_dir)
 
 
+class AppendingCSVLogger(CSVLogger):
+    """CSVLogger that continues an existing metrics.csv after a resume: Lightning's writer deletes
+    the file when it starts, which would lose every row logged before a kill."""
+
+    @property
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        previous = path.read_bytes() if path.is_file() else None
+        exp = super().experiment
+        if previous:
+            path.write_bytes(previous)
+            header = next(csv.reader(previous.decode().splitlines()), [])
+            exp.metrics_keys = sorted(set(exp.metrics_keys) | set(header))
+        return exp
+
+
 def _csv(run_dir: Path) -> CSVLogger:
     """CSV metrics flushed every step, so a killed run loses no logged value."""
-    return CSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
+    return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
 
 
 def _wandb_run_id(run_dir: Path) -> str:
@@ -50,8 +70,6 @@ def _wandb_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb_run_id.txt"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]
     path.write_text(run_id)
     return run_id

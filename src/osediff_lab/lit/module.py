@@ -275,9 +275,22 @@ class OSEDiffModule(pl.LightningModule):
             logs["train/grad_norm_generator"] = self._grad_norms[id(opt_g_inner)]
         if id(opt_r_inner) in self._grad_norms:
             logs["train/grad_norm_regularizer"] = self._grad_norms[id(opt_r_inner)]
-        self.log_dict(logs, on_step=True, prog_bar=False)
-        self.log("loss", terms["total"].detach(), prog_bar=True, on_step=True)
+        self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
+        self.log("loss", terms["total"].detach(), prog_bar=True, on_step=True, logger=False)
+        self._write_step_metrics(logs)
         return terms["total"].detach()
+
+    def _write_step_metrics(self, logs: dict[str, Any]) -> None:
+        """Send this step's training metrics to the logger now, not after the batch as Lightning does:
+        a checkpoint is written in between, so a kill right after it would lose the step's row."""
+        logger = self.logger
+        if logger is None or self.trainer.sanity_checking:
+            return
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # Lightning's own x-axis for step logs
+        if (step + 1) % self.trainer.log_every_n_steps:
+            return
+        if self.trainer.is_global_zero:
+            logger.log_metrics({k: float(v) for k, v in logs.items()}, step=step)
 
     def configure_optimizers(self):
         oc = self.optim_cfg
@@ -313,9 +326,13 @@ class OSEDiffModule(pl.LightningModule):
         keep = set(self.trained_names)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["osediff"] = {"trained_names": self.trained_names, "lora_targets": self.lora_targets}
+        if hasattr(self.degradation, "state_dict"):  # its random stream continues exactly after a resume
+            checkpoint["degradation"] = self.degradation.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not hold exactly this model's trained tensors."""
+        if "degradation" in checkpoint and hasattr(self.degradation, "load_state_dict"):
+            self.degradation.load_state_dict(checkpoint["degradation"])
         have = set(checkpoint["state_dict"])
         want = set(self.trained_names)
         missing, unexpected = sorted(want - have), sorted(have - want)

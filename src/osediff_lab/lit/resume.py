@@ -29,10 +29,10 @@ def checkpoint_is_loadable(path: Path) -> str | None:
 
 
 def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest loadable checkpoint in ``checkpoint_dir`` (last.ckpt first), skipping corrupt ones loudly."""
+    """The most recently written loadable checkpoint in ``checkpoint_dir``, skipping corrupt ones loudly."""
     if not checkpoint_dir.is_dir():
         return None
-    candidates = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True)
+    candidates = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         problem = checkpoint_is_loadable(path)
         if problem is None:
@@ -43,13 +43,16 @@ def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 class RNGState(pl.Callback):
     """Saves torch / numpy / python / CUDA RNG states with each checkpoint and restores them right
-    before the first batch after a resume, so the resumed run draws the same random numbers."""
+    before the first batch after a resume, so the resumed run draws the same random numbers.
+    States are stored as tensors and plain values, so checkpoints load with ``weights_only=True``."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+        state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -61,7 +64,8 @@ class RNGState(pl.Callback):
         if self._pending is None:
             return
         torch.set_rng_state(self._pending["torch"])
-        np.random.set_state(self._pending["numpy"])
+        name, keys, pos, has_gauss, gauss = self._pending["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         random.setstate(self._pending["python"])
         if "cuda" in self._pending and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self._pending["cuda"])
@@ -69,14 +73,39 @@ class RNGState(pl.Callback):
 
 
 class DataPosition(pl.Callback):
-    """On resume mid-epoch, tell the resumable sampler how many of this epoch's batches were done."""
+    """Counts the batches trained in the current epoch and saves (epoch, batches) with each checkpoint;
+    on resume it tells the datamodule where to restart, before Lightning builds the loader.
+
+    Must come before any callback that saves in ``on_train_batch_end`` (ModelCheckpoint is always
+    ordered last by Lightning; Preemption is listed after this one)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batches = 0
+        self._restored = False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch, self.batches = state_dict["epoch"], state_dict["batches"]
+        self._restored = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
+        if self._restored and hasattr(datamodule, "resume_at"):
+            datamodule.resume_at(self.epoch, self.batches)
+            log.info("data position restored: epoch %d after %d batches", self.epoch, self.batches)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        sampler = getattr(trainer.datamodule, "sampler", None)
-        if done and sampler is not None:
-            sampler.skip_next(done * trainer.datamodule.cfg.batch_size)
-            log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
+        if self._restored and trainer.current_epoch == self.epoch:
+            self._restored = False
+            return
+        self._restored = False
+        self.epoch, self.batches = trainer.current_epoch, 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.batches += 1
 
 
 class Preemption(pl.Callback):

@@ -119,9 +119,13 @@ def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
         components = load_pretrained(_pretrained_dir(None, "official OSEDiff weights (LoRA on SD2.1-base)"))
     elif ckpt.meta["model_arch"]["source"] == "random":
         arch = OmegaConf.create(ckpt.meta["model_arch"])
-        log.warning("%s: base model '%s' has random weights, rebuilt with seed %s", ckpt.path, arch.name, ckpt.meta.get("seed"))
+        seed = ckpt.meta.get("seed")
+        if seed is None:
+            log.warning("%s: no seed recorded; the random '%s' base is rebuilt with seed 0 and differs from training's", ckpt.path, arch.name)
+        else:
+            log.warning("%s: base model '%s' has random weights, rebuilt with seed %s", ckpt.path, arch.name, seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(ckpt.meta.get("seed") or 0))
+            torch.manual_seed(int(seed or 0))
             components = build_random(arch)
         check_compatible(components, f"model '{arch.name}'")
     else:

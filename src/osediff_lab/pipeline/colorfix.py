@@ -22,11 +22,12 @@ def adain_color_fix(target: torch.Tensor, source: torch.Tensor, eps: float = 1e-
 
 
 def wavelet_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
-    """One level of the a-trous wavelet: 3x3 binomial blur with holes of ``dilation``, edges replicated."""
-    k1 = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
-    kernel = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 3, 3)
-    padded = F.pad(x, (dilation,) * 4, mode="replicate")
-    return F.conv2d(padded, kernel, dilation=dilation, groups=x.shape[1])
+    """One level of the a-trous wavelet: the 3x3 binomial blur (1/4, 1/2, 1/4 per axis) with holes of
+    ``dilation``, edges replicated; separable, as shifted sums (much faster than a dilated conv on CPU)."""
+    d = dilation
+    x = F.pad(x, (d, d, d, d), mode="replicate")
+    x = 0.25 * x[..., : -2 * d, :] + 0.5 * x[..., d:-d, :] + 0.25 * x[..., 2 * d :, :]
+    return 0.25 * x[..., : -2 * d] + 0.5 * x[..., d:-d] + 0.25 * x[..., 2 * d :]
 
 
 def wavelet_split(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from osediff_lab.pipeline.sizes import plan_sizes, to_network_input, to_output, 
 from osediff_lab.pipeline.tiling import set_vae_tiling, tiled_apply, vae_factor
 from osediff_lab.prompts import PromptProvider, build_prompt_provider
 
+log = logging.getLogger(__name__)
+EMBED_CACHE_SIZE = 1024  # distinct prompts kept (image-dependent prompts such as DAPE's rarely repeat)
 VAE_TILING_ATTRS = ("use_tiling", "tile_latent_min_size", "tile_sample_min_size", "tile_overlap_factor")
 
 
@@ -95,10 +98,13 @@ class OSEDiffPipeline:
         ckpt = read_checkpoint(path)
         components = load_base(ckpt, base)
         generator = build_loaded_generator(components, ckpt, opts.official)
+        if prompt is None and ckpt.kind == "official":
+            log.info("the official release was trained with DAPE prompts; using the null prompt (pass prompt=dape)")
         if prompt is None:
             prompt = ckpt.meta.get("prompt", {"name": "null"})
         scale = ckpt.meta["scale"] if ckpt.kind == "osediff-lab" else opts.official.scale
-        provider = build_prompt_provider(OmegaConf.create(prompt))
+        # a DictConfig node stays attached to its root, so interpolations such as ${paths.weights_dir} resolve
+        provider = build_prompt_provider(prompt if isinstance(prompt, DictConfig) else OmegaConf.create(prompt))
         return cls(generator, components.tokenizer, components.text_encoder, provider, scale, opts)
 
     # ---- public API ----------------------------------------------------------------------------
@@ -143,6 +149,8 @@ class OSEDiffPipeline:
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings per prompt, cached by string."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
+        if missing and len(self._embeds) > EMBED_CACHE_SIZE:
+            self._embeds.clear()
         if missing:
             tok = self.tokenizer(
                 missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
