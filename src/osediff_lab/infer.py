@@ -23,6 +23,7 @@ from osediff_lab.data.images import UnreadableImage, load_rgb
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.resolvers import quote_null_choices
 from osediff_lab.train import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -93,4 +94,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_null_choices(sys.argv)  # `prompt=null` selects the null prompt, as in train
     main()

@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.metrics import MetricSuite, metric_defs
+from osediff_lab.pipeline import OSEDiffPipeline
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,9 @@ def best_checkpoint(cc: DictConfig, dirpath: Path) -> ModelCheckpoint:
     )
 
 
-def to_unit(x: torch.Tensor, quantize: bool) -> torch.Tensor:
-    """[-1, 1] -> [0, 1]; with ``quantize`` rounded to 8 bit, as the images a saved PNG would hold."""
-    x = ((x.float() + 1) / 2).clamp(0, 1)
-    return (x * 255).round() / 255 if quantize else x
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] float32."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
 
 
 def to_uint8(x01: torch.Tensor) -> np.ndarray:
@@ -81,6 +81,8 @@ class Validator:
         if folder:
             raise ConfigError(f"val.metrics: {folder} compare folders of images; run them with `python -m osediff_lab.evaluate`")
         self.suite = MetricSuite(defs, cfg.paths.weights_dir, "cpu")
+        self.scale = int(cfg.scale)
+        self._pipeline: OSEDiffPipeline | None = None
         for u in self.suite.unavailable:
             log.warning("validation metric %s is not computed: %s", u.name, u.reason)
         self.reset()
@@ -89,6 +91,16 @@ class Validator:
     def metrics(self) -> list[str]:
         return self.suite.per_image
 
+    def pipeline(self, module: pl.LightningModule) -> OSEDiffPipeline:
+        """The inference pipeline over the live model (same size rule, colour fix and prompts as
+        ``infer``), so validation scores are what a user would measure on the exported weights."""
+        if self._pipeline is None:
+            self._pipeline = OSEDiffPipeline(
+                module.generator, module.tokenizer, module.text_encoder, module.prompts, self.scale,
+                self.cfg.get("pipeline"), live=True,
+            )
+        return self._pipeline
+
     def reset(self) -> None:
         self.scores: dict[str, list[float]] = {m: [] for m in self.metrics}
         self.examples: list[dict] = []
@@ -96,16 +108,16 @@ class Validator:
     @torch.no_grad()
     def step(self, module: pl.LightningModule, batch: dict[str, Any]) -> torch.Tensor:
         """Super-resolve one batch (``lq_up``/``hq`` in [-1, 1]), record per-image scores; returns the scored SR in [0, 1]."""
-        sr = module.super_resolve(batch["lq_up"], module.batch_prompts(batch))
-        quantize = bool(self.cfg.quantize_8bit)
-        sr01, hq01 = to_unit(sr, quantize), to_unit(batch["hq"], False)
+        lq01, hq01 = to_unit(batch["lq"]), to_unit(batch["hq"])
+        sr01 = self.pipeline(module).enhance(lq01)[0]
+        if self.cfg.quantize_8bit:  # score what a saved 8-bit PNG would hold, as `evaluate` does
+            sr01 = (sr01 * 255).round() / 255
         if self.suite.device != module.device:
             self.suite.to(module.device)
         scores = self.suite.score(sr01, hq01)
         for m, values in scores.items():
             self.scores[m].extend(values)
-        lq01 = to_unit(batch["lq"], False)
-        for i in range(sr.shape[0]):
+        for i in range(sr01.shape[0]):
             if len(self.examples) >= int(self.cfg.log_images):
                 break
             self.examples.append(

@@ -7,6 +7,7 @@ settings) so that training with ``prompt.source=hq`` reads them instead of runni
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 import torch
@@ -16,6 +17,7 @@ from osediff_lab.data.datamodule import source_files
 from osediff_lab.errors import ConfigError
 from osediff_lab.prompts import build_prompt_provider
 from osediff_lab.prompts.cache import CachedPrompt
+from osediff_lab.resolvers import quote_null_choices
 from osediff_lab.train import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -39,4 +41,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_null_choices(sys.argv)  # `prompt=null` selects the null prompt, as in train
     main()
