@@ -36,7 +36,7 @@ def test_ablate_vsd_declares_its_sweep(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=ablate_vsd"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert set(cfg.hydra.sweeper.params.loss.split(",")) == {"osediff", "no_vsd"}
+    assert set(cfg.hydra.sweeper.params.loss.split(",")) == {"osediff", "no_vsd", "vsd_image"}
     assert cfg.model.name == "sd21_base" and cfg.data.name == "lsdir"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import torch
@@ -85,3 +86,11 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert [g.name for g in grids] == ["step_000002.png", "step_000004.png"]
     assert Path(summary["lora"]).stat().st_size > 0 and Path(summary["lora_sidecar"]).is_file()
     assert (run_dir / "summary.json").is_file()
+
+
+def test_image_space_vsd_trains_and_differs_from_latent(tmp_path):
+    a = run(compose_config([*FAST, "loss.vsd_space=image"], tmp_path / "image"))[2]
+    b = run(compose_config(FAST, tmp_path / "latent"))[2]
+    la, lb = logged_losses(Path(a["run_dir"])), logged_losses(Path(b["run_dir"]))
+    assert len(la) == 2 and all(map(math.isfinite, la))
+    assert la[0] != lb[0]  # VSD computed on E(x_H) instead of z_H

@@ -153,12 +153,20 @@ class OSEDiffModule(pl.LightningModule):
         if lc.lpips_weight > 0:
             terms["lpips"] = self.lpips(x_h.float(), hq.float()).mean()
         if lc.vsd_weight > 0:
-            x0_real, x0_fake = self.vsd_targets(z_h, embeds)
-            terms["vsd"], w = vsd_loss(z_h, x0_real, x0_fake)
+            z_vsd = z_h if lc.vsd_space == "latent" else self.reencode(x_h)
+            x0_real, x0_fake = self.vsd_targets(z_vsd, embeds)
+            terms["vsd"], w = vsd_loss(z_vsd, x0_real, x0_fake)
             self.log("train/vsd_weight_factor", w.mean(), on_step=True)
         weights = {"l2": lc.l2_weight, "lpips": lc.lpips_weight, "vsd": lc.vsd_weight}
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms, x_h, z_h
+
+    def reencode(self, x_h: torch.Tensor) -> torch.Tensor:
+        """Image-space VSD: the pretrained VAE encoder's latent of x_H in [-1, 1] (the generator's
+        encoder LoRA disabled), with gradients flowing back through the decoder to the generator."""
+        vae = self.generator.vae
+        with adapters_disabled(vae):
+            return vae.encode(x_h.to(vae.dtype)).latent_dist.mode() * self.generator.scaling_factor
 
     def regularizer_loss(self, z_h: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Diffusion loss of the fake-score UNet on detached generator latents."""
