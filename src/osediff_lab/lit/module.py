@@ -24,6 +24,7 @@ from osediff_lab.data.degradation import Degradation, upsample_to
 from osediff_lab.lit.validation import build_validator
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
+from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.models.vsd import (
     add_noise,
     classifier_free_guidance,
@@ -79,7 +80,7 @@ class OSEDiffModule(pl.LightningModule):
         self.gen_params = [p for _, p in trainable_parameters(self.generator)]
         self.reg_params = [p for _, p in trainable_parameters(self.reg_unet)]
         self.trained_names = [n for n, _ in trainable_parameters(self)]
-        self._embed_cache: dict[str, torch.Tensor] = {}
+        self.embedder = PromptEmbedder(self.tokenizer, self.text_encoder, max_cached=4096)
         self._bad_steps = 0
         self._grad_norms: dict[int, torch.Tensor] = {}
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -101,19 +102,9 @@ class OSEDiffModule(pl.LightningModule):
         batch["lq_up"] = upsample_to(batch["lq"], batch["hq"].shape[-2:])
         return batch
 
-    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings per prompt, cached by string (null and fixed prompts are encoded once)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
-        if missing:
-            tok = self.tokenizer(
-                missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            )
-            embeds = self.text_encoder(tok.input_ids.to(self.device))[0]
-            if len(self._embed_cache) > 4096:
-                self._embed_cache.clear()
-            self._embed_cache.update(zip(missing, embeds, strict=True))
-        return torch.stack([self._embed_cache[p] for p in prompts]).to(self.device)
+        """Text embeddings per prompt on this module's device (cached by string)."""
+        return self.embedder(prompts)
 
     def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
         """Prompts for the batch: from the LQ image or, when prompt.source=hq, the HQ image (public release)."""
@@ -151,7 +142,8 @@ class OSEDiffModule(pl.LightningModule):
         hq = batch["hq"]
         terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
         if lc.lpips_weight > 0:
-            terms["lpips"] = self.lpips(x_h.float(), hq.float()).mean()
+            lp_dtype = next(self.lpips.parameters()).dtype  # loss.lpips.dtype: LPIPS runs in its own precision
+            terms["lpips"] = self.lpips(x_h.to(lp_dtype), hq.to(lp_dtype)).float().mean()
         if lc.vsd_weight > 0:
             z_vsd = z_h if lc.vsd_space == "latent" else self.reencode(x_h)
             x0_real, x0_fake = self.vsd_targets(z_vsd, embeds)

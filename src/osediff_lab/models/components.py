@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.models import text
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
@@ -184,11 +185,6 @@ def save_pretrained(components: Components, path: str | Path) -> Path:
     return path
 
 
-@torch.no_grad()
 def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     """CLIP text embeddings (last hidden state) for a list of prompts, padded to the tokenizer's length."""
-    tok = components.tokenizer(
-        prompts, padding="max_length", max_length=components.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    device = components.text_encoder.device
-    return components.text_encoder(tok.input_ids.to(device))[0]
+    return text.encode_prompts(components.tokenizer, components.text_encoder, prompts)

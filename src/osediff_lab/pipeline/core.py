@@ -17,8 +17,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from osediff_lab.data.images import pil_to_tensor, to_rgb
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import merge_and_unload
+from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.pipeline.checkpoints import build_loaded_generator, load_base, read_checkpoint
 from osediff_lab.pipeline.colorfix import color_fix
+from osediff_lab.pipeline.fast import apply_fast_paths
 from osediff_lab.pipeline.options import make_options, resolve_device, resolve_dtype
 from osediff_lab.pipeline.sizes import plan_sizes, to_network_input, to_output, unpad
 from osediff_lab.pipeline.tiling import set_vae_tiling, tiled_apply, vae_factor
@@ -62,7 +64,7 @@ class OSEDiffPipeline:
         else:
             self._prepare()
         self.prompts = prompts
-        self._embeds: dict[str, torch.Tensor] = {}
+        self.embedder = PromptEmbedder(tokenizer, text_encoder, EMBED_CACHE_SIZE)
 
     def _prepare(self) -> None:
         """Merge LoRA (when asked), then move to the device and precision; fp16 decoder upcast."""
@@ -77,6 +79,7 @@ class OSEDiffPipeline:
             generator.vae.decoder.float()
             generator.vae.post_quant_conv.float()
             self.decode_dtype = torch.float32
+        apply_fast_paths(generator, o.fast)
         self.text_encoder.to(self.device, self.dtype)
 
     @classmethod
@@ -147,16 +150,8 @@ class OSEDiffPipeline:
                 return gen.decode(z_h.to(self.decode_dtype))
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings per prompt, cached by string."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
-        if missing and len(self._embeds) > EMBED_CACHE_SIZE:
-            self._embeds.clear()
-        if missing:
-            tok = self.tokenizer(
-                missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            )
-            self._embeds.update(zip(missing, self.text_encoder(tok.input_ids.to(self.device))[0], strict=True))
-        return torch.stack([self._embeds[p] for p in prompts]).to(self.dtype)
+        """Text embeddings per prompt (cached by string), in the pipeline's precision."""
+        return self.embedder(prompts).to(self.dtype)
 
     # ---- state that must not leak into a model shared with training ------------------------------
     @contextmanager

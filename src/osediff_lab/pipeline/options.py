@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.pipeline.colorfix import COLOR_FIXES
+from osediff_lab.pipeline.fast import fast_path_problems
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,6 +51,7 @@ def option_problems(o: DictConfig) -> list[str]:
         problems.append(f"pipeline.scale={o.scale} must be >= 1")
     if o.process_size < 1:
         problems.append(f"pipeline.process_size={o.process_size} must be >= 1")
+    problems.extend(fast_path_problems(o.fast, o.merge_lora))
     return problems
 
 
