@@ -208,3 +208,46 @@ def test_full_disk_while_writing_samples_is_reported_and_training_continues(tmp_
         trainer, _, _ = run(cfg)
     assert trainer.global_step == 4
     assert "sample grid not written" in caplog.text and str(tmp_path / "samples") in caplog.text
+
+
+def _loader(tmp_path, overrides):
+    from osediff_lab.data.datamodule import HQDataModule
+
+    cfg = compose_config([*TINY, "data.num_workers=1", *overrides], tmp_path)
+    dm = HQDataModule(cfg.data, seed=cfg.seed)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def test_worker_crash_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    from osediff_lab.data.datasets import HQCropDataset
+
+    monkeypatch.setattr(HQCropDataset, "__getitem__", lambda self, i: os._exit(3))
+    start_time = time.time()
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        next(iter(_loader(tmp_path, [])))
+    assert time.time() - start_time < 60
+
+
+def test_stuck_worker_times_out_with_the_configured_limit(tmp_path, monkeypatch):
+    from osediff_lab.data.datasets import HQCropDataset
+
+    monkeypatch.setattr(HQCropDataset, "__getitem__", lambda self, i: time.sleep(30))
+    with pytest.raises(RuntimeError, match=r"timed out after 1(\.0)? seconds"):
+        next(iter(_loader(tmp_path, ["data.worker_timeout_s=1"])))
+
+
+def test_wandb_unwritable_directory_falls_back_to_csv(tmp_path, caplog):
+    from omegaconf import OmegaConf
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    from osediff_lab.lit.loggers import build_logger
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "wandb").write_text("a file where W&B needs its directory")  # unwritable even for root
+    cfg = OmegaConf.create({"logger": {"name": "wandb", "project": "p", "mode": "offline", "group": "g", "tags": [],
+                                       "job_type": "train"}})
+    with caplog.at_level(logging.WARNING):
+        logger = build_logger(cfg, run_dir)
+    assert isinstance(logger, CSVLogger) and not isinstance(logger, WandbLogger)

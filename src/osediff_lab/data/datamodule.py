@@ -210,6 +210,7 @@ class HQDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=bool(self.cfg.get("pin_memory", False)) and torch.cuda.is_available(),
             persistent_workers=workers > 0 and bool(self.cfg.get("persistent_workers", True)),
+            timeout=float(self.cfg.get("worker_timeout_s", 0)) if workers > 0 else 0,
             **extra,
         )
 
