@@ -44,6 +44,17 @@ def test_unet_adapters_split_by_block(parts):
     assert any("mid_block" in n for n in seen["default_others"])
 
 
+def test_every_lora_layer_runs_its_own_adapter(parts):
+    """PEFT activates only the newest adapter model-wide; each of the three UNet adapters must stay on."""
+    p, _ = parts
+    for model in (p.generator.unet, p.generator.vae, p.reg_unet):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        assert layers
+        for name, layer in layers:
+            assert set(layer.active_adapters) == set(layer.lora_A.keys()), name
+            assert not layer.disable_adapters, name
+
+
 def test_norms_and_biases_never_adapted(parts):
     p, _ = parts
     for model in (p.generator.unet, p.generator.vae, p.reg_unet):

@@ -58,18 +58,16 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, adap
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters by design
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    # PEFT makes the newest adapter the only active one on *every* LoRA layer, which would silently
+    # switch off the adapters injected before it (OSEDiff's UNet has three): keep each layer's own active.
+    for layer in lora_layers(model):
+        layer.set_adapter(list(layer.lora_A.keys()))
 
 
 def lora_layers(model: nn.Module) -> Iterator[BaseTunerLayer]:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             yield module
-
-
-def activate_adapters(model: nn.Module, names: list[str]) -> None:
-    """Make every listed adapter active at once (each layer holds one of them)."""
-    for layer in lora_layers(model):
-        layer.set_adapter([n for n in names if n in layer.lora_A] or names)
 
 
 @contextmanager
