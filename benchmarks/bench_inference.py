@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
+import statistics
 
 import torch
+from common import timings
 from omegaconf import OmegaConf
 
 from osediff_lab.models.components import build_components
@@ -43,17 +44,6 @@ def tiny_pipeline_parts(seed: int = 42):
     return components, generator
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
@@ -71,7 +61,7 @@ def main() -> None:
         )
         for name, options in CASES.items()
     }
-    seconds = {name: timed(lambda p=pipe: p(lq), args.repeats) for name, pipe in pipes.items()}
+    seconds = {name: statistics.median(timings(lambda p=pipe: p(lq), args.repeats)) for name, pipe in pipes.items()}
     print(f"inference, tiny preset, CPU ({args.threads} threads), 128x128 -> 512x512, median of {args.repeats}")
     print(f"{'case':20s} {'s/img':>8s} {'img/s':>8s}")
     for name, sec in seconds.items():
@@ -80,7 +70,7 @@ def main() -> None:
     sr, src = torch.rand(2, 1, 3, 512, 512, generator=torch.Generator().manual_seed(1))
     base = seconds["merged, untiled"]
     for fix in ("adain", "wavelet"):
-        sec = timed(lambda f=fix: color_fix(f, sr, src, 5), args.repeats * 4)
+        sec = statistics.median(timings(lambda f=fix: color_fix(f, sr, src, 5), args.repeats * 4))
         print(f"colour fix {fix:8s} {sec * 1000:7.1f} ms/img = {sec / base:6.1%} of the merged untiled pipeline")
 
     merged, unmerged, tiled = (pipes[n](lq) for n in ("merged, untiled", "unmerged, untiled", "merged, tiled"))

@@ -16,14 +16,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
+from common import compose_config, timings  # noqa: E402
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import compose_config  # noqa: E402
 from osediff_lab.models.components import build_components  # noqa: E402
 from osediff_lab.models.osediff import build_generator  # noqa: E402
 from osediff_lab.pipeline import OSEDiffPipeline  # noqa: E402
@@ -58,20 +55,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call (two when compiling: the first one compiles)."""
-    fn()
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_inference(model: str, size: int, batches: list[int], repeats: int, cases: list[str]) -> None:
     cfg = compose_config([f"model={model}", *BASE])
     torch.manual_seed(0)
@@ -92,7 +75,7 @@ def bench_inference(model: str, size: int, batches: list[int], repeats: int, cas
             x = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(b)).to(DEVICE) * 2 - 1
             embeds = pipe.embed([""] * b)
             with torch.inference_mode():
-                sec = timed(lambda p=pipe, x=x, e=embeds: p.generate(x, e), repeats)
+                sec = statistics.median(timings(lambda p=pipe, x=x, e=embeds: p.generate(x, e), repeats, warmup=2))
                 out = pipe.generate(x, embeds).float()
             base.setdefault(b, (sec, out))
             diff = (out - base[b][1]).abs().max().item()
@@ -133,7 +116,7 @@ def train_case(model: str, size: int, batch: int, name: str, repeats: int) -> di
     module.log = lambda *a, **k: None  # no trainer attached: Lightning's logging is not under test
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, repeats)
+    sec = statistics.median(timings(step, repeats, warmup=2))
     peak = torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"case": name, "batch": batch, "s_per_step": sec, "peak_gib": peak / 2**30}
 
@@ -158,7 +141,8 @@ def bench_training(model: str, size: int, batches: list[int], repeats: int, case
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--size", type=int, default=512, help="image side (use 128 or 256 for sd21_shape on CPU)")
+    parser.add_argument("--size", type=int, default=512 if DEVICE.type == "cuda" else 128,
+                        help="image side (default 512 on GPU, 128 on CPU; use 128 or 256 for sd21_shape on CPU)")
     parser.add_argument("--train-size", type=int, default=None, help="training crop side (default: --size)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--train-batches", type=int, nargs="+", default=[1, 4])

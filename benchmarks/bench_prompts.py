@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import compose_config, timings  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import compose_config  # noqa: E402
 from osediff_lab.data.datamodule import HQDataModule  # noqa: E402
 from osediff_lab.prompts import build_prompt_provider  # noqa: E402
 from osediff_lab.train import run  # noqa: E402
@@ -21,21 +18,12 @@ TRAIN = ["model=tiny", "data=demo", "logger=csv", "loss.lpips.pretrained=false",
          "callbacks.checkpoint.every_n_train_steps=0", "trainer.enable_progress_bar=false"]
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def tagging_throughput(batch: int = 8, size: int = 128, repeats: int = 10) -> None:
     cfg = compose_config([*TRAIN, "prompt=dape_tiny"])
     provider = build_prompt_provider(cfg.prompt)
     images = torch.rand(batch, 3, size, size)
     tags = provider.tags(images)
-    times = timed(lambda: provider.tags(images), repeats)
+    times = timings(lambda: provider.tags(images), repeats)
     per_image = statistics.median(times) / batch
     mean_tags = sum(map(len, tags)) / batch
     print(f"DAPE tiny (random weights, {cfg.prompt.arch.num_tags} tags), CPU ({torch.get_num_threads()} threads), "
@@ -51,7 +39,7 @@ def prompt_share(steps: int = 4) -> None:
     dm = HQDataModule(cfg.data)
     dm.setup("fit")
     batch = module.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-    stage = statistics.median(timed(lambda: module.batch_prompts(batch), 10))
+    stage = statistics.median(timings(lambda: module.batch_prompts(batch), 10))
     print(f"tiny training step with prompt=dape_tiny, 64x64, batch 4: {step:.3f} s/step over {steps} steps "
           "(incl. data + logging)")
     print(f"  prompt stage (batch_prompts) median {stage * 1000:.1f} ms = {100 * stage / step:.1f}% of a step")

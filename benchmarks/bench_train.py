@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from common import compose_config, timings  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import compose_config  # noqa: E402
 from osediff_lab.data.datamodule import HQDataModule  # noqa: E402
 from osediff_lab.train import run  # noqa: E402
 
 OVERRIDES = ["model=tiny", "data=demo", "logger=csv", "loss.lpips.pretrained=false", "loss.lpips.net=vgg",
              "data.crop_size=128", "data.batch_size=4", "callbacks.samples.every_n_steps=0",
              "callbacks.checkpoint.every_n_train_steps=0", "trainer.enable_progress_bar=false"]
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main(steps: int = 20) -> None:
@@ -44,7 +32,7 @@ def main(steps: int = 20) -> None:
     module.eval()
     with torch.no_grad():
         module.generator(batch["lq_up"], embeds)
-        fwd = timed(lambda: module.generator(batch["lq_up"], embeds), 10)
+        fwd = timings(lambda: module.generator(batch["lq_up"], embeds), 10)
     print(f"tiny preset, CPU ({torch.get_num_threads()} threads), 128x128, batch 4, LPIPS vgg (random weights)")
     print(f"  training step (generator + regularizer, incl. data + logging): {train_step:.3f} s/step over {steps} steps")
     print(f"  generator forward alone: median {statistics.median(fwd):.4f} s (min {min(fwd):.4f}, max {max(fwd):.4f})")
