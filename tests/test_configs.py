@@ -50,6 +50,7 @@ def test_missing_weights_and_data_named_before_work(tmp_path, monkeypatch):
     assert "model.pretrained_path" in msg and "OSEDIFF_SD21_BASE" in msg
     assert "data.root" in msg and "OSEDIFF_LSDIR" in msg
     assert "model=tiny data=demo" in msg
+    assert "ram_swin_large_14m.pth" in msg and "prompt=dape_tiny" in msg  # DAPE weights, also before any work
 
 
 def test_missing_path_on_disk_named(tmp_path):

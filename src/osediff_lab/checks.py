@@ -10,6 +10,8 @@ from osediff_lab.data.datamodule import data_problems
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.models.components import resolve_pretrained_path
 from osediff_lab.models.perceptual import BACKBONE_FILES, LPIPS_DTYPES, check_lpips_weights
+from osediff_lab.prompts.llava import resolve_model_dir
+from osediff_lab.prompts.ram_checkpoint import require_file
 
 LOSS_WEIGHTS = ("l2_weight", "lpips_weight", "vsd_weight")
 MIXED = ("16-mixed", "bf16-mixed", "16", "bf16")
@@ -66,7 +68,24 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
     problems.extend(data_problems(cfg))
+    problems.extend(prompt_weight_problems(cfg.get("prompt")))
     return problems
+
+
+def prompt_weight_problems(prompt: DictConfig | None) -> list[str]:
+    """Missing DAPE/RAM or LLaVA files, reported with the others before any model is built."""
+    if prompt is None or prompt.get("weights") != "pretrained":
+        return []
+    try:
+        if prompt.name == "dape":
+            require_file(prompt.ram_path, "RAM")
+            if prompt.get("dape_path"):
+                require_file(prompt.dape_path, "DAPE")
+        elif prompt.name == "llava":
+            resolve_model_dir(prompt)
+    except MissingWeightsError as exc:
+        return [str(exc)]
+    return []
 
 
 def validate_config(cfg: DictConfig) -> None:
