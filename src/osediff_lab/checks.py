@@ -7,9 +7,10 @@ import importlib.util
 from omegaconf import DictConfig
 
 from osediff_lab.data.datamodule import data_problems
+from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.models.components import resolve_pretrained_path
-from osediff_lab.models.perceptual import BACKBONE_FILES, LPIPS_DTYPES, check_lpips_weights
+from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
 from osediff_lab.prompts.llava import resolve_model_dir
 from osediff_lab.prompts.ram_checkpoint import require_file
 
@@ -63,8 +64,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 check_lpips_weights(loss.lpips.net, cfg.paths.weights_dir)
             except MissingWeightsError as exc:
                 problems.append(str(exc))
-    if loss.lpips.get("dtype", "fp32") not in LPIPS_DTYPES:
-        problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(LPIPS_DTYPES)}")
+    if loss.lpips.get("dtype", "fp32") not in DTYPES:
+        problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(DTYPES)}")
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
     problems.extend(data_problems(cfg))

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from osediff_lab import resolvers
+from osediff_lab.dtypes import DTYPES
 from osediff_lab.io import atomic_write_text
 from osediff_lab.models.components import Components, build_components
 from osediff_lab.models.lora import merge_and_unload
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 # aten ops FlopCounterMode counts, by column: dense layers (the paper's count) and attention's products.
 DENSE_OPS = ("convolution", "_convolution", "mm", "addmm", "_scaled_mm")
 ATTENTION_OPS = ("bmm", "baddbmm", "_scaled_dot_product")
-LATENCY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NO_LATENCY = {"--no-latency": "profile.latency.enabled=false"}  # a shorthand for the config switch
 LABELS = {
     "prompt_extractor": "prompt extractor (DAPE)",
@@ -190,9 +190,9 @@ def build_modules(cfg: DictConfig, training: bool = False) -> tuple[Modules, dic
 def latency_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision not in LATENCY_DTYPES:
-        raise ValueError(f"profile.latency.precision must be auto, {', '.join(LATENCY_DTYPES)}; got '{precision}'")
-    return LATENCY_DTYPES[precision]
+    if precision not in DTYPES:
+        raise ValueError(f"profile.latency.precision must be auto, {', '.join(DTYPES)}; got '{precision}'")
+    return DTYPES[precision]
 
 
 def profile_rows(cfg: DictConfig) -> list[dict[str, Any]]:

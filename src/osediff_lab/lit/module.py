@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from osediff_lab.data.degradation import Degradation, upsample_to
+from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.validation import build_validator
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
@@ -37,7 +38,6 @@ from osediff_lab.prompts import PromptProvider
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):

@@ -9,12 +9,12 @@ import lpips
 import torch
 from omegaconf import DictConfig
 
+from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import MissingWeightsError
 
 log = logging.getLogger(__name__)
 
 # loss.lpips.dtype: LPIPS weights and inputs in reduced precision (fp16/bf16) halve its memory and time.
-LPIPS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
 
 
@@ -56,4 +56,4 @@ def build_lpips(cfg: DictConfig, weights_dir: str | Path) -> lpips.LPIPS:
         torch.hub.set_dir(str(hub))
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=False, verbose=False)
     model.requires_grad_(False)
-    return model.to(LPIPS_DTYPES[cfg.get("dtype", "fp32")]).eval()
+    return model.to(DTYPES[cfg.get("dtype", "fp32")]).eval()

@@ -7,11 +7,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError
 from osediff_lab.pipeline.colorfix import COLOR_FIXES
 from osediff_lab.pipeline.fast import fast_path_problems
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def default_options() -> DictConfig:

@@ -7,13 +7,13 @@ import logging
 import torch
 from omegaconf import DictConfig
 
+from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError
 from osediff_lab.prompts.ram import RAMArch, RAMTagger, select_tags, tag_vocabulary
 from osediff_lab.prompts.ram_checkpoint import load_ram_dape, require_file
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def format_tag_prompt(tags: list[str], user_prompt: str) -> str:

@@ -25,12 +25,12 @@ from transformers import (
     LlavaProcessor,
 )
 
+from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.models.components import write_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def to_pil(image01: torch.Tensor) -> Image.Image:
