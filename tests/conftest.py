@@ -26,3 +26,13 @@ def realsr() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of many tiny-tensor ops: on a shared 2-core machine, thread
+    hand-offs made each op ~50x slower than the op itself. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,9 +20,9 @@ from osediff_lab.models.osediff import build_osediff
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import NullPrompt
 from osediff_lab.train import build_module
-from test_pipeline import lq_batch, make_pipeline, perturb_trained, single_thread, tiny_model
+from test_pipeline import lq_batch, make_pipeline, perturb_trained, tiny_model
 
-__all__ = ["single_thread"]  # the module-wide one-thread fixture
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 OPTS = {"process_size": 32, "color_fix": "none", "merge_lora": False}
 LQ = lq_batch(8, 12)

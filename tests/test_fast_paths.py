@@ -23,15 +23,9 @@ from osediff_lab.pipeline.fast import compile_with_fallback
 from osediff_lab.train import build_module
 from test_pipeline import lq_batch, make_pipeline, tiny_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PLAIN = {"merge_lora": True, "fast": {"attention": "plain"}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from osediff_lab.infer import collect_inputs, run_inference
 from osediff_lab.models.components import build_components
 from osediff_lab.models.osediff import build_generator
 from osediff_lab.train import CONF_DIR
-from test_pipeline import perturb_trained, single_thread
+from test_pipeline import perturb_trained
 
-__all__ = ["single_thread"]  # the module-wide one-thread fixture
+pytestmark = pytest.mark.usefixtures("single_thread")
 FIXED = "a high quality photograph, sharp, detailed"
 
 

@@ -19,6 +19,8 @@ from osediff_lab.pipeline.colorfix import channel_stats, wavelet_split
 from osediff_lab.pipeline.tiling import gaussian_weights, tile_starts, tiled_apply
 from osediff_lab.prompts import NullPrompt
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FAST = {"process_size": 32, "color_fix": "none"}  # small images: the CPU is shared
 
 
@@ -46,16 +48,6 @@ def make_pipeline(components: Components, generator: OSEDiffGenerator, **options
     opts = {"merge_lora": False, **FAST, **options}
     text_encoder = copy.deepcopy(components.text_encoder)
     return OSEDiffPipeline(copy.deepcopy(generator), components.tokenizer, text_encoder, NullPrompt(), 4, opts)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread for these small tensors: on a shared 2-core machine, thread hand-offs
-    made each op ~50x slower than the op itself. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
