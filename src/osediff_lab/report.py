@@ -82,7 +82,7 @@ def results_table(runs: list[dict]) -> str:
 
 def plot_tradeoff(runs: list[dict], path: Path, x: str = PLOT_AXES[0], y: str = PLOT_AXES[1]) -> Path | None:
     """Perception-distortion scatter (PSNR vs MUSIQ by default) when both metrics were logged."""
-    points = [(r, (r.get("best_metrics", {}) | r.get("last_metrics", {}))) for r in runs]
+    points = [(r, r.get("last_metrics", {}) | r.get("best_metrics", {})) for r in runs]  # best, as the table
     points = [(r, m) for r, m in points if x in m and y in m]
     if not points:
         return None
