@@ -94,3 +94,16 @@ def test_lpips_weights_missing_is_reported(tmp_path):
     cfg = compose_config([*TINY, "loss.lpips.pretrained=true", f"paths.weights_dir={tmp_path}"], tmp_path)
     problems = " ".join(config_problems(cfg))
     assert str(Path(tmp_path) / "torch_hub" / "checkpoints") in problems and "loss.lpips.pretrained=false" in problems
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml")))
+def test_every_trainer_preset_resolves_to_trainer_arguments(name, tmp_path):
+    import inspect
+
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(compose_config([f"trainer={name}"], tmp_path).trainer, resolve=True)
+    accepted = set(inspect.signature(pl.Trainer).parameters)
+    assert set(kwargs) <= accepted, set(kwargs) - accepted
+    assert all(v is not None for k, v in kwargs.items() if k in ("devices", "num_nodes", "accelerator"))
