@@ -110,7 +110,7 @@ class OSEDiffModule(pl.LightningModule):
         """Prompts for the batch: from the LQ image or, when prompt.source=hq, the HQ image (public release)."""
         lq01 = (batch["lq_up"] + 1) / 2
         hq01 = (batch["hq"] + 1) / 2
-        source = self.cfg.get("prompt", {}).get("source", "lq") if self.cfg.get("prompt") else "lq"
+        source = (self.cfg.get("prompt") or {}).get("source", "lq")
         if source == "hq":  # the HQ crop comes from a file: cached prompts are keyed by that file's content
             return self.prompts(hq01, hq01, paths=batch.get("path"))
         return self.prompts(lq01, hq01)
