@@ -101,25 +101,31 @@ class Latency:
     min_ms: float
 
 
-def measure_latency(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Latency:
-    """Median, inter-quartile range and minimum of ``fn()`` over ``repeats`` runs (CUDA-synchronised)."""
-    if repeats < 1:
-        raise ValueError(f"profile.latency.repeats must be >= 1, got {repeats}")
+def timings(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (CUDA-synchronised)."""
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
         sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1000)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_latency(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Latency:
+    """Median, inter-quartile range and minimum of ``fn()`` over ``repeats`` runs, in inference mode."""
+    if repeats < 1:
+        raise ValueError(f"profile.latency.repeats must be >= 1, got {repeats}")
+    with torch.inference_mode():
+        times = [t * 1000 for t in timings(fn, device, warmup, repeats)]
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return Latency(statistics.median(times), q[2] - q[0], min(times))
 
