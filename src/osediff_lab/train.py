@@ -21,7 +21,7 @@ from osediff_lab.data.degradation import build_degradation
 from osediff_lab.export import export_lora
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid
-from osediff_lab.lit.loggers import build_logger
+from osediff_lab.lit.loggers import build_logger, close_logger
 from osediff_lab.lit.module import OSEDiffModule
 from osediff_lab.lit.resume import DataPosition, Preemption, RNGState, find_resume_checkpoint
 from osediff_lab.lit.stats import RankReport, RunStats
@@ -99,35 +99,38 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer, OSEDiffModule, dict]:
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule's ResumableRandomSampler shards over ranks itself
     )
-    start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
-    wall = time.time() - start
+    try:
+        start = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+        wall = time.time() - start
 
-    summary = {
-        "run_dir": str(run_dir),
-        "task_name": cfg.task_name,
-        "overrides": _overrides(),
-        "steps": trainer.global_step,
-        "wall_time_s": round(wall, 2),
-    }
-    if trainer.is_global_zero:
-        lora, sidecar = export_lora(
-            module.generator_state_dict(), cfg, module.lora_targets, run_dir / "lora" / "osediff_lora.safetensors"
-        )
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
-        summary |= stats.summary() | {
-            "last_metrics": metrics,
-            "lora": str(lora),
-            "lora_sidecar": str(sidecar),
-            "checkpoint_dir": str(run_dir / "checkpoints"),
-            "samples_dir": str(samples.out_dir),
-            "last_sample_grid": str(samples.last_path) if samples.last_path else None,
-            "logger_dir": str(getattr(trainer.logger, "save_dir", run_dir)),
-            "peak_memory_mb": _peak_memory_mb(),
+        summary = {
+            "run_dir": str(run_dir),
+            "task_name": cfg.task_name,
+            "overrides": _overrides(),
+            "steps": trainer.global_step,
+            "wall_time_s": round(wall, 2),
         }
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        _print_outputs(summary)
+        if trainer.is_global_zero:
+            lora, sidecar = export_lora(
+                module.generator_state_dict(), cfg, module.lora_targets, run_dir / "lora" / "osediff_lora.safetensors"
+            )
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+            stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
+            summary |= stats.summary() | {
+                "last_metrics": metrics,
+                "lora": str(lora),
+                "lora_sidecar": str(sidecar),
+                "checkpoint_dir": str(run_dir / "checkpoints"),
+                "samples_dir": str(samples.out_dir),
+                "last_sample_grid": str(samples.last_path) if samples.last_path else None,
+                "logger_dir": str(getattr(trainer.logger, "save_dir", run_dir)),
+                "peak_memory_mb": _peak_memory_mb(),
+            }
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+            _print_outputs(summary)
+    finally:
+        close_logger(trainer.logger)  # a W&B run left open would swallow the next job of a sweep
     return trainer, module, summary
 
 

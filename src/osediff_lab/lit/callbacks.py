@@ -26,7 +26,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` (and at the end) save a PNG grid: rows of LQ-upsampled | SR | HQ.
 
-    Uses the first training batch seen, so grids over time show the same images.
+    Uses the first training batch seen, so grids over time show the same images; SR comes from the
+    module's inference pipeline, i.e. what ``infer`` would produce with the weights of that step.
     """
 
     def __init__(self, out_dir: str | Path, every_n_steps: int, num_images: int) -> None:
@@ -38,11 +39,7 @@ class SampleGrid(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.fixed is None:
-            self.fixed = {
-                "lq_up": batch["lq_up"][: self.num].detach().clone(),
-                "hq": batch["hq"][: self.num].detach().clone(),
-                "prompts": pl_module.batch_prompts(batch)[: self.num],
-            }
+            self.fixed = {k: batch[k][: self.num].detach().float().clone() for k in ("lq", "lq_up", "hq")}
         step = trainer.global_step
         if self.every > 0 and step % self.every == 0:
             self.write(trainer, pl_module, step)
@@ -54,12 +51,10 @@ class SampleGrid(pl.Callback):
     def write(self, trainer: pl.Trainer, pl_module, step: int) -> None:
         if not trainer.is_global_zero:
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        sr = pl_module.super_resolve(self.fixed["lq_up"], self.fixed["prompts"])
-        pl_module.train(was_training)
-        rows = torch.stack([self.fixed["lq_up"], sr.to(self.fixed["hq"].dtype), self.fixed["hq"]], dim=1).flatten(0, 1)
-        grid = make_grid((rows.float().cpu() + 1) / 2, nrow=3, padding=2)
+        f = {k: (v + 1) / 2 for k, v in self.fixed.items()}  # [-1, 1] -> [0, 1]
+        sr = pl_module.inference_pipeline().enhance(f["lq"])[0]
+        rows = torch.stack([f["lq_up"].clamp(0, 1), sr.to(f["hq"].device), f["hq"]], dim=1).flatten(0, 1)
+        grid = make_grid(rows.cpu(), nrow=3, padding=2)
         path = self.out_dir / f"step_{step:06d}.png"
         try:
             atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))

@@ -42,6 +42,13 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
         return _csv(run_dir)
 
 
+def close_logger(logger: Logger | None) -> None:
+    """Finish the W&B run of this job: wandb keeps one global run per process, and a sweep's next job
+    in the same process would otherwise keep logging into it."""
+    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        logger.experiment.finish()
+
+
 class AppendingCSVLogger(CSVLogger):
     """CSVLogger that continues an existing metrics.csv after a resume: Lightning's writer deletes
     the file when it starts, which would lose every row logged before a kill."""

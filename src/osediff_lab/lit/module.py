@@ -34,6 +34,7 @@ from osediff_lab.models.vsd import (
     vsd_loss,
     x0_from_eps,
 )
+from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import PromptProvider
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class OSEDiffModule(pl.LightningModule):
         self._bad_steps = 0
         self._grad_norms: dict[int, torch.Tensor] = {}
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self._pipeline: OSEDiffPipeline | None = None
         self.validator = build_validator(cfg)  # metric networks kept outside the module's state
 
     def train(self, mode: bool = True) -> OSEDiffModule:
@@ -352,11 +354,12 @@ class OSEDiffModule(pl.LightningModule):
         prefix = "generator."
         return {n[len(prefix):]: p for n, p in self.trained_state_dict().items() if n.startswith(prefix)}
 
-    @torch.no_grad()
-    def super_resolve(self, lq_up: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Deterministic SR (encoder latent mode) of x_L in [-1, 1]; returns x_H in [-1, 1]."""
-        latent, self.generator.latent = self.generator.latent, "mode"
-        try:
-            return self.generator(lq_up, self.encode_text(prompts))[0]
-        finally:
-            self.generator.latent = latent
+    def inference_pipeline(self) -> OSEDiffPipeline:
+        """The inference pipeline over the live model (``infer``'s size rule, colour fix and prompts),
+        shared by validation and the sample grids, so both show what the exported weights will do."""
+        if self._pipeline is None:
+            options = (self.cfg.get("val") or {}).get("pipeline")
+            self._pipeline = OSEDiffPipeline(
+                self.generator, self.tokenizer, self.text_encoder, self.prompts, self.cfg.scale, options, live=True
+            )
+        return self._pipeline

@@ -18,7 +18,6 @@ from pytorch_lightning.loggers import WandbLogger
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.metrics import MetricSuite, metric_defs
-from osediff_lab.pipeline import OSEDiffPipeline
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +80,6 @@ class Validator:
         if folder:
             raise ConfigError(f"val.metrics: {folder} compare folders of images; run them with `python -m osediff_lab.evaluate`")
         self.suite = MetricSuite(defs, cfg.paths.weights_dir, "cpu")
-        self.scale = int(cfg.scale)
-        self._pipeline: OSEDiffPipeline | None = None
         for u in self.suite.unavailable:
             log.warning("validation metric %s is not computed: %s", u.name, u.reason)
         self.reset()
@@ -90,16 +87,6 @@ class Validator:
     @property
     def metrics(self) -> list[str]:
         return self.suite.per_image
-
-    def pipeline(self, module: pl.LightningModule) -> OSEDiffPipeline:
-        """The inference pipeline over the live model (same size rule, colour fix and prompts as
-        ``infer``), so validation scores are what a user would measure on the exported weights."""
-        if self._pipeline is None:
-            self._pipeline = OSEDiffPipeline(
-                module.generator, module.tokenizer, module.text_encoder, module.prompts, self.scale,
-                self.cfg.get("pipeline"), live=True,
-            )
-        return self._pipeline
 
     def reset(self) -> None:
         self.scores: dict[str, list[float]] = {m: [] for m in self.metrics}
@@ -109,7 +96,7 @@ class Validator:
     def step(self, module: pl.LightningModule, batch: dict[str, Any]) -> torch.Tensor:
         """Super-resolve one batch (``lq_up``/``hq`` in [-1, 1]), record per-image scores; returns the scored SR in [0, 1]."""
         lq01, hq01 = to_unit(batch["lq"]), to_unit(batch["hq"])
-        sr01 = self.pipeline(module).enhance(lq01)[0]
+        sr01 = module.inference_pipeline().enhance(lq01)[0]
         if self.cfg.quantize_8bit:  # score what a saved 8-bit PNG would hold, as `evaluate` does
             sr01 = (sr01 * 255).round() / 255
         if self.suite.device != module.device:
