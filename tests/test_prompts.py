@@ -10,7 +10,8 @@ from PIL import Image
 
 from helpers import SHARED, TINY, compose_config
 from osediff_lab.errors import ConfigError
-from osediff_lab.models.components import build_components, encode_prompts
+from osediff_lab.models.components import build_components
+from osediff_lab.models.text import encode_prompts
 from osediff_lab.prompts import NullPrompt, build_prompt_provider
 from osediff_lab.prompts.cache import CachedPrompt, PromptCache, pixel_key
 from osediff_lab.prompts.dape import DapePrompt, format_tag_prompt
@@ -140,8 +141,11 @@ def test_null_prompt_encodes_like_the_empty_string():
     provider = build_prompt_provider(cfg.prompt)
     assert isinstance(provider, NullPrompt)
     prompts = provider(torch.rand(2, 3, 8, 8))
-    torch.testing.assert_close(encode_prompts(components, prompts), encode_prompts(components, ["", ""]))
-    assert not torch.allclose(encode_prompts(components, ["a cat"]), encode_prompts(components, [""]))
+    def encode(p: list[str]) -> torch.Tensor:
+        return encode_prompts(components.tokenizer, components.text_encoder, p)
+
+    torch.testing.assert_close(encode(prompts), encode(["", ""]))
+    assert not torch.allclose(encode(["a cat"]), encode([""]))
 
 
 def test_unknown_prompt_name_is_a_config_error():

@@ -36,8 +36,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"loss.{lo}={loss[lo]} / loss.{hi}={loss[hi]}: need 0 <= min < max <= 1000")
     if gen.latent not in ("mode", "sample"):
         problems.append(f"generator.latent='{gen.latent}' must be 'mode' or 'sample'")
-    if gen.frozen_dtype not in ("fp32", "bf16", "fp16"):
-        problems.append(f"generator.frozen_dtype='{gen.frozen_dtype}' must be fp32, bf16 or fp16")
+    if gen.frozen_dtype not in DTYPES:
+        problems.append(f"generator.frozen_dtype='{gen.frozen_dtype}' must be one of {sorted(DTYPES)}")
     elif gen.frozen_dtype != "fp32" and str(cfg.trainer.precision) not in MIXED:
         problems.append(
             f"generator.frozen_dtype={gen.frozen_dtype} needs a mixed trainer precision (trainer.precision=bf16-mixed "

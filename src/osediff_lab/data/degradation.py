@@ -19,14 +19,15 @@ class Degradation(Protocol):
     def __call__(self, hq: torch.Tensor) -> torch.Tensor: ...
 
 
-def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize images (any range) with antialiasing when shrinking; bicubic/bilinear/area."""
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic", antialias: bool | None = None) -> torch.Tensor:
+    """Resize images (any range); bicubic/bilinear/area. ``antialias`` None = antialias when shrinking."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if mode == "area":
         return F.interpolate(x, size=size, mode="area")
-    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=shrinking)
+    if antialias is None:
+        antialias = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
 
 
 def upsample_to(lq: torch.Tensor, size) -> torch.Tensor:
@@ -64,7 +65,7 @@ def build_degradation(cfg: DictConfig, scale: int) -> Degradation:
     if cfg.name == "none":
         return PairedOnly(scale)
     if cfg.name == "realesrgan":
-        from osediff_lab.data.realesrgan import RealESRGANDegradation
+        from osediff_lab.data.realesrgan import RealESRGANDegradation  # imports this module: import late
 
         return RealESRGANDegradation(cfg, scale)
     raise ConfigError(f"degradation.name '{cfg.name}' is unknown; choose degradation=realesrgan, bicubic or none")

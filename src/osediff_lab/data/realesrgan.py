@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from osediff_lab.data.degradation import resize
 from osediff_lab.data.kernels import KERNEL_TYPES, KernelSpec, describe_kernel, sample_kernels
 from osediff_lab.errors import ConfigError
 
@@ -73,15 +74,6 @@ def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     q = quality.to(device=x.device, dtype=torch.float32)
     out = kornia.enhance.jpeg_codec_differentiable(x.float().clamp(0, 1), q)
     return (out.clamp(0, 1) * 255).round() / 255
-
-
-def resize(x: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool) -> torch.Tensor:
-    """Resize (B, C, H, W) to ``size`` with area/bilinear/bicubic interpolation."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if mode == "area":
-        return F.interpolate(x, size=size, mode="area")
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
 
 
 def resize_each(

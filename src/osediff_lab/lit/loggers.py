@@ -11,6 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from osediff_lab.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -78,5 +80,5 @@ def _wandb_run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:8]
-    path.write_text(run_id)
+    atomic_write_text(path, run_id)
     return run_id

@@ -25,7 +25,7 @@ from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.validation import build_validator
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
-from osediff_lab.models.text import PromptEmbedder
+from osediff_lab.models.text import PromptEmbedder, encode_prompts
 from osediff_lab.models.vsd import (
     add_noise,
     classifier_free_guidance,
@@ -86,6 +86,7 @@ class OSEDiffModule(pl.LightningModule):
         self._grad_norms: dict[int, torch.Tensor] = {}
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self._pipeline: OSEDiffPipeline | None = None
+        self._negative: torch.Tensor | None = None
         self.validator = build_validator(cfg)  # metric networks kept outside the module's state
 
     def train(self, mode: bool = True) -> OSEDiffModule:
@@ -98,15 +99,22 @@ class OSEDiffModule(pl.LightningModule):
 
     # ---- inputs -------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Degrade on the training device (batched) unless the batch is already paired."""
+        """Degrade on the training device (batched) unless the batch is already paired; add x_L for training."""
         if "lq" not in batch:
             batch["lq"] = self.degradation(batch["hq"])
-        batch["lq_up"] = upsample_to(batch["lq"], batch["hq"].shape[-2:])
+        if self.trainer.training:  # validation goes through the inference pipeline, which upsamples itself
+            batch["lq_up"] = upsample_to(batch["lq"], batch["hq"].shape[-2:])
         return batch
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings per prompt on this module's device (cached by string)."""
         return self.embedder(prompts)
+
+    def negative_embedding(self) -> torch.Tensor:
+        """The real score's negative prompt, encoded once (kept outside the string cache, which DAPE churns)."""
+        if self._negative is None or self._negative.device != self.device:
+            self._negative = encode_prompts(self.tokenizer, self.text_encoder, [self.loss_cfg.negative_prompt])
+        return self._negative
 
     def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
         """Prompts for the batch: from the LQ image or, when prompt.source=hq, the HQ image (public release)."""
@@ -126,11 +134,11 @@ class OSEDiffModule(pl.LightningModule):
         """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score."""
         lc = self.loss_cfg
         b = z_h.shape[0]
-        t = sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, None, z_h.device)
+        t = sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, z_h.device)
         noise = torch.randn_like(z_h)
         z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
         eps_fake = self.unet_eps(z_t, t, embeds)
-        neg = self.encode_text([lc.negative_prompt] * b)
+        neg = self.negative_embedding().expand(b, -1, -1)
         with adapters_disabled(self.reg_unet):
             eps_both = self.unet_eps(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds]))
         eps_uncond, eps_cond = eps_both.chunk(2)
@@ -166,7 +174,7 @@ class OSEDiffModule(pl.LightningModule):
         """Diffusion loss of the fake-score UNet on detached generator latents."""
         lc = self.loss_cfg
         z0 = z_h.detach()
-        t = sample_timesteps(z0.shape[0], lc.reg_t_min, lc.reg_t_max, None, z0.device)
+        t = sample_timesteps(z0.shape[0], lc.reg_t_min, lc.reg_t_max, z0.device)
         noise = torch.randn_like(z0)
         z_t = add_noise(z0, noise, t, self.alphas_cumprod)
         return diffusion_loss(self.unet_eps(z_t, t, embeds.detach()), noise)

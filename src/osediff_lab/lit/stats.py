@@ -8,6 +8,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from osediff_lab.io import atomic_write_text
+
 
 class RunStats(pl.Callback):
     """Welford mean/variance of every ``train/loss_*`` (the VSD loss oscillates: its variance is a
@@ -78,7 +80,6 @@ class RankReport(pl.Callback):
         for name, tensor in sorted(pl_module.trained_state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "paths": self.paths,
                   "trained_sha256": digest.hexdigest(), "global_step": trainer.global_step}
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=1))
+        atomic_write_text(self.out_dir / f"rank{trainer.global_rank}.json", json.dumps(report, indent=1))

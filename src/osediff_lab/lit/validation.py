@@ -94,7 +94,7 @@ class Validator:
 
     @torch.no_grad()
     def step(self, module: pl.LightningModule, batch: dict[str, Any]) -> torch.Tensor:
-        """Super-resolve one batch (``lq_up``/``hq`` in [-1, 1]), record per-image scores; returns the scored SR in [0, 1]."""
+        """Super-resolve one batch (``lq``/``hq`` in [-1, 1]), record per-image scores; returns the scored SR in [0, 1]."""
         lq01, hq01 = to_unit(batch["lq"]), to_unit(batch["hq"])
         sr01 = module.inference_pipeline().enhance(lq01)[0]
         if self.cfg.quantize_8bit:  # score what a saved 8-bit PNG would hold, as `evaluate` does

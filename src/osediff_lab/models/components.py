@@ -13,13 +13,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.errors import ConfigError, MissingWeightsError
-from osediff_lab.models import text
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 
@@ -183,8 +181,3 @@ def save_pretrained(components: Components, path: str | Path) -> Path:
     components.unet.save_pretrained(path / "unet")
     components.scheduler.save_pretrained(path / "scheduler")
     return path
-
-
-def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings (last hidden state) for a list of prompts, padded to the tokenizer's length."""
-    return text.encode_prompts(components.tokenizer, components.text_encoder, prompts)

@@ -58,9 +58,9 @@ def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(eps_pred.float(), noise.float())
 
 
-def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """Integer timesteps uniform in [t_min, t_max), one per sample."""
+def sample_timesteps(batch: int, t_min: int, t_max: int, device) -> torch.Tensor:
+    """Integer timesteps uniform in [t_min, t_max), one per sample (global torch RNG, saved on resume)."""
     if not 0 <= t_min < t_max:
         raise ValueError(f"need 0 <= t_min < t_max, got [{t_min}, {t_max})")
-    t = torch.randint(t_min, t_max, (batch,), generator=generator, device="cpu")
+    t = torch.randint(t_min, t_max, (batch,), device="cpu")
     return t.to(device)
