@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from helpers import SHARED
-from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.errors import ConfigError
 from osediff_lab.models.perceptual import BACKBONE_FILES
-from osediff_lab.weights import MANIFEST, check_entry, expected_path, offline, require, resolve_names
+from osediff_lab.weights import MANIFEST, check_entry, expected_path, offline, resolve_names
 from osediff_lab.weights.__main__ import main as weights_cli
 from osediff_lab.weights.cache import NetworkBlockedError, format_problem
 from osediff_lab.weights.fetch import fetch_entry
@@ -126,11 +126,6 @@ def test_fetch_cli_uses_the_downloader(tmp_path, monkeypatch):
     assert weights_cli(["--weights-dir", str(tmp_path), "fetch", "niqe"]) == 0
     assert seen == [MANIFEST["niqe"].url]
     assert check_entry(MANIFEST["niqe"], tmp_path).state == "present"
-
-
-def test_require_names_files_and_fix(tmp_path):
-    with pytest.raises(MissingWeightsError, match=r"fetch fid_inception"):
-        require([MANIFEST["fid_inception"]], tmp_path, "FID")
 
 
 def test_offline_points_libraries_at_cache_and_blocks_network(tmp_path):

@@ -66,3 +66,9 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image -> float tensor (3, H, W) in [0, 1]."""
     arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> 8-bit RGB PIL image (rounded)."""
+    arr = (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from osediff_lab.data.images import UnreadableImage, to_rgb
+from osediff_lab.data.images import UnreadableImage, pil_to_tensor, to_rgb
 
 
 def is_16bit(im: Image.Image) -> bool:
@@ -49,12 +49,12 @@ def load_image01(path: str | Path) -> torch.Tensor:
             if is_16bit(im):
                 return torch.from_numpy(np.ascontiguousarray(_read_16bit(path, im).transpose(2, 0, 1))).float()
             im.load()
-            rgb = np.asarray(to_rgb(im), dtype=np.uint8)
+            rgb = to_rgb(im)
     except UnreadableImage:
         raise
     except Exception as exc:
         raise UnreadableImage(f"{path}: {type(exc).__name__}: {exc}") from exc
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+    return pil_to_tensor(rgb)
 
 
 def center_crop(img: torch.Tensor, height: int, width: int) -> torch.Tensor:

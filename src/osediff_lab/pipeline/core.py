@@ -8,13 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from osediff_lab.data.images import pil_to_tensor, to_rgb
+from osediff_lab.data.images import pil_to_tensor, tensor_to_pil, to_rgb
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.text import PromptEmbedder
@@ -29,12 +28,6 @@ from osediff_lab.prompts import PromptProvider, build_prompt_provider
 log = logging.getLogger(__name__)
 EMBED_CACHE_SIZE = 1024  # distinct prompts kept (image-dependent prompts such as DAPE's rarely repeat)
 VAE_TILING_ATTRS = ("use_tiling", "tile_latent_min_size", "tile_sample_min_size", "tile_overlap_factor")
-
-
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> 8-bit RGB image (rounded)."""
-    arr = (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
 
 
 class OSEDiffPipeline:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
@@ -25,18 +24,13 @@ from transformers import (
     LlavaProcessor,
 )
 
+from osediff_lab.data.images import tensor_to_pil
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.models.components import write_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
-
-
-def to_pil(image01: torch.Tensor) -> Image.Image:
-    """One image in [0, 1] ([3, H, W]) as an 8-bit PIL image (what LLaVA's image processor expects)."""
-    arr = (image01.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
 
 
 class LlavaPrompt:
@@ -66,7 +60,7 @@ class LlavaPrompt:
         out: list[str] = []
         for chunk in images01.split(self.batch_size):
             inputs = self.processor(
-                images=[to_pil(x) for x in chunk], text=[self.text] * len(chunk), return_tensors="pt", padding=True
+                images=[tensor_to_pil(x) for x in chunk], text=[self.text] * len(chunk), return_tensors="pt", padding=True
             ).to(images01.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             tokens = self.model.generate(

@@ -6,7 +6,6 @@ from osediff_lab.weights.cache import (
     expected_path,
     locate,
     offline,
-    require,
 )
 from osediff_lab.weights.manifest import GROUPS, MANIFEST, WeightFile, resolve_names
 
@@ -19,6 +18,5 @@ __all__ = [
     "expected_path",
     "locate",
     "offline",
-    "require",
     "resolve_names",
 ]

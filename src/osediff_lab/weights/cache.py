@@ -140,19 +140,6 @@ def check_entry(entry: WeightFile, cache: str | Path, verify_hash: bool = True) 
     return EntryStatus(entry, "present", found, "sha256 not checked" if known else "no published sha256; format ok")
 
 
-def require(entries: list[WeightFile], cache: str | Path, purpose: str) -> None:
-    """Raise MissingWeightsError naming every missing/corrupt file and the fetch command, before any work."""
-    bad = [s for s in (check_entry(e, cache, verify_hash=False) for e in entries) if s.state != "present"]
-    if bad:
-        lines = [f"  {s.entry.name}: {s.state} {s.path} ({s.detail})" for s in bad]
-        raise MissingWeightsError(
-            f"{purpose} needs weight files that are not usable in the cache {Path(cache).expanduser()}:\n"
-            + "\n".join(lines)
-            + f"\nFix: on a connected machine run `{fetch_command([s.entry.name for s in bad])}` "
-            "(cache: paths.weights_dir or OSEDIFF_WEIGHTS)."
-        )
-
-
 class NetworkBlockedError(MissingWeightsError):
     """A library tried to download while the weights cache was in offline mode."""
 
