@@ -102,7 +102,7 @@ class OSEDiffModule(pl.LightningModule):
         """Degrade on the training device (batched) unless the batch is already paired; add x_L for training."""
         if "lq" not in batch:
             batch["lq"] = self.degradation(batch["hq"])
-        if self.trainer.training:  # validation goes through the inference pipeline, which upsamples itself
+        if self._trainer is None or self.trainer.training:  # validation upsamples in the inference pipeline
             batch["lq_up"] = upsample_to(batch["lq"], batch["hq"].shape[-2:])
         return batch
 
