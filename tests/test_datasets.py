@@ -141,6 +141,20 @@ def test_small_image_policies_are_counted(tmp_path, caplog):
         HQCropDataset(files, 32, small_image_policy="error")
 
 
+def test_repeated_listing_reads_each_header_once_and_keeps_every_entry(tmp_path, monkeypatch):
+    import osediff_lab.data.datasets as datasets
+
+    files = make_folder(tmp_path / "big", 2, 40) + make_folder(tmp_path / "small", 1, 16)
+    listed = [files[0], files[2], files[0], files[1], files[0], files[2]]
+    reads: list[Path] = []
+    real = datasets.image_size
+    monkeypatch.setattr(datasets, "image_size", lambda f: reads.append(Path(f)) or real(f))
+    ds = HQCropDataset(listed, 32, small_image_policy="skip")
+    assert sorted(reads) == sorted(files)  # three distinct files, three header reads
+    assert ds.files == [files[0], files[0], files[1], files[0]]  # listing order and repeats kept
+    assert ds.small == [str(files[2])]
+
+
 # ---- sources -------------------------------------------------------------------------------------
 def data_cfg(**kw):
     return OmegaConf.create(kw)

@@ -94,6 +94,30 @@ def test_cache_hits_are_identical_and_settings_changes_miss(tmp_path):
     assert pixel_key(x[0]) != pixel_key(x[1])
 
 
+def _put_from_child(cache: PromptCache) -> None:
+    cache.put_many("s", {"child": "from the child"})
+
+
+def test_cache_keeps_one_connection_per_process_and_shares_the_file(tmp_path):
+    import multiprocessing
+    import pickle
+
+    cache = PromptCache(tmp_path / "c.sqlite")
+    cache.put_many("s", {"a": "first"})
+    assert cache._connect() is cache._connect()  # one connection for every lookup in this process
+    other = PromptCache(tmp_path / "c.sqlite")  # another process's view of the same file sees committed rows
+    assert other.get_many("s", ["a"]) == {"a": "first"}
+    child = multiprocessing.get_context("fork").Process(target=_put_from_child, args=(cache,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert cache.get_many("s", ["a", "child"]) == {"a": "first", "child": "from the child"}
+    copy = pickle.loads(pickle.dumps(cache))  # e.g. spawned workers: the connection stays behind
+    assert copy._db is None and len(copy) == 2
+    for c in (cache, other, copy):
+        c.close()
+
+
 def test_cache_miss_can_be_an_error(tmp_path):
     cached = CachedPrompt(Counting(), PromptCache(tmp_path / "c.sqlite"), {"s": 1}, on_miss="error", fill_command="fill-it")
     with pytest.raises(KeyError, match="fill-it"):

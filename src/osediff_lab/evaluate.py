@@ -147,9 +147,9 @@ def evaluate_folders(
 
 def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path]:
     """Super-resolve ``cfg.val``'s LR images with ``cfg.checkpoint`` (the inference pipeline, conf ``pipeline``)
-    into ``out/sr``; links the matching HR files into ``out/gt``. Returns (sr_dir, gt_dir)."""
+    into ``out/sr`` (each with its prompt as .txt); links the matching HR files into ``out/gt``. Returns (sr_dir, gt_dir)."""
     from osediff_lab.data.datamodule import paired_dataset
-    from osediff_lab.data.images import load_rgb
+    from osediff_lab.infer import super_resolve_file
     from osediff_lab.pipeline import OSEDiffPipeline
 
     if cfg.val.get("name", "none") == "none":
@@ -160,7 +160,7 @@ def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path]:
     sr_dir.mkdir(parents=True, exist_ok=True)
     gt_dir.mkdir(parents=True, exist_ok=True)
     for lr, hr in tqdm(pairs, desc="super-resolve", unit="img", disable=not cfg.progress):
-        pipe([load_rgb(lr)])[0].save(sr_dir / f"{lr.stem}.png")
+        super_resolve_file(pipe, lr, sr_dir / lr.stem)
         link = gt_dir / hr.name
         if not link.exists():
             link.symlink_to(hr.resolve())

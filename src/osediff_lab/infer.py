@@ -55,6 +55,15 @@ def sibling(stem: Path, suffix: str) -> Path:
     return stem.parent / f"{stem.name}{suffix}"
 
 
+def super_resolve_file(pipe: OSEDiffPipeline, src: Path, stem: Path) -> Path:
+    """Super-resolve ``src`` into ``stem``.png, with its prompt in ``stem``.txt; both written atomically."""
+    sr, prompt = pipe.enhance_image(load_rgb(src))
+    dst = sibling(stem, ".png")
+    atomic_write(dst, lambda tmp: sr.save(tmp, format="PNG"))
+    atomic_write_text(sibling(stem, ".txt"), prompt + "\n")
+    return dst
+
+
 def run_inference(cfg: DictConfig) -> dict:
     """Process every input; returns the summary {output, succeeded, failed: [{input, reason}]}."""
     inputs = collect_inputs(cfg.input)
@@ -68,15 +77,13 @@ def run_inference(cfg: DictConfig) -> dict:
             failed.append({"input": str(src), "reason": f"output {dst} already written for {written[dst]}"})
             continue
         try:
-            sr, prompt = pipe.enhance_image(load_rgb(src))
+            super_resolve_file(pipe, src, out_root / rel)
         except (UnreadableImage, ValueError, torch.OutOfMemoryError) as exc:
             cause = exc.__cause__ if isinstance(exc, UnreadableImage) and exc.__cause__ else exc
             reason = f"{type(cause).__name__}: {cause}"
             failed.append({"input": str(src), "reason": reason})
             tqdm.write(f"skipped {src}: {reason}")
             continue
-        atomic_write(dst, lambda tmp, im=sr: im.save(tmp, format="PNG"))
-        atomic_write_text(sibling(out_root / rel, ".txt"), prompt + "\n")
         written[dst] = src
     summary = {"output": str(out_root), "succeeded": len(written), "failed": failed}
     atomic_write_text(out_root / "summary.json", json.dumps(summary, indent=2))

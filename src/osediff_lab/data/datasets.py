@@ -45,19 +45,19 @@ class HQCropDataset(Dataset):
         self.policy = small_image_policy
         self.skipped: list[str] = []
         self.small: list[str] = []
-        kept = []
-        for f in files:
+        usable: dict[Path, bool] = {}  # each distinct file's header is read once, however often it is listed
+        for f in dict.fromkeys(Path(f) for f in files):
             try:
                 w, h = image_size(f)
             except UnreadableImage as exc:
                 log.warning("skipping unreadable image %s", exc)
                 self.skipped.append(str(f))
+                usable[f] = False
                 continue
             if min(w, h) < crop_size:
                 self.small.append(str(f))
-                if small_image_policy == "skip":
-                    continue
-            kept.append(Path(f))
+            usable[f] = min(w, h) >= crop_size or small_image_policy != "skip"
+        kept = [Path(f) for f in files if usable[Path(f)]]
         if self.small and small_image_policy == "error":
             raise ConfigError(
                 f"{len(self.small)} image(s) are smaller than data.crop_size={crop_size} (e.g. {self.small[0]}); "

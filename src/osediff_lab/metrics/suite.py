@@ -6,7 +6,6 @@ missing or damaged becomes an ``Unavailable`` record naming the files and the fe
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from osediff_lab.errors import ConfigError
 from osediff_lab.weights.cache import EntryStatus, check_entry, fetch_command, offline
 from osediff_lab.weights.manifest import MANIFEST
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,9 +96,7 @@ class MetricSuite:
 
         self.cache = Path(cache).expanduser()
         self.device = _pick_device(device)
-        runnable, self.unavailable = availability(defs, self.cache)
-        for u in self.unavailable:
-            log.warning(u.message)
+        runnable, self.unavailable = availability(defs, self.cache)  # callers report these, once
         self.defs = {d.name: d for d in runnable}
         self.models: dict[str, torch.nn.Module] = {}
         with offline(self.cache):

@@ -166,6 +166,11 @@ def build_components(cfg: DictConfig) -> Components:
         components = load_pretrained(resolve_pretrained_path(cfg))
     else:
         raise ConfigError(f"model.source must be 'random' or 'pretrained', got '{cfg.source}'")
+    return frozen(components)
+
+
+def frozen(components: Components) -> Components:
+    """The components with text encoder, VAE and UNet frozen and in eval mode (adapters add what trains)."""
     for module in (components.text_encoder, components.vae, components.unet):
         module.requires_grad_(False)
         module.eval()

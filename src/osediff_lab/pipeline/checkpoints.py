@@ -20,8 +20,8 @@ from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.export import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.components import (
     Components,
-    build_random,
-    check_compatible,
+    build_components,
+    frozen,
     load_pretrained,
     resolve_pretrained_path,
 )
@@ -114,10 +114,10 @@ def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
     the training base when it was built right after seeding (as train.py does).
     """
     if base is not None:
-        components = load_pretrained(_pretrained_dir(str(base), "base"))
-    elif ckpt.kind == "official":
-        components = load_pretrained(_pretrained_dir(None, "official OSEDiff weights (LoRA on SD2.1-base)"))
-    elif ckpt.meta["model_arch"]["source"] == "random":
+        return frozen(load_pretrained(_pretrained_dir(str(base), "base")))
+    if ckpt.kind == "official":
+        return frozen(load_pretrained(_pretrained_dir(None, "official OSEDiff weights (LoRA on SD2.1-base)")))
+    if ckpt.meta["model_arch"]["source"] == "random":
         arch = OmegaConf.create(ckpt.meta["model_arch"])
         seed = ckpt.meta.get("seed")
         if seed is None:
@@ -126,14 +126,8 @@ def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
             log.warning("%s: base model '%s' has random weights, rebuilt with seed %s", ckpt.path, arch.name, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed or 0))
-            components = build_random(arch)
-        check_compatible(components, f"model '{arch.name}'")
-    else:
-        components = load_pretrained(_pretrained_dir(ckpt.meta["model_arch"].get("pretrained_path"), ckpt.meta["base_model"]["name"]))
-    for module in (components.text_encoder, components.vae, components.unet):
-        module.requires_grad_(False)
-        module.eval()
-    return components
+            return build_components(arch)
+    return frozen(load_pretrained(_pretrained_dir(ckpt.meta["model_arch"].get("pretrained_path"), ckpt.meta["base_model"]["name"])))
 
 
 def build_loaded_generator(components: Components, ckpt: Checkpoint, official: DictConfig) -> OSEDiffGenerator:

@@ -56,11 +56,24 @@ class PromptCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(os.path.expanduser(str(path)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db: sqlite3.Connection | None = None
+        self._pid = -1
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS prompts (settings TEXT, image TEXT, text TEXT, PRIMARY KEY (settings, image))")
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+        """This process's connection, opened on first use (a forked worker or rank opens its own)."""
+        if self._db is None or self._pid != os.getpid():
+            self._db, self._pid = sqlite3.connect(self.path, timeout=60), os.getpid()
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None and self._pid == os.getpid():
+            self._db.close()
+        self._db = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_db": None, "_pid": -1}  # connections do not travel to other processes
 
     def get_many(self, settings: str, images: list[str]) -> dict[str, str]:
         """Cached texts for those ``images`` that have one."""
