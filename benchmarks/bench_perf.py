@@ -4,7 +4,9 @@ time and peak memory per memory option, each against the plain fp32 path measure
 `python benchmarks/bench_perf.py [--model tiny|sd21_shape] [--size 512] [--batches 1 8] [--train-batches 1 4]`
 Inference times one generator pass (encode, UNet, decode) on x_L, without prompts or colour fix. Peak memory
 is torch.cuda.max_memory_allocated on GPU; on CPU each training case runs in its own process and reports
-its peak resident set size (weights included).
+its peak resident set size (weights included). Beside it: osediff_lab.memory's prediction of peak tensor
+bytes (comparable to the CUDA figure; bench_memory.py prints it alone, at full size, on any machine);
+* marks 8-bit AdamW predicted as AdamW.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import sys
 
 import torch
 from common import compose_config, timings  # noqa: E402
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from osediff_lab.memory import AUTOCAST, MemoryPrediction, adamw_pair, predict_training_memory, training_step  # noqa: E402
 from osediff_lab.models.components import build_components  # noqa: E402
 from osediff_lab.models.osediff import build_generator  # noqa: E402
 from osediff_lab.pipeline import OSEDiffPipeline  # noqa: E402
@@ -83,36 +86,26 @@ def bench_inference(model: str, size: int, batches: list[int], repeats: int, cas
         del pipe
 
 
+def case_config(model: str, size: int, batch: int, name: str, extra: tuple[str, ...] = ()) -> DictConfig:
+    """The training config of one memory-option case."""
+    overrides = [f"model={model}", *BASE, f"data.batch_size={batch}", f"data.crop_size={size}", *TRAIN_CASES[name], *extra]
+    return compose_config(overrides)
+
+
+def predict_case(model: str, size: int, batch: int, name: str) -> tuple[MemoryPrediction, bool]:
+    """osediff_lab.memory's prediction for the case, and whether 8-bit AdamW was predicted as AdamW (its
+    kernels need real tensors; 8-bit states are 6 bytes per trainable parameter smaller)."""
+    eight_bit = bool(case_config(model, size, batch, name).optim.use_8bit)
+    return predict_training_memory(case_config(model, size, batch, name, ("optim.use_8bit=false",))), eight_bit
+
+
 def train_case(model: str, size: int, batch: int, name: str, repeats: int) -> dict:
     """Seconds per step (generator + regularizer, both optimisers stepping) and peak memory for one case."""
-    cfg = compose_config([f"model={model}", *BASE, f"data.batch_size={batch}", f"data.crop_size={size}", *TRAIN_CASES[name]])
+    cfg = case_config(model, size, batch, name)
     torch.manual_seed(0)
     module = build_module(cfg).to(DEVICE).train()
-    oc = cfg.optim
-    if oc.use_8bit:
-        import bitsandbytes as bnb
-
-        make = bnb.optim.AdamW8bit
-    else:
-        make = torch.optim.AdamW
-    opt_g, opt_r = (make(ps, lr=oc.lr, weight_decay=oc.weight_decay) for ps in (module.gen_params, module.reg_params))
     hq = torch.rand(batch, 3, size, size, device=DEVICE) * 2 - 1
-    b = module.on_after_batch_transfer({"hq": hq}, 0)
-    embeds = module.encode_text([""] * batch)
-    mixed = str(cfg.trainer.precision).startswith("bf16")
-
-    def step() -> None:
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=mixed):
-            terms, _, z_h = module.generator_losses(b, embeds)
-        opt_g.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt_g.step()
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=mixed):
-            loss_r = module.regularizer_loss(z_h, embeds)
-        opt_r.zero_grad(set_to_none=True)
-        loss_r.backward()
-        opt_r.step()
-
+    step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
     module.log = lambda *a, **k: None  # no trainer attached: Lightning's logging is not under test
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -121,10 +114,10 @@ def train_case(model: str, size: int, batch: int, name: str, repeats: int) -> di
     return {"case": name, "batch": batch, "s_per_step": sec, "peak_gib": peak / 2**30}
 
 
-def bench_training(model: str, size: int, batches: list[int], repeats: int, cases: list[str]) -> None:
+def bench_training(model: str, size: int, batches: list[int], repeats: int, cases: list[str], predict: bool) -> None:
     kind = "peak allocated (CUDA)" if DEVICE.type == "cuda" else "peak RSS of a fresh process"
     print(f"\ntraining step, model={model}, {DEVICE}, {size}x{size}, LPIPS vgg (random weights), median of {repeats}")
-    print(f"{'case':28s} {'batch':>5s} {'s/step':>8s} {'vs plain':>8s} {'GiB ' + kind:>30s}")
+    print(f"{'case':28s} {'batch':>5s} {'s/step':>8s} {'vs plain':>8s} {'GiB ' + kind:>30s} {'GiB predicted':>14s}")
     plain: dict[int, float] = {}
     for name in cases:
         for b in batches:
@@ -135,7 +128,11 @@ def bench_training(model: str, size: int, batches: list[int], repeats: int, case
                 cmd = [sys.executable, __file__, "--child", json.dumps([model, size, b, name, repeats])]
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             plain.setdefault(b, r["s_per_step"])
-            print(f"{name:28s} {b:5d} {r['s_per_step']:8.3f} {plain[b] / r['s_per_step']:7.2f}x {r['peak_gib']:30.2f}")
+            pred_cell = "-"
+            if predict:
+                pred, as_adamw = predict_case(model, size, b, name)
+                pred_cell = f"{pred.peak / 2**30:.2f}" + ("*" if as_adamw else "")
+            print(f"{name:28s} {b:5d} {r['s_per_step']:8.3f} {plain[b] / r['s_per_step']:7.2f}x {r['peak_gib']:30.2f} {pred_cell:>14s}")
 
 
 def main() -> None:
@@ -149,6 +146,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--infer-cases", nargs="*", default=list(INFER_CASES))
     parser.add_argument("--train-cases", nargs="*", default=list(TRAIN_CASES))
+    parser.add_argument("--predict", action=argparse.BooleanOptionalAction, default=True,
+                        help="add osediff_lab.memory's predicted peak beside each measured one (seconds per case)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,7 +158,7 @@ def main() -> None:
     if args.infer_cases:
         bench_inference(args.model, args.size, args.batches, args.repeats, args.infer_cases)
     if args.train_cases:
-        bench_training(args.model, args.train_size or args.size, args.train_batches, args.repeats, args.train_cases)
+        bench_training(args.model, args.train_size or args.size, args.train_batches, args.repeats, args.train_cases, args.predict)
 
 
 if __name__ == "__main__":

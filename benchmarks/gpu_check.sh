@@ -2,7 +2,8 @@
 # One prepared full-size check for a session with a GPU (under 8 minutes on one H100), no weights, no network:
 #   1. the complexity table with per-module latency at 512x512 (bf16),
 #   2. inference at 512x512, batch 1 and 8: plain fp32 vs merged LoRA + SDPA + bf16 (+ torch.compile),
-#   3. training step time and peak CUDA memory at 512x512, batch 1, per memory option.
+#   3. training step time and peak CUDA memory at 512x512, batch 1, per memory option (compare with the
+#      prediction `python benchmarks/bench_memory.py --batches 1` prints on any machine).
 # Needs only torch, pytorch-lightning, transformers, peft, diffusers (+ hydra-core, omegaconf, lpips, timm,
 # which our package imports) and this package: carry .venv (or install `pip install -e .` with those wheels);
 # bitsandbytes is optional (the 8-bit AdamW rows are skipped without it).
@@ -20,5 +21,5 @@ timeout 150 $PY -m osediff_lab.profile model=sd21_shape profile.latency.repeats=
 timeout 200 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches 1 8 --repeats 5 --train-cases \
   --infer-cases "plain fp32" "merged + SDPA + bf16" "merged + SDPA + bf16 + compile" 2>&1 | grep -v -i warn \
   | tee "$OUT/inference.txt" || echo "inference: timed out or failed"
-timeout 240 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --infer-cases \
+timeout 240 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
   --train-cases "${TRAIN_CASES[@]}" 2>&1 | grep -v -i warn | tee "$OUT/training.txt" || echo "training: timed out or failed"

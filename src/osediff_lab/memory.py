@@ -1,0 +1,179 @@
+"""`python -m osediff_lab.memory model=sd21_shape data.crop_size=512 [options]`: will this training config fit?
+
+Predicts the peak tensor memory of a training step (generator step, then regularizer step, AdamW) without
+a GPU and without the weights: the configured module is built on the meta device and the step is replayed
+on fake tensors (shapes and dtypes only, seconds even at SD2.1 size). Every tensor storage the step creates
+is tracked at the dispatcher and its free is seen through a storage weak reference, so the peak is that of
+bytes held by tensors, which is what ``torch.cuda.max_memory_allocated`` reports. Not included: the CUDA
+context (about 0.5 GiB), the caching allocator's rounding and fragmentation, and library workspaces.
+Kernels are the CPU ones (autocast's CPU op list), so a GPU run may differ by a few percent.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from osediff_lab.checks import config_problems
+from osediff_lab.errors import ConfigError
+from osediff_lab.lit.module import OSEDiffModule
+from osediff_lab.train import CONF_DIR, build_module
+
+GIB = 2**30
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops run inside this mode create and that are alive at once.
+
+    Frees are collected only when the running count passes the peak (a full scan of the weak references),
+    so the peak is exact while most ops cost a dictionary lookup.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self.live:
+                    self.live[ref.cdata] = (ref, storage.nbytes())
+                    self.now += storage.nbytes()
+        if self.now > self.peak:
+            for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+                self.now -= self.live.pop(key)[1]
+            self.peak = max(self.peak, self.now)
+        return out
+
+
+def make_fake(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> dict[int, torch.Tensor]:
+    """Replace every parameter and buffer of ``module`` (on meta) by a fake tensor on ``device``, in place.
+
+    Tensors shared between sub-modules stay shared. Returns {id of the original: its fake}.
+    """
+    fakes: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in fakes:
+            f = FakeTensor(mode, torch.empty_like(t, device="meta"), torch.device(device))
+            fakes[id(t)] = nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else f
+        return fakes[id(t)]
+
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is not None:
+                    store[key] = fake(t)
+    return fakes
+
+
+def training_step(module: OSEDiffModule, hq: torch.Tensor, optimizers: tuple, autocast: torch.dtype | None) -> Callable[[], None]:
+    """One OSEDiff step without a trainer: degrade, generator loss, backward, step; regularizer loss, backward,
+    step. ``hq`` in [-1, 1]; text is the empty prompt. The benchmarks time this same step."""
+    opt_g, opt_r = optimizers
+    device_type = hq.device.type
+
+    def step() -> None:
+        batch = module.on_after_batch_transfer({"hq": hq}, 0)
+        embeds = module.encode_text([""] * hq.shape[0])
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            terms, _, z_h = module.generator_losses(batch, embeds)
+        opt_g.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt_g.step()
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss_r = module.regularizer_loss(z_h, embeds)
+        opt_r.zero_grad(set_to_none=True)
+        loss_r.backward()
+        opt_r.step()
+
+    return step
+
+
+def adamw_pair(module: OSEDiffModule, cfg: DictConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The generator's and the regularizer's AdamW (``optim.use_8bit`` picks bitsandbytes' AdamW8bit)."""
+    oc = cfg.optim
+    if oc.use_8bit:
+        import bitsandbytes as bnb
+
+        make = bnb.optim.AdamW8bit
+    else:
+        make = torch.optim.AdamW
+    return (
+        make(module.gen_params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay),
+        make(module.reg_params, lr=oc.reg_lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay),
+    )
+
+
+@dataclass
+class MemoryPrediction:
+    """Bytes: weights and buffers present before the step, and the peak during it (both included in ``peak``)."""
+
+    static: int
+    peak: int
+
+    @property
+    def activations(self) -> int:
+        return self.peak - self.static
+
+
+def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction:
+    """Peak tensor bytes of ``steps`` training steps of ``cfg`` (the last step includes optimiser states)."""
+    problems = config_problems(cfg)
+    if cfg.model.source != "random":
+        problems.append(f"model={cfg.model.name} loads weights; predict with its random twin (model=sd21_shape for SD2.1)")
+    if cfg.optim.use_8bit:
+        problems.append("optim.use_8bit=true: bitsandbytes kernels do not run on fake tensors; predict with AdamW "
+                        "(8-bit states save 6 bytes per trainable parameter)")
+    if problems:
+        raise ConfigError("cannot predict memory for this config:\n  - " + "\n  - ".join(problems))
+    with torch.device("meta"):
+        module = build_module(cfg).train()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = make_fake(module, mode)
+    module.gen_params = [fakes[id(p)] for p in module.gen_params]
+    module.reg_params = [fakes[id(p)] for p in module.reg_params]
+    module.log = lambda *a, **k: None  # no trainer: Lightning's logging is not part of the step
+    static = sum(t.untyped_storage().nbytes() for t in fakes.values())
+    size, batch = int(cfg.data.crop_size), int(cfg.data.batch_size)
+    with mode:
+        hq = torch.zeros(batch, 3, size, size)
+        step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
+        tracker = PeakTensorBytes()
+        with tracker:
+            for _ in range(steps):
+                step()
+    return MemoryPrediction(static, static + tracker.peak)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="memory")
+def main(cfg: DictConfig) -> None:
+    p = predict_training_memory(cfg, int(cfg.memory.steps))
+    print(
+        f"model={cfg.model.name}, {cfg.data.crop_size}x{cfg.data.crop_size}, batch {cfg.data.batch_size}, "
+        f"precision {cfg.trainer.precision}, frozen {cfg.generator.frozen_dtype}, gradient checkpointing "
+        f"{cfg.generator.gradient_checkpointing}, LPIPS {cfg.loss.lpips.dtype}:\n"
+        f"  predicted peak tensor memory {p.peak / GIB:.2f} GiB (weights and buffers {p.static / GIB:.2f}, "
+        f"step {p.activations / GIB:.2f}); add about 0.5 GiB of CUDA context"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The training-memory prediction (osediff_lab.memory): the tracker on a hand-worked sequence, the fake-tensor
+replay against the same step on real tensors, and the memory options' effect at SD2.1 size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import TINY, compose_config
+from osediff_lab.errors import ConfigError
+from osediff_lab.memory import AUTOCAST, PeakTensorBytes, adamw_pair, predict_training_memory, training_step
+from osediff_lab.train import build_module
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_tracker_peak_by_hand():
+    with PeakTensorBytes() as tracker:
+        a = torch.empty(1024)  # 4 KiB
+        b = torch.empty(2048)  # + 8 KiB = 12 KiB
+        view = a.view(32, 32)  # shares a's storage: nothing new
+        del a, view  # freed: -4 KiB
+        c = torch.empty(4096)  # + 16 KiB = 24 KiB, the peak
+        del c
+        d = torch.empty(512)  # 8 + 2 KiB: below the peak
+    assert tracker.peak == (2048 + 4096) * 4
+    assert b.numel() + d.numel() == 2560
+
+
+def tiny_cfg(*overrides: str):
+    return compose_config([*TINY, "data.crop_size=64", "data.batch_size=2", *overrides])
+
+
+def test_fake_replay_predicts_the_real_steps_peak():
+    cfg = tiny_cfg()
+    predicted = predict_training_memory(cfg)
+    torch.manual_seed(0)
+    module = build_module(cfg).train()
+    module.log = lambda *a, **k: None
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]}
+    hq = torch.rand(2, 3, 64, 64) * 2 - 1
+    step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
+    with PeakTensorBytes() as tracker:
+        step()
+        step()
+    assert predicted.static == sum(tensors.values())  # shared tensors (the frozen UNet) counted once
+    assert predicted.peak == pytest.approx(predicted.static + tracker.peak, rel=0.01)
+    assert predicted.activations > 0
+
+
+def test_memory_options_shrink_the_sd21_prediction():
+    """At SD2.1 size on fake tensors (seconds, no memory): 384 px keeps the test quick."""
+    base = ["model=sd21_shape", "data.crop_size=384", "data.batch_size=1", "loss.lpips.pretrained=false"]
+    plain = predict_training_memory(compose_config(base), steps=1)
+    ckpt = predict_training_memory(compose_config([*base, "generator.gradient_checkpointing=true"]), steps=1)
+    bf16 = predict_training_memory(compose_config([*base, "generator.frozen_dtype=bf16", "trainer.precision=bf16-mixed"]), steps=1)
+    assert plain.static > 8 * 2**30  # two fp32 UNets (generator + frozen/regularizer), VAE, text encoder, VGG
+    assert ckpt.static == plain.static and ckpt.activations < 0.6 * plain.activations
+    assert bf16.static < 0.55 * plain.static  # frozen weights at 2 bytes; LoRA and LPIPS stay fp32
+
+
+def test_prediction_rejects_configs_it_cannot_replay():
+    with pytest.raises(ConfigError, match="use_8bit"):
+        predict_training_memory(tiny_cfg("optim.use_8bit=true"))
+    with pytest.raises(ConfigError, match="frozen_dtype"):
+        predict_training_memory(tiny_cfg("generator.frozen_dtype=bf16"))
