@@ -81,7 +81,8 @@ def test_fit_validates_every_n_steps_and_keeps_best_checkpoint(realsr, tmp_path)
     out = tmp_path / "eval"
     ev = evaluate(eval_cfg([f"checkpoint={summary['lora']}", "val=realsr", f"val.root={realsr}", "val.limit=1",
                             "metrics=[psnr]", f"out_dir={out}", f"paths.weights_dir={tmp_path / 'w'}"]))
-    assert ev["count"] == 1 and sorted(p.name for p in (out / "sr").iterdir()) == [f"{data_names(cfg)[0]}.png"]
+    name = data_names(cfg)[0]
+    assert ev["count"] == 1 and sorted(p.name for p in (out / "sr").iterdir()) == [f"{name}.png", f"{name}.txt"]  # + its prompt
     assert 5 < ev["metrics"]["psnr"]["value"] < 60
 
 
