@@ -97,3 +97,17 @@ def test_image_space_vsd_trains_and_differs_from_latent(tmp_path):
     la, lb = logged_losses(Path(a["run_dir"])), logged_losses(Path(b["run_dir"]))
     assert len(la) == 2 and all(map(math.isfinite, la))
     assert la[0] != lb[0]  # VSD computed on E(x_H) instead of z_H
+
+
+def test_x_l_is_added_except_for_validation_batches():
+    import pytorch_lightning as pl
+    from pytorch_lightning.trainer.states import RunningStage
+
+    module = build_module(compose_config(TINY))
+    hq = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert module.on_after_batch_transfer({"hq": hq}, 0)["lq_up"].shape == hq.shape  # no trainer: a plain step
+    module.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    for stage, wanted in ((RunningStage.TRAINING, True), (RunningStage.VALIDATING, False),
+                          (RunningStage.SANITY_CHECKING, False), (None, True)):  # None: after fit, e.g. benchmarks
+        module.trainer.state.stage = stage
+        assert ("lq_up" in module.on_after_batch_transfer({"hq": hq}, 0)) is wanted, stage

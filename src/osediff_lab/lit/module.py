@@ -99,10 +99,11 @@ class OSEDiffModule(pl.LightningModule):
 
     # ---- inputs -------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Degrade on the training device (batched) unless the batch is already paired; add x_L for training."""
+        """Degrade on the training device (batched) unless the batch is already paired; add x_L except for
+        validation batches (the inference pipeline upsamples those itself)."""
         if "lq" not in batch:
             batch["lq"] = self.degradation(batch["hq"])
-        if self._trainer is None or self.trainer.training:  # validation upsamples in the inference pipeline
+        if self._trainer is None or not self.trainer.evaluating:
             batch["lq_up"] = upsample_to(batch["lq"], batch["hq"].shape[-2:])
         return batch
 
