@@ -25,6 +25,12 @@ def test_tracker_peak_by_hand():
         d = torch.empty(512)  # 8 + 2 KiB: below the peak
     assert tracker.peak == (2048 + 4096) * 4
     assert b.numel() + d.numel() == 2560
+    weight = torch.zeros(1024)
+    with PeakTensorBytes([weight]) as tracker:
+        weight.add_(1)  # in place on a tensor that existed before: nothing new
+        weight.view(32, 32).t()  # views of it (F.linear transposes weights): nothing new
+        weight.mul(2)  # a temporary of 4 KiB
+    assert tracker.peak == 1024 * 4
 
 
 def tiny_cfg(*overrides: str):
@@ -40,7 +46,7 @@ def test_fake_replay_predicts_the_real_steps_peak():
     tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]}
     hq = torch.rand(2, 3, 64, 64) * 2 - 1
     step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
-    with PeakTensorBytes() as tracker:
+    with PeakTensorBytes([*module.parameters(), *module.buffers()]) as tracker:
         step()
         step()
     assert predicted.static == sum(tensors.values())  # shared tensors (the frozen UNet) counted once

@@ -11,8 +11,7 @@ Kernels are the CPU ones (autocast's CPU op list), so a GPU run may differ by a 
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +36,14 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 class PeakTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages that ops run inside this mode create and that are alive at once.
 
-    Frees are collected only when the running count passes the peak (a full scan of the weak references),
-    so the peak is exact while most ops cost a dictionary lookup.
+    ``existing`` tensors (weights, buffers) are not counted again when an in-place op returns them (the
+    optimiser's update of a parameter). Frees are collected only when the running count passes the peak
+    (a full scan of the weak references), so the peak is exact while most ops cost a dictionary lookup.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
+        self.existing = {StorageWeakRef(t.untyped_storage()).cdata for t in existing}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.now = 0
         self.peak = 0
@@ -53,7 +54,7 @@ class PeakTensorBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 ref = StorageWeakRef(storage)
-                if ref.cdata not in self.live:
+                if ref.cdata not in self.live and ref.cdata not in self.existing:
                     self.live[ref.cdata] = (ref, storage.nbytes())
                     self.now += storage.nbytes()
         if self.now > self.peak:
@@ -88,17 +89,19 @@ def training_step(module: OSEDiffModule, hq: torch.Tensor, optimizers: tuple, au
     """One OSEDiff step without a trainer: degrade, generator loss, backward, step; regularizer loss, backward,
     step. ``hq`` in [-1, 1]; text is the empty prompt. The benchmarks time this same step."""
     opt_g, opt_r = optimizers
-    device_type = hq.device.type
+
+    def amp() -> torch.autocast:
+        return torch.autocast(hq.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
 
     def step() -> None:
         batch = module.on_after_batch_transfer({"hq": hq}, 0)
         embeds = module.encode_text([""] * hq.shape[0])
-        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with amp():
             terms, _, z_h = module.generator_losses(batch, embeds)
         opt_g.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt_g.step()
-        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with amp():
             loss_r = module.regularizer_loss(z_h, embeds)
         opt_r.zero_grad(set_to_none=True)
         loss_r.backward()
@@ -156,7 +159,7 @@ def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction
     with mode:
         hq = torch.zeros(batch, 3, size, size)
         step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
-        tracker = PeakTensorBytes()
+        tracker = PeakTensorBytes(fakes.values())
         with tracker:
             for _ in range(steps):
                 step()
@@ -176,4 +179,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
