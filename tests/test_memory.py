@@ -70,3 +70,16 @@ def test_prediction_rejects_configs_it_cannot_replay():
         predict_training_memory(tiny_cfg("optim.use_8bit=true"))
     with pytest.raises(ConfigError, match="frozen_dtype"):
         predict_training_memory(tiny_cfg("generator.frozen_dtype=bf16"))
+
+
+def test_memory_cli_prints_the_prediction(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "osediff_lab.memory", "data.crop_size=64", "data.batch_size=2", f"paths.output_root={tmp_path}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = predict_training_memory(tiny_cfg("loss.lpips.net=vgg"))  # the CLI's defaults: tiny, VGG LPIPS
+    assert f"predicted peak tensor memory {want.peak / 2**30:.2f} GiB" in proc.stdout
