@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Extra runs beside each script's defaults (tiny preset): the fast paths and memory options at SD2.1 size,
-# reduced to 64 px on CPU (`make bench` takes about 21 minutes on 2 cores).
+# reduced to 64 px on CPU (`make bench` takes 18 to 21 minutes on 2 cores).
 EXTRA_RUNS = {
     "bench_perf": [["--model", "sd21_shape", "--size", "64", "--batches", "1", "4", "--train-batches", "1",
                     "--repeats", "2", "--no-predict"]],
