@@ -23,7 +23,7 @@ import torch
 from common import compose_config, timings  # noqa: E402
 from omegaconf import DictConfig, OmegaConf
 
-from osediff_lab.memory import AUTOCAST, MemoryPrediction, adamw_pair, predict_training_memory, training_step  # noqa: E402
+from osediff_lab.memory import MemoryPrediction, predict_training_memory, training_step  # noqa: E402
 from osediff_lab.models.components import build_components  # noqa: E402
 from osediff_lab.models.osediff import build_generator  # noqa: E402
 from osediff_lab.pipeline import OSEDiffPipeline  # noqa: E402
@@ -95,7 +95,7 @@ def case_config(model: str, size: int, batch: int, name: str, extra: tuple[str, 
 def predict_case(model: str, size: int, batch: int, name: str) -> tuple[MemoryPrediction, bool]:
     """osediff_lab.memory's prediction for the case, and whether 8-bit AdamW was predicted as AdamW (its
     kernels need real tensors; 8-bit states are 6 bytes per trainable parameter smaller)."""
-    eight_bit = bool(case_config(model, size, batch, name).optim.use_8bit)
+    eight_bit = "optim.use_8bit=true" in TRAIN_CASES[name]
     return predict_training_memory(case_config(model, size, batch, name, ("optim.use_8bit=false",))), eight_bit
 
 
@@ -105,8 +105,7 @@ def train_case(model: str, size: int, batch: int, name: str, repeats: int) -> di
     torch.manual_seed(0)
     module = build_module(cfg).to(DEVICE).train()
     hq = torch.rand(batch, 3, size, size, device=DEVICE) * 2 - 1
-    step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
-    module.log = lambda *a, **k: None  # no trainer attached: Lightning's logging is not under test
+    step = training_step(module, hq)
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = statistics.median(timings(step, repeats, warmup=2))

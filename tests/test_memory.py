@@ -3,12 +3,14 @@ replay against the same step on real tensors, and the memory options' effect at 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from helpers import TINY, compose_config
 from osediff_lab.errors import ConfigError
-from osediff_lab.memory import AUTOCAST, PeakTensorBytes, adamw_pair, predict_training_memory, training_step
+from osediff_lab.memory import PeakTensorBytes, predict_training_memory, training_step
 from osediff_lab.train import build_module
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -42,10 +44,9 @@ def test_fake_replay_predicts_the_real_steps_peak():
     predicted = predict_training_memory(cfg)
     torch.manual_seed(0)
     module = build_module(cfg).train()
-    module.log = lambda *a, **k: None
     tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*module.parameters(), *module.buffers()]}
     hq = torch.rand(2, 3, 64, 64) * 2 - 1
-    step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
+    step = training_step(module, hq)
     with PeakTensorBytes([*module.parameters(), *module.buffers()]) as tracker:
         step()
         step()
@@ -83,3 +84,5 @@ def test_memory_cli_prints_the_prediction(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     want = predict_training_memory(tiny_cfg("loss.lpips.net=vgg"))  # the CLI's defaults: tiny, VGG LPIPS
     assert f"predicted peak tensor memory {want.peak / 2**30:.2f} GiB" in proc.stdout
+    saved = json.loads(next(tmp_path.rglob("memory.json")).read_text())
+    assert saved == {"static_bytes": want.static, "peak_bytes": want.peak}

@@ -11,8 +11,10 @@ Kernels are the CPU ones (autocast's CPU op list), so a GPU run may differ by a 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -26,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
+from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.module import OSEDiffModule
 from osediff_lab.train import CONF_DIR, build_module
 
@@ -85,10 +88,13 @@ def make_fake(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> d
     return fakes
 
 
-def training_step(module: OSEDiffModule, hq: torch.Tensor, optimizers: tuple, autocast: torch.dtype | None) -> Callable[[], None]:
-    """One OSEDiff step without a trainer: degrade, generator loss, backward, step; regularizer loss, backward,
-    step. ``hq`` in [-1, 1]; text is the empty prompt. The benchmarks time this same step."""
-    opt_g, opt_r = optimizers
+def training_step(module: OSEDiffModule, hq: torch.Tensor) -> Callable[[], None]:
+    """One OSEDiff step without a trainer, with the module's own optimisers and trainer.precision's autocast:
+    degrade, generator loss, backward, step; regularizer loss, backward, step. ``hq`` in [-1, 1]; text is the
+    empty prompt. The benchmarks time this same step."""
+    opt_g, opt_r = module.build_optimizers()
+    autocast = AUTOCAST.get(str(module.cfg.trainer.precision))
+    module.log = lambda *a, **k: None  # Lightning's logging needs a trainer; it is not part of the step
 
     def amp() -> torch.autocast:
         return torch.autocast(hq.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
@@ -108,21 +114,6 @@ def training_step(module: OSEDiffModule, hq: torch.Tensor, optimizers: tuple, au
         opt_r.step()
 
     return step
-
-
-def adamw_pair(module: OSEDiffModule, cfg: DictConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """The generator's and the regularizer's AdamW (``optim.use_8bit`` picks bitsandbytes' AdamW8bit)."""
-    oc = cfg.optim
-    if oc.use_8bit:
-        import bitsandbytes as bnb
-
-        make = bnb.optim.AdamW8bit
-    else:
-        make = torch.optim.AdamW
-    return (
-        make(module.gen_params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay),
-        make(module.reg_params, lr=oc.reg_lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay),
-    )
 
 
 @dataclass
@@ -153,12 +144,11 @@ def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction
     fakes = make_fake(module, mode)
     module.gen_params = [fakes[id(p)] for p in module.gen_params]
     module.reg_params = [fakes[id(p)] for p in module.reg_params]
-    module.log = lambda *a, **k: None  # no trainer: Lightning's logging is not part of the step
     static = sum(t.untyped_storage().nbytes() for t in fakes.values())
     size, batch = int(cfg.data.crop_size), int(cfg.data.batch_size)
     with mode:
         hq = torch.zeros(batch, 3, size, size)
-        step = training_step(module, hq, adamw_pair(module, cfg), AUTOCAST.get(str(cfg.trainer.precision)))
+        step = training_step(module, hq)
         tracker = PeakTensorBytes(fakes.values())
         with tracker:
             for _ in range(steps):
@@ -176,6 +166,9 @@ def main(cfg: DictConfig) -> None:
         f"  predicted peak tensor memory {p.peak / GIB:.2f} GiB (weights and buffers {p.static / GIB:.2f}, "
         f"step {p.activations / GIB:.2f}); add about 0.5 GiB of CUDA context"
     )
+    out = Path(cfg.paths.output_dir) / "memory.json"  # bytes, for comparing the options of a sweep (-m)
+    atomic_write_text(out, json.dumps({"static_bytes": p.static, "peak_bytes": p.peak}, indent=2))
+    print(f"written: {out}")
 
 
 if __name__ == "__main__":

@@ -303,25 +303,27 @@ class OSEDiffModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             logger.log_metrics({k: float(v) for k, v in logs.items()}, step=step)
 
+    def build_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """The generator's and the regularizer's AdamW (bitsandbytes' AdamW8bit with ``optim.use_8bit``)."""
+        oc = self.optim_cfg
+        if oc.use_8bit:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        opt_g, opt_r = (
+            cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+            for params, lr in ((self.gen_params, oc.lr), (self.reg_params, oc.reg_lr))
+        )
+        return opt_g, opt_r
+
     def configure_optimizers(self):
         oc = self.optim_cfg
-
-        def make(params: list[nn.Parameter], lr: float):
-            if oc.use_8bit:
-                import bitsandbytes as bnb
-
-                cls = bnb.optim.AdamW8bit
-            else:
-                cls = torch.optim.AdamW
-            opt = cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
-            sched = get_scheduler(
-                oc.scheduler, opt, num_warmup_steps=oc.warmup_steps, num_training_steps=max(1, self.trainer.max_steps)
-            )
-            return opt, sched
-
-        opt_g, sch_g = make(self.gen_params, oc.lr)
-        opt_r, sch_r = make(self.reg_params, oc.reg_lr)
-        return [opt_g, opt_r], [sch_g, sch_r]
+        optimizers = list(self.build_optimizers())
+        steps = max(1, self.trainer.max_steps)
+        schedulers = [get_scheduler(oc.scheduler, opt, num_warmup_steps=oc.warmup_steps, num_training_steps=steps) for opt in optimizers]
+        return optimizers, schedulers
 
     # ---- validation (osediff_lab.lit.validation) ------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
