@@ -23,6 +23,7 @@ import torch
 from common import compose_config, timings  # noqa: E402
 from omegaconf import DictConfig, OmegaConf
 
+from osediff_lab.dtypes import resolve_device  # noqa: E402
 from osediff_lab.memory import MemoryPrediction, predict_training_memory, training_step  # noqa: E402
 from osediff_lab.models.components import build_components  # noqa: E402
 from osediff_lab.models.osediff import build_generator  # noqa: E402
@@ -50,7 +51,7 @@ TRAIN_CASES = {
                          "trainer.precision=bf16-mixed", "loss.lpips.dtype=bf16", "optim.use_8bit=true"],
 }
 BASE = ["data=demo", "logger=csv", "loss.lpips.pretrained=false", "loss.lpips.net=vgg"]
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = resolve_device()
 
 
 def sync() -> None:

@@ -84,3 +84,17 @@ def test_profile_writes_markdown_and_json_with_latency(tmp_path):
     unet = next(r for r in rows if r["module"] == "unet")
     assert unet["paper_gmacs"] is None  # no paper column for the tiny preset
     assert unet["latency"]["min_ms"] <= unet["latency"]["median_ms"]
+
+
+def test_auto_precision_and_device_resolution():
+    from osediff_lab.dtypes import resolve_device, resolve_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_dtype("auto", cuda) == torch.float16  # inference's auto (fp16 + upcast VAE decoder)
+    assert resolve_dtype("auto", cuda, torch.bfloat16) == torch.bfloat16  # the profiler's latency auto
+    assert resolve_dtype("auto", cpu, torch.bfloat16) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="profile.latency.precision"):
+        resolve_dtype("fp64", cpu, key="profile.latency.precision")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == cpu

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from osediff_lab import resolvers
-from osediff_lab.dtypes import DTYPES
+from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.io import atomic_write_text
 from osediff_lab.models.components import Components, build_components
 from osediff_lab.models.lora import merge_and_unload
@@ -197,14 +197,6 @@ def build_modules(cfg: DictConfig, training: bool = False) -> tuple[Modules, dic
     return Modules(tagger, inference), trainable
 
 
-def latency_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision not in DTYPES:
-        raise ValueError(f"profile.latency.precision must be auto, {', '.join(DTYPES)}; got '{precision}'")
-    return DTYPES[precision]
-
-
 def profile_rows(cfg: DictConfig) -> list[dict[str, Any]]:
     """One dict per module and the total: params, trainable, GMACs (dense, attention), paper, rel. diff, latency."""
     pc = cfg.profile
@@ -250,8 +242,8 @@ def measure_all(cfg: DictConfig) -> dict[str, Latency]:
     lc = cfg.profile.latency
     if lc.threads:
         torch.set_num_threads(int(lc.threads))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = latency_dtype(lc.precision, device)
+    device = resolve_device()
+    dtype = resolve_dtype(lc.precision, device, torch.bfloat16, key="profile.latency.precision")
     torch.manual_seed(cfg.seed)
     modules, _ = build_modules(cfg)
     for ms in modules.parts().values():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from osediff_lab.dtypes import resolve_device
 from osediff_lab.errors import ConfigError
 from osediff_lab.weights.cache import EntryStatus, check_entry, fetch_command, offline
 from osediff_lab.weights.manifest import MANIFEST
@@ -82,12 +83,6 @@ def availability(defs: list[MetricDef], cache: str | Path) -> tuple[list[MetricD
     return ok, missing
 
 
-def _pick_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class MetricSuite:
     """Per-image metrics (``score``) and folder metrics (``score_folders``) for the runnable subset of ``defs``."""
 
@@ -95,7 +90,7 @@ class MetricSuite:
         import pyiqa
 
         self.cache = Path(cache).expanduser()
-        self.device = _pick_device(device)
+        self.device = resolve_device(device)
         runnable, self.unavailable = availability(defs, self.cache)  # callers report these, once
         self.defs = {d.name: d for d in runnable}
         self.models: dict[str, torch.nn.Module] = {}

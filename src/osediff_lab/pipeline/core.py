@@ -14,13 +14,14 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.data.images import pil_to_tensor, tensor_to_pil, to_rgb
+from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.pipeline.checkpoints import build_loaded_generator, load_base, read_checkpoint
 from osediff_lab.pipeline.colorfix import color_fix
 from osediff_lab.pipeline.fast import apply_fast_paths
-from osediff_lab.pipeline.options import make_options, resolve_device, resolve_dtype
+from osediff_lab.pipeline.options import make_options
 from osediff_lab.pipeline.sizes import plan_sizes, to_network_input, to_output, unpad
 from osediff_lab.pipeline.tiling import set_vae_tiling, tiled_apply, vae_factor
 from osediff_lab.prompts import PromptProvider, build_prompt_provider

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from osediff_lab.dtypes import DTYPES
@@ -52,13 +51,3 @@ def option_problems(o: DictConfig) -> list[str]:
         problems.append(f"pipeline.process_size={o.process_size} must be >= 1")
     problems.extend(fast_path_problems(o.fast, o.merge_lora))
     return problems
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[precision]

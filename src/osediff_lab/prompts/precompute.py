@@ -10,10 +10,10 @@ import logging
 import sys
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from osediff_lab.data.datamodule import source_files
+from osediff_lab.dtypes import resolve_device
 from osediff_lab.errors import ConfigError
 from osediff_lab.prompts import build_prompt_provider
 from osediff_lab.prompts.cache import CachedPrompt
@@ -28,7 +28,7 @@ def precompute(cfg: DictConfig, device: str | None = None, progress: bool = True
     provider = build_prompt_provider(cfg.prompt)
     if not isinstance(provider, CachedPrompt):
         raise ConfigError(f"prompt={cfg.prompt.name} has no cache to fill: set prompt.cache.enabled=true")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or str(resolve_device())
     stats = provider.fill_files(source_files(cfg.data), device=device, progress=progress)
     return stats | {"cache": str(provider.cache.path)}
 
