@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from osediff_lab.data.realesrgan import RealESRGANDegradation
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 
 
 def degradation_config():

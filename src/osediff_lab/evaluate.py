@@ -22,7 +22,7 @@ from osediff_lab.data.images import image_size, list_images
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write_text
 from osediff_lab.metrics import MetricDef, MetricSuite, center_crop, load_image01, metric_defs
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 

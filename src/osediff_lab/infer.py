@@ -22,9 +22,9 @@ from tqdm import tqdm
 from osediff_lab.data.images import UnreadableImage, load_rgb
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write, atomic_write_text
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.resolvers import quote_null_choices
-from osediff_lab.train import CONF_DIR
 
 log = logging.getLogger(__name__)
 

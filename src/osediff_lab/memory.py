@@ -30,7 +30,8 @@ from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.module import OSEDiffModule
-from osediff_lab.train import CONF_DIR, build_module
+from osediff_lab.paths import CONF_DIR
+from osediff_lab.train import build_module
 
 GIB = 2**30
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -32,8 +32,8 @@ from osediff_lab.io import atomic_write_text
 from osediff_lab.models.components import Components, build_components
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.osediff import build_generator, build_osediff
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts.ram import RAMArch, RAMTagger
-from osediff_lab.train import CONF_DIR
 
 log = logging.getLogger(__name__)
 

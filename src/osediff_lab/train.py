@@ -30,9 +30,9 @@ from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
 from osediff_lab.models.components import build_components
 from osediff_lab.models.osediff import build_osediff
 from osediff_lab.models.perceptual import build_lpips
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts import build_prompt_provider
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger(__name__)
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.data.realesrgan import describe
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 
 LINE_HEIGHT = 12
 

@@ -8,14 +8,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.pipeline.colorfix import COLOR_FIXES
 from osediff_lab.pipeline.fast import fast_path_problems
 
 
 def default_options() -> DictConfig:
     """The ``pipeline`` section of conf/infer.yaml."""
-    from osediff_lab.train import CONF_DIR  # imported here: train pulls in the training stack
-
     return OmegaConf.load(CONF_DIR / "infer.yaml").pipeline
 
 

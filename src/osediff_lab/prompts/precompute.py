@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 from osediff_lab.data.datamodule import source_files
 from osediff_lab.dtypes import resolve_device
 from osediff_lab.errors import ConfigError
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts import build_prompt_provider
 from osediff_lab.prompts.cache import CachedPrompt
 from osediff_lab.resolvers import quote_null_choices
-from osediff_lab.train import CONF_DIR
 
 log = logging.getLogger(__name__)
 

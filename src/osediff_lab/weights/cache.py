@@ -19,10 +19,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from osediff_lab.errors import MissingWeightsError
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.weights.manifest import HF_HUB, TORCH_HUB, WeightFile
 
-# The repository's conf/ (same place as osediff_lab.train.CONF_DIR; not imported from there to keep the CLI light).
-PATHS_CONF = Path(__file__).resolve().parents[3] / "conf" / "paths" / "default.yaml"
+PATHS_CONF = CONF_DIR / "paths" / "default.yaml"
 
 
 def default_weights_dir() -> Path:

@@ -1,0 +1,39 @@
+"""Where the Hydra configuration (conf/) lives; core layer: imports nothing else of the package.
+
+Looked up in order: ``$OSEDIFF_LAB_CONF``; the source checkout's ``conf/`` (editable installs and running
+from the repository); the copy a wheel installs as data files (``<prefix>/share/osediff_lab/conf``, for
+the environment's prefix and the user base).
+"""
+
+from __future__ import annotations
+
+import os
+import site
+import sys
+import sysconfig
+from pathlib import Path
+
+CONF_ENV = "OSEDIFF_LAB_CONF"
+SHARE = Path("share") / "osediff_lab" / "conf"
+
+
+def conf_candidates() -> list[Path]:
+    """Every place conf/ may be, in the order they are tried (only ``$OSEDIFF_LAB_CONF`` when it is set)."""
+    env = os.environ.get(CONF_ENV)
+    if env:
+        return [Path(env).expanduser()]
+    prefixes = [sysconfig.get_path("data"), sys.prefix, site.USER_BASE or ""]
+    return [Path(__file__).resolve().parents[2] / "conf", *(Path(p) / SHARE for p in dict.fromkeys(prefixes) if p)]
+
+
+def find_conf_dir() -> Path:
+    """The first candidate holding ``train.yaml``; an error naming every place tried otherwise."""
+    candidates = conf_candidates()
+    for path in candidates:
+        if (path / "train.yaml").is_file():
+            return path
+    tried = "\n  ".join(str(p) for p in candidates)
+    raise FileNotFoundError(f"no conf/ with train.yaml found; set {CONF_ENV} to the repository's conf/. Tried:\n  {tried}")
+
+
+CONF_DIR = find_conf_dir()
