@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_niqe_and_summary_through_the_command(sr_gt, niqe_cache, tmp_path):
     assert summary["count"] == 2
 
 
-def test_size_mismatch_names_the_file_unless_center_crop(tmp_path):
+def test_size_mismatch_fails_the_pair_naming_the_files_unless_center_crop(tmp_path):
     import pyiqa
 
     rng = np.random.default_rng(0)
@@ -98,8 +99,9 @@ def test_size_mismatch_names_the_file_unless_center_crop(tmp_path):
     Image.fromarray(big).save(gt / "a.png")
     Image.fromarray(big[4:36, 4:44]).save(sr / "a.png")
     base = [f"sr_dir={sr}", f"gt_dir={gt}", f"paths.weights_dir={tmp_path / 'w'}", "metrics=[psnr]"]
-    with pytest.raises(ConfigError, match=r"sr/a\.png \(40x32\).*gt/a\.png \(48x40\).*center_crop=true"):
-        evaluate(eval_cfg([*base, f"out_dir={tmp_path / 'o1'}"]))
+    failed = evaluate(eval_cfg([*base, f"out_dir={tmp_path / 'o1'}"]))["failed"]
+    assert [f["name"] for f in failed] == ["a"]
+    assert re.search(r"sr/a\.png \(40x32\).*gt/a\.png \(48x40\).*center_crop=true", failed[0]["reason"])
 
     summary = evaluate(eval_cfg([*base, f"out_dir={tmp_path / 'o2'}", "center_crop=true"]))
     assert summary["center_cropped"] == ["a"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig
 
 from osediff_lab.data.datamodule import data_problems
@@ -68,9 +69,41 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(DTYPES)}")
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
+    problems.extend(optim_problems(cfg.optim))
+    problems.extend(step_problems(cfg.trainer))
     problems.extend(data_problems(cfg))
     problems.extend(prompt_weight_problems(cfg.get("prompt")))
     return problems
+
+
+def optim_problems(optim: DictConfig) -> list[str]:
+    """Optimiser values torch would refuse only after the model is built, or that train nothing."""
+    problems = []
+    for key in ("lr", "reg_lr"):
+        if not optim[key] > 0:
+            problems.append(f"optim.{key}={optim[key]} must be > 0")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        problems.append(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
+    if optim.weight_decay < 0:
+        problems.append(f"optim.weight_decay={optim.weight_decay} must be >= 0")
+    if not optim.eps > 0:
+        problems.append(f"optim.eps={optim.eps} must be > 0")
+    if optim.grad_clip is not None and optim.grad_clip < 0:
+        problems.append(f"optim.grad_clip={optim.grad_clip} must be >= 0 (0 or null: no clipping)")
+    if optim.warmup_steps < 0:
+        problems.append(f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
+    schedules = [s.value for s in SchedulerType]
+    if optim.scheduler not in schedules:
+        problems.append(f"optim.scheduler='{optim.scheduler}' must be one of {schedules}")
+    return problems
+
+
+def step_problems(trainer: DictConfig) -> list[str]:
+    """A run must have a positive number of generator steps (0 would export an untrained LoRA)."""
+    steps = trainer.get("max_steps")
+    if steps is None or steps < 1:
+        return [f"trainer.max_steps={steps} must be >= 1: it counts the generator updates to train (0 trains nothing)"]
+    return []
 
 
 def prompt_weight_problems(prompt: DictConfig | None) -> list[str]:

@@ -1,7 +1,10 @@
 """`python -m osediff_lab.evaluate sr_dir=... gt_dir=...`: the paper's metrics on a folder of SR images.
 
-Writes per_image.csv, summary.json and results.md to ``out_dir``. Images are matched by file name (any
-Pillow format, 8 or 16 bit); a size mismatch is an error naming the file unless ``center_crop=true``.
+Writes per_image.csv (the scored pairs), summary.json (means, and a ``failed`` list of pairs with the
+reason) and results.md to ``out_dir``. Images are matched by file name and read by the one loader
+(``osediff_lab.data.images``). A pair that cannot be scored (unreadable file, size mismatch without
+``center_crop=true``, too small for a metric) is reported and the others are scored; the exit status is 1
+when any pair failed. ``allow_subset=true`` scores an SR folder that covers only part of the GT folder.
 Metrics whose weight files are missing are reported as unavailable before any image is read.
 """
 
@@ -12,23 +15,33 @@ import io
 import json
 import logging
 import math
+import sys
+import tempfile
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from osediff_lab.data.images import image_size, list_images
+from osediff_lab.data.images import UnreadableImage, list_images
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write_text
-from osediff_lab.metrics import MetricDef, MetricSuite, center_crop, load_image01, metric_defs
+from osediff_lab.metrics import MetricDef, MetricError, MetricSuite, center_crop, load_image01, metric_defs
 from osediff_lab.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 
 
-def match_by_name(sr_dir: str | Path, gt_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """(name, SR path, GT path) matched by relative path without extension; unmatched files are an error."""
+def _report(names: list[str]) -> str:
+    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+    return "; ".join(names[:5]) + more
+
+
+def match_by_name(sr_dir: str | Path, gt_dir: str | Path, allow_subset: bool = False) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(name, SR path, GT path) matched by relative path without extension, and the GT names left out.
+
+    An SR image without GT is an error; GT images without SR are an error unless ``allow_subset``."""
     sr_dir, gt_dir = Path(sr_dir).expanduser(), Path(gt_dir).expanduser()
     for key, d in (("sr_dir", sr_dir), ("gt_dir", gt_dir)):
         if not d.is_dir():
@@ -37,26 +50,34 @@ def match_by_name(sr_dir: str | Path, gt_dir: str | Path) -> list[tuple[str, Pat
     gts = {p.relative_to(gt_dir).with_suffix("").as_posix(): p for p in list_images(gt_dir)}
     if not srs:
         raise ConfigError(f"evaluate: no images in sr_dir={sr_dir}")
-    unmatched = [f"{srs[k]} has no GT in {gt_dir}" for k in sorted(set(srs) - set(gts))]
-    unmatched += [f"{gts[k]} has no SR in {sr_dir}" for k in sorted(set(gts) - set(srs))]
-    if unmatched:
-        more = f" (+{len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
-        raise ConfigError("evaluate: files not matched by name: " + "; ".join(unmatched[:5]) + more)
-    return [(k, srs[k], gts[k]) for k in sorted(srs)]
+    no_gt = [f"{srs[k]} has no GT in {gt_dir}" for k in sorted(set(srs) - set(gts))]
+    left_out = sorted(set(gts) - set(srs))
+    if no_gt:
+        raise ConfigError("evaluate: files not matched by name: " + _report(no_gt))
+    if left_out and not allow_subset:
+        missing = [f"{gts[k]} has no SR in {sr_dir}" for k in left_out]
+        raise ConfigError(
+            f"evaluate: files not matched by name: {_report(missing)}; set allow_subset=true to score only the "
+            f"{len(srs)} GT image(s) that have an SR image"
+        )
+    return [(k, srs[k], gts[k]) for k in sorted(srs)], left_out
 
 
-def common_sizes(pairs: list[tuple[str, Path, Path]], allow_crop: bool) -> dict[str, tuple[int, int]]:
-    """Per name, the (height, width) both images are compared at; a mismatch without ``allow_crop`` is an error."""
-    sizes = {}
-    for name, sr, gt in pairs:
-        (sw, sh), (gw, gh) = image_size(sr), image_size(gt)
-        if (sw, sh) != (gw, gh) and not allow_crop:
-            raise ConfigError(
-                f"evaluate: size mismatch for {sr} ({sw}x{sh}) vs {gt} ({gw}x{gh}); fix the SR output or set "
-                "center_crop=true to compare the centred common region"
-            )
-        sizes[name] = (min(sh, gh), min(sw, gw))
-    return sizes
+def read_pair(sr_path: Path, gt_path: Path, allow_crop: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Both images in [0, 1] at a common size, and whether they were centre-cropped to it.
+
+    Raises UnreadableImage for a file that cannot be used, ValueError for a size mismatch without ``allow_crop``."""
+    sr, gt = load_image01(sr_path), load_image01(gt_path)
+    if sr.shape == gt.shape:
+        return sr, gt, False
+    (sh, sw), (gh, gw) = sr.shape[-2:], gt.shape[-2:]
+    if not allow_crop:
+        raise ValueError(
+            f"size mismatch: {sr_path} ({sw}x{sh}) vs {gt_path} ({gw}x{gh}); fix the SR output or set center_crop=true "
+            "to compare the centred common region"
+        )
+    h, w = min(sh, gh), min(sw, gw)
+    return center_crop(sr, h, w), center_crop(gt, h, w), True
 
 
 def _mean(values: list[float]) -> float:
@@ -68,10 +89,14 @@ def _fmt(value: float) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    """One row per configured metric: mean (and direction) or the unavailable reason."""
+    """One row per configured metric: mean (and direction) or why there is none; then the failed pairs."""
     lines = [f"# Evaluation: {summary['count']} images", "", f"- SR: `{summary['sr_dir']}`", f"- GT: `{summary['gt_dir']}`"]
     if summary["center_cropped"]:
         lines.append(f"- NOTE: {len(summary['center_cropped'])} pair(s) differed in size and were centre-cropped (center_crop=true)")
+    if summary["left_out"]:
+        lines.append(f"- NOTE: subset: {len(summary['left_out'])} GT image(s) have no SR image and were left out (allow_subset=true)")
+    if summary["failed"]:
+        lines.append(f"- FAILED: {len(summary['failed'])} pair(s) could not be scored (listed below)")
     lines += ["", "| metric | value | better | images |", "|---|---|---|---|"]
     for name, m in summary["metrics"].items():
         arrow = "lower" if m["lower_better"] else "higher"
@@ -79,6 +104,8 @@ def markdown_table(summary: dict) -> str:
             lines.append(f"| {name} | unavailable: {m['unavailable']} | {arrow} | 0 |")
         else:
             lines.append(f"| {name} | {_fmt(m['value'])} | {arrow} | {m['n']} |")
+    if summary["failed"]:
+        lines += ["", "## Not scored", ""] + [f"- `{f['name']}`: {f['reason']}" for f in summary["failed"]]
     return "\n".join(lines) + "\n"
 
 
@@ -90,6 +117,43 @@ def _csv_text(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
+def score_pairs(
+    pairs: list[tuple[str, Path, Path]], suite: MetricSuite, allow_crop: bool, progress: bool
+) -> tuple[list[dict], list[dict], list[str]]:
+    """Per-image rows of the pairs that could be scored, the failed pairs with their reason, the cropped names."""
+    rows, failed, cropped = [], [], []
+    for name, sr_path, gt_path in tqdm(pairs, desc="evaluate", unit="img", disable=not progress):
+        try:
+            sr, gt, was_cropped = read_pair(sr_path, gt_path, allow_crop)
+            small = suite.too_small(*sr.shape[-2:])
+            if small:
+                raise ValueError("; ".join(small))
+            scores = suite.score(sr[None], gt[None])
+        except (UnreadableImage, ValueError, MetricError) as exc:
+            reason = str(exc)
+            failed.append({"name": name, "sr": str(sr_path), "gt": str(gt_path), "reason": reason})
+            tqdm.write(f"evaluate: not scored {name}: {reason}")
+            continue
+        cropped += [name] if was_cropped else []
+        h, w = sr.shape[-2:]
+        rows.append({"name": name, "sr": str(sr_path), "gt": str(gt_path), "height": h, "width": w} | {k: v[0] for k, v in scores.items()})
+    return rows, failed, cropped
+
+
+def score_folder_metrics(suite: MetricSuite, rows: list[dict]) -> dict[str, float]:
+    """FID-like metrics over exactly the scored pairs (linked into temporary folders)."""
+    if not suite.folder or not rows:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="osediff_eval_") as tmp:
+        sr_dir, gt_dir = Path(tmp) / "sr", Path(tmp) / "gt"
+        sr_dir.mkdir()
+        gt_dir.mkdir()
+        for i, r in enumerate(rows):
+            (sr_dir / f"{i:06d}{Path(r['sr']).suffix}").symlink_to(Path(r["sr"]).resolve())
+            (gt_dir / f"{i:06d}{Path(r['gt']).suffix}").symlink_to(Path(r["gt"]).resolve())
+        return suite.score_folders(sr_dir, gt_dir)
+
+
 def evaluate_folders(
     sr_dir: str | Path,
     gt_dir: str | Path,
@@ -99,31 +163,29 @@ def evaluate_folders(
     allow_center_crop: bool = False,
     device: str = "auto",
     progress: bool = True,
+    allow_subset: bool = False,
+    failed_before: list[dict] | None = None,
 ) -> dict:
-    """Score every SR image against its GT (files in [0, 1] once read) and write CSV, JSON and markdown."""
-    pairs = match_by_name(sr_dir, gt_dir)
-    sizes = common_sizes(pairs, allow_center_crop)
+    """Score every SR image against its GT (files in [0, 1] once read) and write CSV, JSON and markdown.
+
+    ``failed_before`` are pairs that failed upstream (super-resolution), reported with the others."""
+    pairs, left_out = match_by_name(sr_dir, gt_dir, allow_subset)
     suite = MetricSuite(defs, weights_dir, device)
     for u in suite.unavailable:
         print(u.message)
-    cropped, rows = [], []
-    for name, sr_path, gt_path in tqdm(pairs, desc="evaluate", unit="img", disable=not progress):
-        sr, gt = load_image01(sr_path), load_image01(gt_path)
-        h, w = sizes[name]
-        if sr.shape[-2:] != gt.shape[-2:]:
-            cropped.append(name)
-            sr, gt = center_crop(sr, h, w), center_crop(gt, h, w)
-        scores = suite.score(sr[None], gt[None])
-        rows.append({"name": name, "sr": str(sr_path), "gt": str(gt_path), "height": h, "width": w} | {k: v[0] for k, v in scores.items()})
-    folder_scores = suite.score_folders(sr_dir, gt_dir) if suite.folder else {}
+    rows, failed, cropped = score_pairs(pairs, suite, allow_center_crop, progress)
+    failed = [*(failed_before or []), *failed]
+    folder_scores = score_folder_metrics(suite, rows)
 
     metrics = {}
     for d in defs:
         entry: dict = {"lower_better": d.lower_better, "pyiqa": d.pyiqa, "options": d.options}
-        if d.name in suite.per_image:
+        if d.name in suite.per_image and rows:
             entry |= {"value": _mean([r[d.name] for r in rows]), "n": len(rows)}
         elif d.name in folder_scores:
             entry |= {"value": folder_scores[d.name], "n": len(rows)}
+        elif d.name in suite.defs:
+            entry |= {"value": None, "n": 0, "unavailable": "no pair could be scored (see failed)"}
         else:
             reason = next(u for u in suite.unavailable if u.name == d.name)
             entry |= {"value": None, "n": 0, "unavailable": reason.reason}
@@ -132,6 +194,9 @@ def evaluate_folders(
         "sr_dir": str(sr_dir),
         "gt_dir": str(gt_dir),
         "count": len(rows),
+        "failed": failed,
+        "left_out": left_out,
+        "allow_subset": allow_subset,
         "center_crop": allow_center_crop,
         "center_cropped": cropped,
         "metrics": metrics,
@@ -145,11 +210,13 @@ def evaluate_folders(
     return summary
 
 
-def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path]:
+def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path, list[dict]]:
     """Super-resolve ``cfg.val``'s LR images with ``cfg.checkpoint`` (the inference pipeline, conf ``pipeline``)
-    into ``out/sr`` (each with its prompt as .txt); links the matching HR files into ``out/gt``. Returns (sr_dir, gt_dir)."""
+    into ``out/sr`` (each with its prompt as .txt); links the matching HR files into ``out/gt``.
+
+    Returns (sr_dir, gt_dir, failed): an LR image that fails is reported there and its HR is not linked."""
     from osediff_lab.data.datamodule import paired_dataset
-    from osediff_lab.infer import super_resolve_file
+    from osediff_lab.infer import try_super_resolve
     from osediff_lab.pipeline import OSEDiffPipeline
 
     if cfg.val.get("name", "none") == "none":
@@ -159,25 +226,33 @@ def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path]:
     sr_dir, gt_dir = out / "sr", out / "gt"
     sr_dir.mkdir(parents=True, exist_ok=True)
     gt_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
     for lr, hr in tqdm(pairs, desc="super-resolve", unit="img", disable=not cfg.progress):
-        super_resolve_file(pipe, lr, sr_dir / lr.stem)
+        reason = try_super_resolve(pipe, lr, sr_dir / lr.stem)
+        if reason:
+            failed.append({"name": lr.stem, "sr": str(lr), "gt": str(hr), "reason": f"super-resolution failed: {reason}"})
+            continue
         link = gt_dir / hr.name
         if not link.exists():
             link.symlink_to(hr.resolve())
-    return sr_dir, gt_dir
+    return sr_dir, gt_dir, failed
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the configured evaluation: on ``sr_dir``/``gt_dir``, or on SR images generated from ``checkpoint``."""
     defs = metric_defs(cfg.metric_defs, list(cfg.metrics))
     out = Path(cfg.out_dir)
+    failed: list[dict] = []
     if cfg.get("checkpoint"):
-        sr_dir, gt_dir = generate_sr(cfg, out)
+        sr_dir, gt_dir, failed = generate_sr(cfg, out)
     elif cfg.get("sr_dir") and cfg.get("gt_dir"):
         sr_dir, gt_dir = cfg.sr_dir, cfg.gt_dir
     else:
         raise ConfigError("evaluate: set sr_dir=<SR folder> gt_dir=<ground truth folder>, or checkpoint=<file> val=realsr")
-    summary = evaluate_folders(sr_dir, gt_dir, defs, cfg.paths.weights_dir, out, bool(cfg.center_crop), str(cfg.device), bool(cfg.progress))
+    summary = evaluate_folders(
+        sr_dir, gt_dir, defs, cfg.paths.weights_dir, out, bool(cfg.center_crop), str(cfg.device), bool(cfg.progress),
+        bool(cfg.get("allow_subset", False)), failed,
+    )
     print(markdown_table(summary))
     print(f"outputs: {out}/per_image.csv, summary.json, results.md")
     return summary
@@ -185,7 +260,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    if evaluate(cfg)["failed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """`python -m osediff_lab.infer input=<file or folder> output=<folder> ckpt=<file> [options]`.
 
-Super-resolves every image Pillow can read under ``input`` (recursively), writing ``<name>.png`` and
-the prompt used as ``<name>.txt`` under ``output`` (sub-folders kept). Unreadable or failing images
-are reported and skipped; the summary (also ``output/summary.json``) lists what failed and why.
-Exit status 1 when any image failed.
+Super-resolves every image under ``input`` (recursively; files read by the one loader,
+``osediff_lab.data.images``), writing ``<name>.png`` and the prompt used as ``<name>.txt`` under ``output``
+(sub-folders kept). Unreadable or failing images are reported and skipped; the summary (also
+``output/summary.json``) lists what failed and why. Exit status 1 when any image failed; a folder without
+any image file is an error naming the folder and the suffixes looked for.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm import tqdm
 
-from osediff_lab.data.images import UnreadableImage, load_rgb
+from osediff_lab.data.images import UnreadableImage, image_extensions, list_images, load_rgb
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.paths import CONF_DIR
@@ -29,24 +29,22 @@ from osediff_lab.resolvers import quote_null_choices
 log = logging.getLogger(__name__)
 
 
-def pillow_extensions() -> set[str]:
-    """Every file suffix Pillow has a reader for (.png, .jpg, .webp, .tif, .bmp, .ppm, .tga, ...)."""
-    Image.init()
-    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
 def collect_inputs(source: str | Path) -> list[tuple[Path, Path]]:
     """(input file, output path without suffix relative to the output folder), sorted.
 
-    A single file is taken whatever its suffix; a folder contributes files with a Pillow suffix.
+    A single file is taken whatever its suffix; a folder contributes files with an image suffix, at least one.
     """
-    source = Path(source)
+    source = Path(source).expanduser()
     if source.is_file():
         return [(source, Path(source.stem))]
     if not source.is_dir():
         raise ConfigError(f"input={source} is neither a file nor a folder")
-    extensions = pillow_extensions()
-    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    files = list_images(source)
+    if not files:
+        raise ConfigError(
+            f"input={source}: no image files in this folder (or below); looked for the suffixes "
+            + " ".join(sorted(image_extensions()))
+        )
     return [(p, p.relative_to(source).with_suffix("")) for p in files]
 
 
@@ -64,6 +62,17 @@ def super_resolve_file(pipe: OSEDiffPipeline, src: Path, stem: Path) -> Path:
     return dst
 
 
+def try_super_resolve(pipe: OSEDiffPipeline, src: Path, stem: Path) -> str | None:
+    """``super_resolve_file``, returning why it failed (None on success) for errors of one input only."""
+    try:
+        super_resolve_file(pipe, src, stem)
+    except UnreadableImage as exc:
+        return exc.reason
+    except (ValueError, torch.OutOfMemoryError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def run_inference(cfg: DictConfig) -> dict:
     """Process every input; returns the summary {output, succeeded, failed: [{input, reason}]}."""
     inputs = collect_inputs(cfg.input)
@@ -76,11 +85,8 @@ def run_inference(cfg: DictConfig) -> dict:
         if dst in written:
             failed.append({"input": str(src), "reason": f"output {dst} already written for {written[dst]}"})
             continue
-        try:
-            super_resolve_file(pipe, src, out_root / rel)
-        except (UnreadableImage, ValueError, torch.OutOfMemoryError) as exc:
-            cause = exc.__cause__ if isinstance(exc, UnreadableImage) and exc.__cause__ else exc
-            reason = f"{type(cause).__name__}: {cause}"
+        reason = try_super_resolve(pipe, src, out_root / rel)
+        if reason:
             failed.append({"input": str(src), "reason": reason})
             tqdm.write(f"skipped {src}: {reason}")
             continue

@@ -19,7 +19,8 @@ SMALL_IMAGE_POLICIES = ("error", "skip", "upscale")
 
 
 class HQCropDataset(Dataset):
-    """Yields {"hq": (3, crop, crop) in [-1, 1], "path": str}; unreadable files are skipped and counted.
+    """Yields {"hq": (3, crop, crop) in [-1, 1], "path": str}; unreadable files are skipped, counted in
+    ``skipped`` and explained in ``reasons`` (path -> why).
 
     Images smaller than the crop follow ``small_image_policy``: ``error`` (refuse before training),
     ``skip`` (drop them), or ``upscale`` (bicubic-enlarge the short side to the crop size).
@@ -44,6 +45,7 @@ class HQCropDataset(Dataset):
         self.seed = seed
         self.policy = small_image_policy
         self.skipped: list[str] = []
+        self.reasons: dict[str, str] = {}
         self.small: list[str] = []
         usable: dict[Path, bool] = {}  # each distinct file's header is read once, however often it is listed
         for f in dict.fromkeys(Path(f) for f in files):
@@ -52,6 +54,7 @@ class HQCropDataset(Dataset):
             except UnreadableImage as exc:
                 log.warning("skipping unreadable image %s", exc)
                 self.skipped.append(str(f))
+                self.reasons[str(f)] = exc.reason
                 usable[f] = False
                 continue
             if min(w, h) < crop_size:
@@ -107,5 +110,6 @@ class HQCropDataset(Dataset):
             except UnreadableImage as exc:
                 self._bad.add(str(path))
                 self.skipped.append(str(path))
+                self.reasons[str(path)] = exc.reason
                 log.warning("skipping unreadable image during training (%d skipped so far): %s", len(self.skipped), exc)
         raise RuntimeError(f"every image in the dataset became unreadable ({len(self.skipped)} skipped, e.g. {self.skipped[:3]})")

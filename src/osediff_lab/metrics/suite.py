@@ -30,6 +30,11 @@ class MetricDef:
     weights: tuple[str, ...] = ()
     model_file: str | None = None
     call_options: dict = field(default_factory=dict)
+    min_size: int = 1  # the shortest image side the metric can score (SSIM's window, NIQE's block)
+
+
+class MetricError(RuntimeError):
+    """A metric failed on one input; the message names the metric and the image size."""
 
 
 def metric_defs(defs: DictConfig, names: list[str]) -> list[MetricDef]:
@@ -48,7 +53,7 @@ def metric_defs(defs: DictConfig, names: list[str]) -> list[MetricDef]:
         out.append(
             MetricDef(
                 n, d["pyiqa"], d["mode"], bool(d.get("lower_better", False)), d.get("options") or {},
-                tuple(d.get("weights") or ()), d.get("model_file"), d.get("call_options") or {},
+                tuple(d.get("weights") or ()), d.get("model_file"), d.get("call_options") or {}, int(d.get("min_size", 1)),
             )
         )
     return out
@@ -115,9 +120,19 @@ class MetricSuite:
             m.to(self.device)
         return self
 
+    def too_small(self, height: int, width: int) -> list[str]:
+        """Why an image of this size cannot be scored by some runnable per-image metric (empty when it can)."""
+        side = min(height, width)
+        return [
+            f"{width}x{height} is smaller than {n}'s minimum side of {self.defs[n].min_size} px"
+            for n in self.per_image if side < self.defs[n].min_size
+        ]
+
     @torch.no_grad()
     def score(self, sr: torch.Tensor, gt: torch.Tensor) -> dict[str, list[float]]:
-        """Per-image scores of SR (B, 3, H, W) against GT (same shape), both in [0, 1]; NR metrics see SR only."""
+        """Per-image scores of SR (B, 3, H, W) against GT (same shape), both in [0, 1]; NR metrics see SR only.
+
+        A metric that fails raises MetricError naming it and the size."""
         if sr.shape != gt.shape:
             raise ValueError(f"SR {tuple(sr.shape)} and GT {tuple(gt.shape)} differ in shape")
         sr = sr.to(self.device, torch.float32).clamp(0, 1)
@@ -125,7 +140,11 @@ class MetricSuite:
         out = {}
         for name in self.per_image:
             model = self.models[name]
-            value = model(sr, gt) if self.defs[name].mode == "fr" else model(sr)
+            try:
+                value = model(sr, gt) if self.defs[name].mode == "fr" else model(sr)
+            except (RuntimeError, ValueError) as exc:
+                size = "x".join(str(s) for s in sr.shape[-1:-3:-1])
+                raise MetricError(f"{name} failed on a {size} image: {type(exc).__name__}: {exc}") from exc
             out[name] = [float(v) for v in torch.as_tensor(value).reshape(sr.shape[0], -1)[:, 0]]
         return out
 

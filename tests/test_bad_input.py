@@ -1,0 +1,306 @@
+"""Broken and unusual inputs against the one loader, evaluate, infer and the config checks: a bad file is
+reported with its name and reason, everything else is processed, and the exit status says so."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from helpers import TINY, compose_config
+from osediff_lab.checks import validate_config
+from osediff_lab.data.images import (
+    MAX_PIXELS,
+    UnreadableImage,
+    image_size,
+    list_images,
+    load_image01,
+    load_rgb,
+)
+from osediff_lab.errors import ConfigError
+from osediff_lab.evaluate import evaluate
+from test_evaluate import eval_cfg
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+
+def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A valid PNG header that claims ``width`` x ``height`` pixels but holds no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def with_orientation(arr: np.ndarray, path: Path, value: int, **save) -> None:
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = value
+    im.save(path, exif=exif, **save)
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> dict[str, Path]:
+    """One file per broken kind, each named after it."""
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "zero.png").write_bytes(b"")
+    Image.fromarray(noise(32, 32)).save(d / "full.png")
+    data = (d / "full.png").read_bytes()
+    (d / "truncated_png.png").write_bytes(data[: len(data) // 2])
+    Image.fromarray(noise(32, 32)).save(d / "full.jpg", quality=90)
+    jpg = (d / "full.jpg").read_bytes()
+    (d / "truncated_jpg.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (d / "text.png").write_text("this is a text file named .png")
+    png_header_only(d / "bomb.png", 20000, 20000)
+    return {p.stem: p for p in d.iterdir() if not p.stem.startswith("full")}
+
+
+# --- the loader -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("zero", "empty file"),
+        ("truncated_png", "truncated"),
+        ("truncated_jpg", "truncated"),
+        ("text", "not an image"),
+        ("bomb", f"more than {MAX_PIXELS:,} pixels"),
+    ],
+)
+def test_loader_refuses_broken_files_with_path_and_reason(bad_files, kind, reason):
+    for path in (p for p in bad_files.values() if p.stem == kind):
+        for read in (load_rgb, load_image01):
+            with pytest.raises(UnreadableImage, match=reason) as info:
+                read(path)
+            assert info.value.path == str(path) and str(info.value).startswith(str(path))
+
+
+def test_bomb_is_refused_from_the_header_and_a_vanished_file_is_named(bad_files, tmp_path):
+    with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
+        image_size(bad_files["bomb"])
+    with pytest.raises(UnreadableImage, match="file not found"):
+        load_rgb(tmp_path / "gone.png")
+
+
+@pytest.mark.parametrize("value", range(1, 9))
+def test_every_exif_orientation_is_applied_like_pillow(tmp_path, value):
+    arr = noise(5, 7, seed=value)
+    with_orientation(arr, tmp_path / "o.png", value)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "o.png")).convert("RGB"))
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "o.png")), want)
+    assert image_size(tmp_path / "o.png") == (want.shape[1], want.shape[0])
+    assert torch.equal(load_image01(tmp_path / "o.png"), torch.from_numpy(want.copy()).permute(2, 0, 1).float() / 255)
+
+
+def test_16bit_png_with_orientation_keeps_precision_and_turns(tmp_path):
+    import cv2
+
+    arr = np.random.default_rng(3).integers(0, 65536, (6, 10, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "plain.png"), arr[..., ::-1])
+    im = Image.open(tmp_path / "plain.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    # Pillow cannot write 16-bit RGB; add the orientation as an eXIf chunk before IEND
+    raw = (tmp_path / "plain.png").read_bytes()
+    body = exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body) & 0xFFFFFFFF)
+    (tmp_path / "turned.png").write_bytes(raw[:-12] + chunk + raw[-12:])
+    im.close()
+    got = load_image01(tmp_path / "turned.png")
+    want = np.rot90(arr.astype(np.float64) / 65535, -1)  # orientation 6: rotate 90 degrees clockwise
+    assert got.shape == (3, 10, 6)
+    assert np.allclose(got.permute(1, 2, 0).numpy(), want, atol=1e-7)
+
+
+def test_unusual_but_valid_images_load(tmp_path):
+    """Cases that pass today and must keep passing: 1x1, grey, palette, RGBA, LA, CMYK, 16-bit grey."""
+    rgb = Image.fromarray(noise(9, 11))
+    rgb.save(tmp_path / "rgb.png")
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(tmp_path / "one.png")
+    rgb.convert("L").save(tmp_path / "grey.png")
+    rgb.convert("P").save(tmp_path / "palette.png")
+    rgb.convert("RGBA").save(tmp_path / "rgba.png")
+    rgb.convert("LA").save(tmp_path / "la.png")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    for path in list_images(tmp_path):
+        im = load_rgb(path)
+        assert im.mode == "RGB" and im.size == ((1, 1) if path.stem == "one" else (11, 9)), path
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "rgba.png")), np.asarray(rgb))
+    assert load_rgb(tmp_path / "one.png").getpixel((0, 0)) == (10, 20, 30)
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------
+
+
+def good_pairs(root: Path, names: list[str], size: int = 24) -> tuple[Path, Path]:
+    sr, gt = root / "sr", root / "gt"
+    sr.mkdir(exist_ok=True)
+    gt.mkdir(exist_ok=True)
+    for i, n in enumerate(names):
+        g = noise(size, size, seed=i)
+        Image.fromarray(g).save(gt / f"{n}.png")
+        Image.fromarray(np.clip(g.astype(int) + 5, 0, 255).astype(np.uint8)).save(sr / f"{n}.png")
+    return sr, gt
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "per_image.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_reports_bad_files_and_scores_every_other_pair(tmp_path, bad_files):
+    sr, gt = good_pairs(tmp_path, ["a", "b"])
+    for kind, path in bad_files.items():  # a broken SR beside a good GT
+        (sr / path.name).write_bytes(path.read_bytes())
+        Image.fromarray(noise(24, 24)).save(gt / f"{kind}.png")
+    out = tmp_path / "out"
+    summary = evaluate(eval_cfg([f"sr_dir={sr}", f"gt_dir={gt}", f"out_dir={out}", f"paths.weights_dir={tmp_path / 'w'}",
+                                 "metrics=[psnr,ssim]"]))
+    assert [r["name"] for r in rows(out)] == ["a", "b"] and summary["count"] == 2
+    failed = {f["name"]: f["reason"] for f in summary["failed"]}
+    assert set(failed) == set(bad_files)
+    assert "empty file" in failed["zero"] and "truncated" in failed["truncated_png"] and "truncated" in failed["truncated_jpg"]
+    assert "not an image" in failed["text"] and "decompression-bomb" in failed["bomb"]
+    assert all(str(sr / bad_files[k].name) in failed[k] for k in failed)  # the file is named
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["failed"] == summary["failed"] and on_disk["metrics"]["psnr"]["n"] == 2
+    md = (out / "results.md").read_text()
+    assert "FAILED: 5 pair(s)" in md and "`bomb`" in md
+
+
+def test_evaluate_pair_too_small_for_ssim_is_reported_the_others_scored(tmp_path):
+    sr, gt = good_pairs(tmp_path, ["a", "b"])
+    good_pairs(tmp_path, ["tiny"], size=1)
+    good_pairs(tmp_path, ["small"], size=8)
+    summary = evaluate(eval_cfg([f"sr_dir={sr}", f"gt_dir={gt}", f"out_dir={tmp_path / 'o'}", f"paths.weights_dir={tmp_path / 'w'}",
+                                 "metrics=[psnr,ssim]"]))
+    assert summary["count"] == 2
+    failed = {f["name"]: f["reason"] for f in summary["failed"]}
+    assert failed == {"small": "8x8 is smaller than ssim's minimum side of 11 px", "tiny": "1x1 is smaller than ssim's minimum side of 11 px"}
+
+
+class RaisesOn(torch.nn.Module):
+    """A metric that fails on one image (recognised by its mean), like pyiqa's SSIM on a tiny input."""
+
+    def __init__(self, inner: torch.nn.Module, mean: float) -> None:
+        super().__init__()
+        self.inner, self.mean = inner, mean
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if abs(float(x.mean()) - self.mean) < 1e-6:
+            raise RuntimeError("kernel too big")
+        return self.inner(x, y)
+
+
+def test_evaluate_metric_failing_on_one_image_is_reported(tmp_path, monkeypatch):
+    from osediff_lab.metrics import MetricSuite
+
+    sr, gt = good_pairs(tmp_path, ["a", "b", "c"])
+    real_init = MetricSuite.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.models["ssim"] = RaisesOn(self.models["ssim"], float(load_image01(sr / "b.png").mean()))
+
+    monkeypatch.setattr(MetricSuite, "__init__", init)
+    summary = evaluate(eval_cfg([f"sr_dir={sr}", f"gt_dir={gt}", f"out_dir={tmp_path / 'o'}", f"paths.weights_dir={tmp_path / 'w'}",
+                                 "metrics=[psnr,ssim]"]))
+    (f,) = summary["failed"]
+    assert f["name"] == "b" and f["reason"] == "ssim failed on a 24x24 image: RuntimeError: kernel too big"
+    assert summary["count"] == 2
+
+
+def test_evaluate_exif_rotated_jpeg_against_upright_gt(tmp_path):
+    sr, gt = tmp_path / "sr", tmp_path / "gt"
+    sr.mkdir()
+    gt.mkdir()
+    upright = noise(24, 16)  # 16 wide, 24 high
+    Image.fromarray(upright).save(gt / "a.png")
+    stored = np.rot90(upright, 1)  # what a camera stores for orientation 6 (viewer turns it clockwise)
+    with_orientation(np.ascontiguousarray(stored), sr / "a.jpg", 6, quality=100)
+    summary = evaluate(eval_cfg([f"sr_dir={sr}", f"gt_dir={gt}", f"out_dir={tmp_path / 'o'}", f"paths.weights_dir={tmp_path / 'w'}",
+                                 "metrics=[psnr]"]))
+    assert summary["failed"] == [] and summary["count"] == 1
+    assert summary["metrics"]["psnr"]["value"] > 30  # the same picture, only JPEG noise
+
+
+def test_evaluate_file_deleted_after_listing_is_reported(tmp_path, monkeypatch):
+    import osediff_lab.evaluate as ev
+
+    sr, gt = good_pairs(tmp_path, ["a", "b", "c"])
+    real = ev.match_by_name
+
+    def match_then_delete(*args, **kwargs):
+        found = real(*args, **kwargs)
+        (sr / "b.png").unlink()
+        return found
+
+    monkeypatch.setattr(ev, "match_by_name", match_then_delete)
+    summary = evaluate(eval_cfg([f"sr_dir={sr}", f"gt_dir={gt}", f"out_dir={tmp_path / 'o'}", f"paths.weights_dir={tmp_path / 'w'}",
+                                 "metrics=[psnr]"]))
+    (f,) = summary["failed"]
+    assert f["name"] == "b" and "file not found" in f["reason"] and summary["count"] == 2
+
+
+def test_evaluate_subset_needs_the_switch_and_says_how_many_were_left_out(tmp_path):
+    sr, gt = good_pairs(tmp_path, ["a", "b", "c", "d"])
+    for n in ("c", "d"):
+        (sr / f"{n}.png").unlink()
+    base = [f"sr_dir={sr}", f"gt_dir={gt}", f"paths.weights_dir={tmp_path / 'w'}", "metrics=[psnr]"]
+    with pytest.raises(ConfigError, match=r"c\.png has no SR.*allow_subset=true"):
+        evaluate(eval_cfg([*base, f"out_dir={tmp_path / 'o1'}"]))
+    summary = evaluate(eval_cfg([*base, f"out_dir={tmp_path / 'o2'}", "allow_subset=true"]))
+    assert summary["count"] == 2 and summary["left_out"] == ["c", "d"] and summary["failed"] == []
+    assert "2 GT image(s) have no SR image and were left out" in (tmp_path / "o2" / "results.md").read_text()
+
+
+def test_evaluate_cli_exit_status_says_whether_a_pair_failed(tmp_path, bad_files):
+    sr, gt = good_pairs(tmp_path, ["a"])
+    common = [f"gt_dir={gt}", f"paths.weights_dir={tmp_path / 'w'}", "metrics=[psnr]", "progress=false",
+              f"hydra.run.dir={tmp_path / 'hydra'}"]
+    ok = subprocess.run([sys.executable, "-m", "osediff_lab.evaluate", f"sr_dir={sr}", f"out_dir={tmp_path / 'o1'}", *common],
+                        env=ENV, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    (sr / "zero.png").write_bytes(b"")
+    Image.fromarray(noise(24, 24)).save(gt / "zero.png")
+    bad = subprocess.run([sys.executable, "-m", "osediff_lab.evaluate", f"sr_dir={sr}", f"out_dir={tmp_path / 'o2'}", *common],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "zero.png: empty file" in bad.stdout and "| psnr |" in bad.stdout
+
+
+# --- configs ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("optim.lr=-1e-3", "optim.lr"), ("optim.reg_lr=0", "optim.reg_lr"), ("trainer.max_steps=0", "trainer.max_steps"),
+     ("trainer.max_steps=-1", "trainer.max_steps")],
+)
+def test_bad_optimiser_and_step_settings_are_rejected_before_building(override, key, tmp_path, monkeypatch):
+    import osediff_lab.train as train
+
+    cfg = compose_config([*TINY, override], tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
+    monkeypatch.setattr(train, "build_module", lambda cfg: pytest.fail("a model was built"))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train.run(cfg)
