@@ -23,6 +23,17 @@ if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", run_id)
 
 
+def asset(name: str) -> str:
+    """The absolute path of a folder shipped inside the package (``src/osediff_lab/assets/<name>``)."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "assets" / name)
+
+
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", asset)
+
+
 def quote_null_choices(argv: list[str], groups: tuple[str, ...] = ("prompt",)) -> list[str]:
     """Let users type ``prompt=null`` (the paper's name for the empty-prompt arm): Hydra reads a bare
     ``null`` as 'no config for this group', so pass it on as the string 'null', which selects null.yaml."""

@@ -141,7 +141,7 @@ def data_problems(cfg: DictConfig) -> list[str]:
         except ConfigError as exc:
             problems.append(str(exc))
     val = cfg.get("val")
-    if val is not None and val.get("name", "none") != "none":
+    if val is not None and val.get("name", "none") != "none" and val.get("kind") != "demo":
         for key in ("lr_dir", "hr_dir"):
             where = resolve_dir(val[key]) if val.get(key) else None
             if where is None or not where.is_dir():
@@ -150,7 +150,12 @@ def data_problems(cfg: DictConfig) -> list[str]:
 
 
 def paired_dataset(val: DictConfig, scale: int) -> PairedImageDataset:
-    """The paired benchmark named by a ``val`` config (LR/HR folders matched by name, optional ``limit``)."""
+    """The paired benchmark named by a ``val`` config (LR/HR folders matched by name, optional ``limit``);
+    ``kind: demo`` = held-out crops of scikit-image photographs (``osediff_lab.data.heldout``)."""
+    if val.get("kind") == "demo":
+        from osediff_lab.data.heldout import heldout_dataset
+
+        return heldout_dataset(val, scale)
     return PairedImageDataset(resolve_dir(val.lr_dir), resolve_dir(val.hr_dir), scale, val.get("limit"))
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
+from osediff_lab.data.degradation import upsample_to
 from osediff_lab.errors import ConfigError
 from osediff_lab.metrics import MetricSuite, metric_defs
 
@@ -90,6 +91,8 @@ class Validator:
 
     def reset(self) -> None:
         self.scores: dict[str, list[float]] = {m: [] for m in self.metrics}
+        if self.cfg.get("bicubic_baseline"):  # val/bicubic_<metric>: plain bicubic upsampling, same crops
+            self.scores |= {f"bicubic_{m}": [] for m in self.metrics}
         self.examples: list[dict] = []
 
     @torch.no_grad()
@@ -104,6 +107,11 @@ class Validator:
         scores = self.suite.score(sr01, hq01)
         for m, values in scores.items():
             self.scores[m].extend(values)
+        if self.cfg.get("bicubic_baseline"):
+            bic01 = to_unit(upsample_to(batch["lq"], batch["hq"].shape[-2:]))
+            bic01 = (bic01 * 255).round() / 255 if self.cfg.quantize_8bit else bic01
+            for m, values in self.suite.score(bic01, hq01).items():
+                self.scores[f"bicubic_{m}"].extend(values)
         for i in range(sr01.shape[0]):
             if len(self.examples) >= int(self.cfg.log_images):
                 break
