@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.precision import MixedPrecision
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from osediff_lab import resolvers  # registers ${run_id:...} before Hydra composes
 from osediff_lab.checks import validate_config
@@ -20,10 +21,16 @@ from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.export import export_lora
 from osediff_lab.io import atomic_write_text
-from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid
+from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
 from osediff_lab.lit.loggers import build_logger, close_logger
 from osediff_lab.lit.module import OSEDiffModule
-from osediff_lab.lit.resume import DataPosition, Preemption, RNGState, find_resume_checkpoint
+from osediff_lab.lit.resume import (
+    PREEMPTED_EXIT_CODE,
+    DataPosition,
+    Preemption,
+    RNGState,
+    find_resume_checkpoint,
+)
 from osediff_lab.lit.stats import RankReport, RunStats
 from osediff_lab.lit.validation import best_checkpoint
 from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
@@ -32,6 +39,7 @@ from osediff_lab.models.osediff import build_osediff
 from osediff_lab.models.perceptual import build_lpips
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts import build_prompt_provider
+from osediff_lab.report import clear_failure, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ def build_module(cfg: DictConfig) -> OSEDiffModule:
     )
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[pl.Callback], SampleGrid]:
+def build_callbacks(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> tuple[list[pl.Callback], SampleGrid]:
     cc = cfg.callbacks
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -56,21 +64,33 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[pl.Callback], 
         auto_insert_metric_name=False,
     )
     samples = SampleGrid(run_dir / "samples", cc.samples.every_n_steps, cc.samples.num_images)
-    fault_tolerance = [RNGState(), DataPosition(), Preemption(run_dir / "checkpoints" / "last.ckpt")]
+    fault_tolerance = [RNGState(), DataPosition(), preemption]
     stats = RunStats(cfg.get("metric_defs"))
     best = [best_checkpoint(cc.checkpoint, run_dir / "checkpoints" / "best")] if cc.checkpoint.get("monitor") else []
-    monitors = [stats, RankReport(run_dir / "ranks"), LearningRateMonitor(logging_interval="step")]
+    monitors = [stats, RankReport(run_dir / "ranks")]  # learning rates: the module logs train/lr_*
+    if cfg.trainer.get("enable_progress_bar", True):
+        monitors.append(StepProgress(cfg.trainer.get("log_every_n_steps", 10)))  # steps of max_steps; lines in logs
     return [ckpt, *best, samples, *monitors, *fault_tolerance], samples
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+def fp16_precision(trainer_cfg: dict, scaler_cfg: DictConfig) -> MixedPrecision | None:
+    """For ``trainer.precision=16-mixed``: fp16 autocast with a GradScaler built from ``optim.grad_scaler``
+    (init scale, growth, backoff), on CUDA or on the CPU (where Lightning would silently switch to bf16)."""
+    if str(trainer_cfg.get("precision")) not in ("16-mixed", "16"):
+        return None
+    device = "cpu" if trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available() else "cuda"
+    scaler = torch.amp.GradScaler(device, **OmegaConf.to_container(scaler_cfg, resolve=True))
+    return MixedPrecision("16-mixed", device, scaler=scaler)
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path, announce: bool = True) -> str | None:
     """``ckpt_path`` if given; else, with ``resume=true``, the newest good checkpoint of this run directory."""
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
     if not cfg.get("resume", True):
         return None
     found = find_resume_checkpoint(run_dir / "checkpoints")
-    if found is not None:
+    if found is not None and announce:
         log.warning("resuming automatically from %s (resume=false starts over)", found)
     return str(found) if found else None
 
@@ -80,45 +100,93 @@ def train(cfg: DictConfig) -> dict:
     return run(cfg)[2]
 
 
-def run(cfg: DictConfig) -> tuple[pl.Trainer, OSEDiffModule, dict]:
-    """``train`` that also hands back the trainer and the trained module (tests, notebooks)."""
+def already_trained(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The existing summary when the checkpoint a run would resume from is at or past ``trainer.max_steps``
+    (re-running a finished command must not overwrite it); None when there is training left to do."""
+    ckpt = resume_checkpoint(cfg, run_dir, announce=False)
+    if ckpt is None:
+        return None
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+    if step < cfg.trainer.max_steps:
+        return None
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"run_dir": str(run_dir), "steps": step}
+    print(f"\nosediff-lab: {ckpt} is at step {step}, not below trainer.max_steps={cfg.trainer.max_steps}: nothing to "
+          f"train, the run is left as it is ({summary_path if summary_path.is_file() else 'no summary.json yet'}). "
+          "Raise trainer.max_steps to continue it, or set resume=false to start over.")
+    return summary
+
+
+def run(cfg: DictConfig) -> tuple[pl.Trainer | None, OSEDiffModule | None, dict]:
+    """``train`` that also hands back the trainer and the trained module (tests, notebooks); both are None
+    when the run is already at ``max_steps`` (``already_trained``).
+
+    A run stopped by a preemption signal before ``max_steps`` writes its checkpoint but no summary and no
+    LoRA export, lets the scheduler requeue it and exits with ``PREEMPTED_EXIT_CODE`` (SystemExit): the
+    attempt that reaches ``max_steps`` writes them, with wall time and metrics of every attempt."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    done = already_trained(cfg, run_dir)
+    if done is not None:  # nothing to fit: no trainer or module is built
+        return None, None, done
+    preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")
+    preemption.install()  # a signal while the model is built still stops the run after its first step
+    try:
+        trainer, module, summary = _fit(cfg, run_dir, preemption)
+    finally:
+        preemption.release()
+    if preemption.preempted:
+        preemption.hand_over(trainer.global_rank)
+        log.warning("run preempted at step %d of %d: checkpoint kept, no summary or export; the requeued "
+                    "attempt resumes it", trainer.global_step, trainer.max_steps)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    return trainer, module, summary
+
+
+def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> tuple[pl.Trainer, OSEDiffModule, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = HQDataModule(cfg.data, seed=cfg.seed, val=cfg.get("val"), scale=cfg.scale)
     datamodule.setup("fit")
     module = build_module(cfg)
-    callbacks, samples = build_callbacks(cfg, run_dir)
+    callbacks, samples = build_callbacks(cfg, run_dir, preemption)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) | val_trainer_kwargs(cfg)
+    precision = fp16_precision(trainer_cfg, cfg.optim.grad_scaler)
+    if precision is not None:
+        trainer_cfg.pop("precision")
     trainer = pl.Trainer(
-        **(OmegaConf.to_container(cfg.trainer, resolve=True) | val_trainer_kwargs(cfg)),
+        **trainer_cfg,
         logger=build_logger(cfg, run_dir),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *([precision] if precision is not None else [])],
         use_distributed_sampler=False,  # the datamodule's ResumableRandomSampler shards over ranks itself
     )
+    summary: dict = {}
     try:
-        start = time.time()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
-        wall = time.time() - start
-
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+        except SIGTERMException:  # Lightning's own SIGTERM path (a signal before our handlers took over)
+            preemption.preempted = True
+        if preemption.preempted:
+            return trainer, module, summary
+        stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
         summary = {
             "run_dir": str(run_dir),
             "task_name": cfg.task_name,
             "overrides": _overrides(),
             "steps": trainer.global_step,
-            "wall_time_s": round(wall, 2),
-        }
+            # unreadable training images (skipped at the scan, or in this process during training)
+            "skipped_images": [{"path": p, "reason": r} for p, r in datamodule.train_set.reasons.items()],
+        } | stats.summary()
         if trainer.is_global_zero:
             lora, sidecar = export_lora(
                 module.generator_state_dict(), cfg, module.lora_targets, run_dir / "lora" / "osediff_lora.safetensors"
             )
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-            stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
-            summary |= stats.summary() | {
-                "last_metrics": metrics,
+            summary |= {
+                "last_metrics": summary["last_metrics"] | metrics,  # earlier attempts' values where this one has none
                 "lora": str(lora),
                 "lora_sidecar": str(sidecar),
                 "checkpoint_dir": str(run_dir / "checkpoints"),
@@ -161,11 +229,24 @@ def _print_outputs(summary: dict) -> None:
         ("logs (W&B/CSV)", "logger_dir"),
     ):
         print(f"  {label:15s} {summary[key]}")
+    for item in summary.get("skipped_images", []):
+        print(f"  SKIPPED image  {item['path']}: {item['reason']}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> dict:
+    """The CLI: a failure is logged with its traceback (into the job's own log, not only the sweep's) and
+    recorded in the run directory's failure.json for ``report``, then raised (non-zero exit). Returns the
+    summary (a sweep's job table reads it)."""
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        summary = train(cfg)
+    except Exception as exc:
+        log.exception("training failed: %s: %s", type(exc).__name__, exc)
+        record_failure(run_dir, exc)
+        raise
+    clear_failure(run_dir)
+    return summary
 
 
 if __name__ == "__main__":

@@ -40,9 +40,17 @@ from osediff_lab.prompts import PromptProvider
 log = logging.getLogger(__name__)
 
 
-
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimiser steps had a non-finite loss or gradient."""
+
+
+def poison_if_nonfinite(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Make the gradients non-finite when ``loss`` is, without a host sync: a NaN loss whose graph happens
+    to give finite gradients must still skip the step, on every rank alike."""
+    target = next((p for p in params if p.grad is not None), params[0])
+    if target.grad is None:
+        target.grad = torch.zeros_like(target)
+    target.grad.add_(torch.where(torch.isfinite(loss.detach()), 0.0, float("nan")).to(target.grad.dtype))
 
 
 class OSEDiffModule(pl.LightningModule):
@@ -84,6 +92,7 @@ class OSEDiffModule(pl.LightningModule):
         self.embedder = PromptEmbedder(self.tokenizer, self.text_encoder, max_cached=4096)
         self._bad_steps = 0
         self._grad_norms: dict[int, torch.Tensor] = {}
+        self._skipped: set[int] = set()  # ids of optimisers whose last step was skipped (non-finite gradients)
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self._pipeline: OSEDiffPipeline | None = None
         self._negative: torch.Tensor | None = None
@@ -209,38 +218,49 @@ class OSEDiffModule(pl.LightningModule):
             offset += n
 
     def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter], terms: dict[str, torch.Tensor]) -> bool:
-        """Backward, sync, skip on non-finite numbers (logged with the offending term), clip, step.
+        """Backward, average over ranks, step; a step whose gradients are not finite is skipped and counted.
 
-        A non-finite loss poisons the gradients instead of skipping the all-reduce, so every rank
-        takes the same decision and none waits forever on the others.
+        Without a loss scaler the skip is decided in ``on_before_optimizer_step`` by one fused check (the
+        clipping norm). Under fp16 the GradScaler decides: it unscales, finds the overflow, skips the step
+        and halves the scale, so the next step can succeed. A non-finite loss poisons the gradients, so
+        every rank (after the all-reduce) takes the same decision and none waits on the others.
         """
         opt.zero_grad(set_to_none=True)
-        loss_ok = bool(torch.isfinite(loss))
-        if loss_ok:
-            with self._ddp_no_sync():
-                self.manual_backward(loss)
-        else:
-            for p in params:
-                p.grad = torch.full_like(p, float("nan"))
+        with self._ddp_no_sync():
+            self.manual_backward(loss)
+        poison_if_nonfinite(loss, params)
         self._sync_grads(params)
-        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["gradient"]
-            self._bad_steps += 1
-            log.warning("step %d: non-finite %s in the %s step; optimiser step skipped", self.global_step, ", ".join(bad), name)
-            self.log(f"train/{name}_skipped", 1.0, on_step=True)
-            opt.zero_grad(set_to_none=True)
-            limit = self.optim_cfg.max_consecutive_bad_steps
-            if self._bad_steps >= limit:
-                raise NonFiniteLossError(
-                    f"{self._bad_steps} consecutive non-finite steps (last: {name}, {', '.join(bad)}) at step "
-                    f"{self.global_step}; the last good checkpoint is kept. Lower the learning rate or raise "
-                    "optim.max_consecutive_bad_steps"
-                )
-            return False
+        scaler = self.grad_scaler()
+        scale_before = scaler.get_scale() if scaler is not None else None
+        self._skipped.discard(id(opt.optimizer))
         opt.step()
-        if name == "regularizer":
+        if scaler is not None:
+            skipped = scaler.get_scale() < scale_before
+        else:
+            skipped = id(opt.optimizer) in self._skipped
+        if name == "regularizer" or skipped:  # global_step counts generator updates that happened
             self._uncount_optimizer_step()
-        return True
+        if not skipped:
+            return True
+        bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["gradient"]
+        self._bad_steps += 1
+        log.warning("step %d: non-finite %s in the %s step; optimiser step skipped", self.global_step, ", ".join(bad), name)
+        opt.zero_grad(set_to_none=True)
+        limit = self.optim_cfg.max_consecutive_bad_steps
+        if self._bad_steps >= limit:
+            raise NonFiniteLossError(
+                f"{self._bad_steps} consecutive non-finite steps (last: {name}, {', '.join(bad)}) at step "
+                f"{self.global_step}; the last good checkpoint is kept. Lower the learning rate or raise "
+                "optim.max_consecutive_bad_steps"
+            )
+        return False
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler of the trainer's precision plugin (None for fp32/bf16 or without a trainer)."""
+        if self._trainer is None:
+            return None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def _uncount_optimizer_step(self) -> None:
         """Make ``global_step`` count generator updates: Lightning counts every optimiser's step, so
@@ -252,11 +272,20 @@ class OSEDiffModule(pl.LightningModule):
             tracker.completed -= 1
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip after AMP unscaling (Lightning calls this between unscale and step); record the norm."""
+        """Clip after AMP unscaling (Lightning calls this between unscale and step) and record the norm.
+
+        The norm doubles as the fused finiteness check: it is finite exactly when every gradient is. Without
+        a scaler a non-finite norm drops the gradients, so the optimiser leaves every parameter (and its
+        moments) untouched; under fp16 the scaler has already seen the overflow and skips the step itself.
+        """
         params = [p for g in optimizer.param_groups for p in g["params"]]
         clip = self.optim_cfg.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
         self._grad_norms[id(optimizer)] = norm.detach()
+        if self.grad_scaler() is None and not bool(torch.isfinite(norm)):
+            for p in params:
+                p.grad = None
+            self._skipped.add(id(optimizer))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         opt_g, opt_r = self.optimizers()
@@ -266,21 +295,25 @@ class OSEDiffModule(pl.LightningModule):
         terms, _, z_h = self.generator_losses(batch, embeds)
         ok_g = self._step("generator", opt_g, terms["total"], self.gen_params, terms)
 
-        reg_losses = []
-        ok_r = True
+        reg_losses, reg_skipped = [], 0
         for _ in range(self.loss_cfg.reg_steps_per_gen_step):
             loss_r = self.regularizer_loss(z_h, embeds)
-            ok_r = self._step("regularizer", opt_r, loss_r, self.reg_params, {"reg": loss_r}) and ok_r
+            reg_skipped += not self._step("regularizer", opt_r, loss_r, self.reg_params, {"reg": loss_r})
             reg_losses.append(loss_r.detach())
-        if ok_g and ok_r:
+        if ok_g and not reg_skipped:
             self._bad_steps = 0
+        skipped = {"train/skipped_generator": float(not ok_g), "train/skipped_regularizer": float(reg_skipped)}
         sch_g.step()
         sch_r.step()
 
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
         logs["train/loss_reg"] = torch.stack(reg_losses).mean()
+        logs |= skipped
         logs["train/lr_generator"] = opt_g.param_groups[0]["lr"]
         logs["train/lr_regularizer"] = opt_r.param_groups[0]["lr"]
+        scaler = self.grad_scaler()
+        if scaler is not None:
+            logs["train/loss_scale"] = scaler.get_scale()
         opt_g_inner, opt_r_inner = opt_g.optimizer, opt_r.optimizer
         if id(opt_g_inner) in self._grad_norms:
             logs["train/grad_norm_generator"] = self._grad_norms[id(opt_g_inner)]
