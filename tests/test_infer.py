@@ -1,4 +1,5 @@
-"""The inference CLI: folders of mixed formats, outputs and prompts, corrupt inputs, reproducibility."""
+"""The inference CLI: folders of mixed formats, outputs and prompts, corrupt inputs, EXIF orientation, empty
+folders, reproducibility."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from helpers import TINY, compose_config
+from osediff_lab.errors import ConfigError
 from osediff_lab.export import export_lora
 from osediff_lab.infer import collect_inputs, run_inference
 from osediff_lab.models.components import build_components
 from osediff_lab.models.osediff import build_generator
 from osediff_lab.train import CONF_DIR
+from test_bad_input import ENV, noise, with_orientation
 from test_pipeline import perturb_trained
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -98,3 +101,24 @@ def test_cli_single_file(inputs, ckpt, tmp_path):
     with Image.open(tmp_path / "out" / "a.png") as im:
         assert im.size == (44, 36)
     assert (tmp_path / "out" / "a.txt").read_text() == "\n"  # the checkpoint's prompt mode: null
+
+
+def test_infer_exif_rotated_jpeg_gives_an_upright_output(tmp_path, ckpt):
+    d = tmp_path / "in"
+    d.mkdir()
+    with_orientation(noise(16, 24), d / "turned.jpg", 6, quality=95)  # stored 24 wide x 16 high, shown 16 x 24
+    summary = run(d, ckpt, tmp_path / "out")
+    assert summary["failed"] == []
+    with Image.open(tmp_path / "out" / "turned.png") as im:
+        assert im.size == (64, 96)
+
+
+def test_infer_on_a_folder_without_images_names_it_and_the_suffixes(tmp_path, ckpt):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no image here")
+    with pytest.raises(ConfigError, match=rf"input={empty}: no image files.*\.jpg.*\.png"):
+        collect_inputs(empty)
+    proc = subprocess.run([sys.executable, "-m", "osediff_lab.infer", f"input={empty}", f"output={tmp_path / 'out'}", f"ckpt={ckpt}",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no image files" in proc.stderr + proc.stdout
