@@ -55,3 +55,17 @@ class ResumableRandomSampler(Sampler[int]):
 def sample_generator(seed: int, sample_id: int) -> torch.Generator:
     """A generator for one sample's randomness, independent of workers, ranks and resumption."""
     return torch.Generator().manual_seed((seed * 1_000_003 + sample_id) % (2**63))
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` of ``range(n)``: a partition over ranks without padding, so
+    per-image scores gathered from all ranks are exactly those of a single-process pass."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.rank, self.world = num_samples, rank, world_size
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
