@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from helpers import TINY, compose_config
 from osediff_lab.lit.callbacks import AtomicCheckpointIO
 from osediff_lab.lit.module import NonFiniteLossError, OSEDiffModule
-from osediff_lab.lit.resume import find_resume_checkpoint
+from osediff_lab.lit.resume import PREEMPTED_EXIT_CODE, find_resume_checkpoint
 from osediff_lab.train import run
 
 CLI = ["logger=csv", "loss.lpips.pretrained=false", "loss.lpips.net=alex", "data.crop_size=64", "data.batch_size=2",
@@ -95,8 +95,9 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     wait_for(run_dir(tmp_path) / "checkpoints" / "step000002.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]  # not finished: Slurm requeues, a sweep waits
     assert "preemption checkpoint written" in out
+    assert not (run_dir(tmp_path) / "summary.json").exists() and not (run_dir(tmp_path) / "lora").exists()
     ckpt = torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert 2 <= ckpt["global_step"] < STEPS
     finish(start(tmp_path))

@@ -64,4 +64,4 @@ class SampleGrid(pl.Callback):
         self.last_path = path
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_image"):
-            logger.log_image(key="samples/lq_sr_hq", images=[str(path)], step=step)
+            logger.log_image(key="samples/lq_sr_hq", images=[str(path)])  # joins the row of this step's metrics

@@ -1,19 +1,33 @@
-"""Experiment loggers: W&B (offline by default) with a local CSV fallback that never crashes a run."""
+"""Experiment loggers: W&B (offline by default) that never stops a job, over a CSV journal of every row.
+
+Every row goes to ``csv/metrics.csv`` first (flushed each step), then to W&B with ``step`` = the trainer's
+step, so all attempts of a run (same W&B id, ``resume="allow"``) form one strictly increasing history.
+When W&B fails mid-run (its service killed with the job's processes on a Slurm requeue, a full disk, a
+network error) the job goes on, says so once, and the next attempt sends the rows W&B is missing, found
+by reading the earlier attempts' offline run files back (``read_history``)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import math
 import os
+import struct
 import uuid
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
-
-from osediff_lab.io import atomic_write_text
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 log = logging.getLogger(__name__)
+
+STEP_KEY = "trainer/global_step"
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
@@ -26,7 +40,8 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     mode = str(lc.mode)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        logger = WandbLogger(
+        logger = JournaledWandbLogger(
+            _csv(run_dir),
             project=lc.project,
             group=lc.group,
             tags=list(lc.tags),
@@ -35,9 +50,11 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
             mode=mode,
             id=_wandb_run_id(run_dir),
             resume="allow",
+            log_model=lc.get("log_model", False),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-        _ = logger.experiment  # start the run now, so a broken setup falls back here, not mid-training
+        if rank_zero_only.rank == 0:
+            logger.start()  # start the run now, so a broken setup falls back here, not mid-training
         return logger
     except Exception as exc:  # any W&B failure must degrade to local logging
         log.warning("W&B logging unavailable (%s: %s); logging to CSV under %s instead", type(exc).__name__, exc, run_dir)
@@ -47,8 +64,94 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
 def close_logger(logger: Logger | None) -> None:
     """Finish the W&B run of this job: wandb keeps one global run per process, and a sweep's next job
     in the same process would otherwise keep logging into it."""
-    if isinstance(logger, WandbLogger) and logger._experiment is not None:
-        logger.experiment.finish()
+    if isinstance(logger, JournaledWandbLogger):
+        logger.close()
+
+
+class JournaledWandbLogger(WandbLogger):
+    """WandbLogger whose rows also go to a CSV journal and whose W&B calls never raise (see module doc)."""
+
+    def __init__(self, journal: CSVLogger, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.journal = journal
+        self.broken: str | None = None  # why W&B stopped taking data in this attempt
+        self.held_through = -1  # highest step W&B held when this attempt started (rows at or below: not sent again)
+        self.started = False
+        self.last_step = -1  # step of the latest row: images and tables without a step join it
+        self.run_id = str(kwargs["id"])
+
+    def _guard(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run a W&B call; on the first failure say so once and stop calling W&B in this attempt."""
+        if self.broken is not None:
+            return None
+        try:
+            return call()
+        except Exception as exc:
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log.warning("W&B stopped working (%s, in %s): this attempt goes on logging to %s only; the next "
+                        "attempt of this run sends W&B the rows it is missing", self.broken, what, self.journal.log_dir)
+            return None
+
+    def start(self) -> None:
+        """Start (or resume) the W&B run, declare the step axes, and send rows earlier attempts could not."""
+        run = self.experiment
+        self.started = True
+        for pattern in ("train/*", "val/*", "samples/*"):
+            run.define_metric(pattern, step_metric=STEP_KEY)
+        held = [int(row["_step"]) for row in read_history(Path(self.save_dir) / "wandb", self.run_id)]
+        self.held_through = max([*held, int(run.step) - 1])
+        missing = [(step, row) for step, row in journal_rows(Path(self.journal.log_dir)) if step > self.held_through]
+        for step, row in missing:
+            self._send(row, step)
+        if missing:
+            self.held_through = missing[-1][0]
+        if missing:
+            log.warning("sent W&B %d rows (steps %d-%d) an earlier attempt could not deliver", len(missing),
+                        missing[0][0], missing[-1][0])
+
+    def _send(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.experiment.log(dict(metrics, **{STEP_KEY: step}), step=step)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        step = self.last_step if step is None else step
+        self.last_step = max(self.last_step, step)
+        scalars = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
+        if scalars:
+            self.journal.log_metrics(scalars, step)
+            self.journal.save()
+        if step > self.held_through:  # rows a resumed attempt replays (after a SIGKILL) W&B has already
+            self._guard("log", lambda: self._send(metrics, step))
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        self._guard("log_hyperparams", lambda: super(JournaledWandbLogger, self).log_hyperparams(params))
+
+    @rank_zero_only
+    def log_image(self, key: str, images: list[Any], step: int | None = None, **kwargs: Any) -> None:
+        self._guard("log_image", lambda: super(JournaledWandbLogger, self).log_image(key, images, step, **kwargs))
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._guard("checkpoint artifact", lambda: super(JournaledWandbLogger, self).after_save_checkpoint(checkpoint_callback))
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._guard("finalize", lambda: super(JournaledWandbLogger, self).finalize(status))
+
+    @rank_zero_only
+    def close(self) -> None:
+        """Finish this attempt's W&B run (its rows flushed to the run files); never raises."""
+        if self.started and self.broken is None:
+            self._guard("finish", lambda: self.experiment.finish())
+
+
+def _scalar(value: Any) -> float | None:
+    """A plain number for the CSV journal (tensors of one element included), else None (images, tables)."""
+    if hasattr(value, "numel") and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -62,7 +165,7 @@ class AppendingCSVLogger(CSVLogger):
         path = Path(self.log_dir) / "metrics.csv"
         previous = path.read_bytes() if path.is_file() else None
         exp = super().experiment
-        if previous:
+        if previous and isinstance(exp, ExperimentWriter):  # non-zero ranks get Lightning's placeholder
             path.write_bytes(previous)
             header = next(csv.reader(previous.decode().splitlines()), [])
             exp.metrics_keys = sorted(set(exp.metrics_keys) | set(header))
@@ -74,11 +177,112 @@ def _csv(run_dir: Path) -> CSVLogger:
     return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
 
 
+def journal_rows(csv_dir: Path) -> list[tuple[int, dict[str, float]]]:
+    """The CSV journal's rows merged by step, in step order: (step, {key: value})."""
+    path = csv_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.pop("step")))
+            by_step.setdefault(step, {}).update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return sorted(by_step.items())
+
+
 def _wandb_run_id(run_dir: Path) -> str:
-    """One W&B run per run directory: a resumed run continues the same W&B run."""
+    """One W&B run per run directory: a resumed run continues the same W&B run. The first process to
+    create the file wins (DDP ranks started together agree on one id)."""
     path = run_dir / "wandb_run_id.txt"
-    if path.is_file():
-        return path.read_text().strip()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        for _ in range(100):  # another rank is writing it right now
+            text = path.read_text().strip()
+            if text:
+                return text
+        raise RuntimeError(f"{path} is empty: delete it to start a new W&B run for {run_dir}") from None
     run_id = uuid.uuid4().hex[:8]
-    atomic_write_text(path, run_id)
+    with os.fdopen(fd, "w") as f:
+        f.write(run_id)
     return run_id
+
+
+# ---- reading W&B offline run files (run-<id>.wandb) back --------------------------------------------
+# The files are a LevelDB-style log: a 7-byte file header (":W&B", magic 0xBEE1, version 0), then 32 KiB
+# blocks of chunks, each with a 7-byte header (CRC-32 over type byte + data, length, type), where type
+# says whether the chunk is a whole record or its first / middle / last piece. Records are protobufs.
+_BLOCK = 32768
+_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> Iterator[bytes]:
+    """The serialized records of one .wandb file, CRC-checked; stops at a torn tail (a killed writer)."""
+    data = path.read_bytes()
+    if len(data) < _HEADER or data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        room = _BLOCK - pos % _BLOCK
+        if room < _HEADER:  # block trailer padding
+            pos += room
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            return
+        pos += _HEADER + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def read_history(wandb_dir: Path, run_id: str) -> list[dict[str, Any]]:
+    """Every history row of run ``run_id`` in the offline run folders under ``wandb_dir``, in the order
+    the attempts wrote them: {"_step": n, key: value, ...}."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        for raw in read_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") != "history":
+                continue
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            row["_step"] = int(row.get("_step", record.history.step.num))
+            rows.append(row)
+    return rows
+
+
+def history_matches_journal(history: list[dict[str, Any]], journal: list[tuple[int, dict[str, float]]]) -> list[str]:
+    """Differences between W&B rows and the CSV journal (empty when every journal value is in W&B at
+    its step, once, and W&B's steps strictly increase)."""
+    problems = []
+    steps = [row["_step"] for row in history]
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        problems.append(f"W&B steps do not strictly increase: {steps}")
+    by_step = {row["_step"]: row for row in history}
+    for step, values in journal:
+        row = by_step.get(step)
+        if row is None:
+            problems.append(f"step {step}: in the CSV, not in W&B")
+            continue
+        for key, value in values.items():
+            got = row.get(key)
+            if not isinstance(got, int | float) or not math.isclose(float(got), value, rel_tol=1e-6, abs_tol=1e-9):
+                problems.append(f"step {step} {key}: CSV {value}, W&B {got}")
+    extra = sorted(set(by_step) - {s for s, _ in journal})
+    if extra:
+        problems.append(f"steps in W&B, not in the CSV: {extra}")
+    return problems

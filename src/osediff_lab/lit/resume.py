@@ -3,9 +3,13 @@ checkpoint-then-stop on preemption signals (SIGTERM, SIGUSR1, SIGUSR2)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import signal
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a preemption signal; the requeued attempt continues the run
 
 
 def checkpoint_is_loadable(path: Path) -> str | None:
@@ -109,37 +114,83 @@ class DataPosition(pl.Callback):
 
 
 class Preemption(pl.Callback):
-    """On SIGTERM / SIGUSR1 / SIGUSR2 (what Slurm sends before a kill): finish the current step, write
-    last.ckpt, stop cleanly, then hand the signal to whoever handled it before (Lightning's SLURM
-    requeue, submitit's requeue), so the job comes back and resumes automatically."""
+    """On SIGTERM / SIGUSR1 / SIGUSR2 (what Slurm sends before a kill or a time limit): finish the current
+    step, write last.ckpt and stop, unless the run is already at ``max_steps`` (then it just finishes).
+
+    Every rank takes the same decision: the signal numbers are gathered after each step, so ranks that
+    got the signal at different moments still stop after the same step. Handlers are installed before
+    any work (``install``) and again over Lightning's at train start; ``release`` puts back the ones found
+    first, and ``hand_over`` lets the job's scheduler requeue a preempted run (submitit's handler, or
+    ``scontrol requeue`` for a time-limit signal in a plain Slurm job). The caller then exits with
+    ``PREEMPTED_EXIT_CODE`` and writes no summary: the final attempt does."""
 
     def __init__(self, checkpoint_path: Path) -> None:
         self.checkpoint_path = Path(checkpoint_path)
         self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+        self.preempted = False
+        self._original: dict[int, Any] = {}  # the handlers found by the first install
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, signum: int, frame: Any) -> None:
         log.warning("received %s: checkpointing after this step, then stopping", signal.Signals(signum).name)
         self.received = signum
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+    def install(self) -> None:
+        """Catch the preemption signals from now on (remembering the handlers found the first time)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for name in PREEMPTION_SIGNALS:
             sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handler)
+            if sig is None:
+                continue
+            previous = signal.signal(sig, self._handler)
+            self._original.setdefault(sig, previous)
+
+    def release(self) -> None:
+        """Restore the handlers that were there before the first ``install``."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._original.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.install()  # over Lightning's own SIGTERM handler, which would raise mid-step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.received is None:
+        local = torch.tensor([self.received or 0], dtype=torch.int64, device=pl_module.device)
+        signum = int(trainer.strategy.all_gather(local).max())
+        if signum == 0:
+            return
+        self.received = self.received or signum
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            log.warning("%s at max_steps=%d: finishing the run instead of requeueing it",
+                        signal.Signals(signum).name, trainer.max_steps)
             return
         trainer.save_checkpoint(self.checkpoint_path)
-        log.warning("preemption checkpoint written to %s; stopping", self.checkpoint_path)
+        log.warning("preemption checkpoint written to %s at step %d; stopping", self.checkpoint_path, trainer.global_step)
+        self.preempted = True
         trainer.should_stop = True
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        signum, self.received = self.received, None
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        if signum is not None:
-            previous = self._previous.get(signum)
-            if callable(previous) and previous not in (signal.SIG_IGN, signal.SIG_DFL):
+    def hand_over(self, global_rank: int) -> None:
+        """After a preempted fit: let the scheduler bring the job back. A time-limit signal (USR1/USR2) goes
+        to the handler that was there before (submitit checkpoints its call and requeues); in a plain Slurm
+        job rank 0 requeues it. SIGTERM needs nothing: Slurm itself sent it (requeue, preemption, scancel)."""
+        signum = self.received
+        if signum is None or signum == signal.SIGTERM:
+            return
+        previous = self._original.get(signum)
+        if callable(previous):
+            with contextlib.suppress(SystemExit):  # submitit exits after requeueing; the caller exits with its own code
                 previous(signum, None)
+            return
+        job = slurm_job_id()
+        if job and global_rank == 0:
+            log.warning("requeueing Slurm job %s after %s", job, signal.Signals(signum).name)
+            subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+
+
+def slurm_job_id() -> str | None:
+    """This Slurm job's id as scontrol names it (``<array>_<task>`` for an array element), or None."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")

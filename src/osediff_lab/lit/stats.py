@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -13,20 +14,49 @@ from osediff_lab.io import atomic_write_text
 
 class RunStats(pl.Callback):
     """Welford mean/variance of every ``train/loss_*`` (the VSD loss oscillates: its variance is a
-    study result) and best-so-far of every ``val/*`` metric, direction from ``metric_defs``."""
+    study result), best-so-far of every ``val/*`` metric (direction from ``metric_defs``) and the last
+    value of every scalar metric.
+
+    All of it travels in the checkpoints, with the wall time and the number of attempts so far, so the
+    summary of a run that was preempted and resumed covers every attempt, not only the last one. The
+    wall time of an attempt counts from this callback's creation to its last checkpoint (or the end)."""
 
     def __init__(self, metric_defs: DictConfig | None) -> None:
         self.metric_defs = metric_defs or {}
         self.loss: dict[str, list[float]] = {}  # name -> [count, mean, M2]
         self.best: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.started = time.monotonic()
+        self.earlier_wall_s = 0.0  # wall time of the earlier attempts, from the checkpoint resumed
+        self.earlier_attempts = 0
+
+    @property
+    def wall_time_s(self) -> float:
+        """Wall time of all attempts up to now."""
+        return self.earlier_wall_s + time.monotonic() - self.started
+
+    @property
+    def attempts(self) -> int:
+        """Attempts of this run, this one included."""
+        return self.earlier_attempts + 1
 
     def state_dict(self) -> dict:
-        return {"loss": self.loss, "best": self.best}
+        return {"loss": self.loss, "best": self.best, "last": self.last, "wall_time_s": self.wall_time_s,
+                "attempts": self.attempts}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.loss, self.best = state_dict["loss"], state_dict["best"]
+        self.last = state_dict.get("last", {})
+        self.earlier_wall_s = float(state_dict.get("wall_time_s", 0.0))
+        self.earlier_attempts = int(state_dict.get("attempts", 0))
+
+    def _record_last(self, trainer: pl.Trainer, prefix: str) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and torch.is_tensor(value) and value.numel() == 1:
+                self.last[key] = float(value)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._record_last(trainer, "train/")
         for key, value in trainer.callback_metrics.items():
             if not key.startswith("train/loss_") or not torch.is_tensor(value):
                 continue
@@ -41,6 +71,7 @@ class RunStats(pl.Callback):
             self.loss[key] = [n, mean, m2]
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._record_last(trainer, "val/")
         for key, value in trainer.callback_metrics.items():
             if not key.startswith("val/") or not torch.is_tensor(value):
                 continue
@@ -52,8 +83,10 @@ class RunStats(pl.Callback):
                 self.best[key] = x
 
     def summary(self) -> dict:
+        """Loss statistics, best and last metrics, wall time and attempts over every attempt of the run."""
         losses = {k: {"mean": m, "var": m2 / (n - 1) if n > 1 else 0.0, "count": n} for k, (n, m, m2) in self.loss.items()}
-        return {"loss_stats": losses, "best_metrics": dict(self.best)}
+        return {"loss_stats": losses, "best_metrics": dict(self.best), "last_metrics": dict(self.last),
+                "wall_time_s": round(self.wall_time_s, 2), "attempts": self.attempts}
 
 
 class RankReport(pl.Callback):
