@@ -60,9 +60,10 @@ def test_groups_expand_and_unknown_names_fail():
         resolve_names(["nope"])
 
 
-def test_check_cli_reports_missing_then_present(tmp_path, capsys):
+def test_check_cli_reports_missing_then_present(tmp_path, capsys, monkeypatch):
     if not NIQE_MAT.is_file():
         pytest.skip(f"{NIQE_MAT} not found (../shared is absent in a fresh clone)")
+    monkeypatch.setenv("OSEDIFF_WEIGHTS_SHARED", "")  # the cache alone
     assert weights_cli(["--weights-dir", str(tmp_path), "check", "niqe", "fid"]) == 1
     out = capsys.readouterr().out
     assert "missing" in out and "niqe" in out and "present" not in out
@@ -116,6 +117,7 @@ def test_fetch_from_file_url_verifies_and_installs(tmp_path):
 def test_fetch_cli_uses_the_downloader(tmp_path, monkeypatch):
     if not NIQE_MAT.is_file():
         pytest.skip(f"{NIQE_MAT} not found (../shared is absent in a fresh clone)")
+    monkeypatch.setenv("OSEDIFF_WEIGHTS_SHARED", "")  # the cache alone
     seen = []
 
     def fake_network(url: str, dest: Path) -> None:
@@ -145,3 +147,50 @@ def test_zip_check_accepts_real_zip(tmp_path):
     with zipfile.ZipFile(z, "w") as f:
         f.writestr("a", "b")
     assert format_problem(z) is None
+
+
+def test_configs_name_the_manifest_paths(tmp_path):
+    """One path per file: what `weights check` and `fetch` use is what the prompt configs read."""
+    from helpers import compose_config
+
+    for prompt, key, entry in (("dape", "ram_path", "ram_swin_large"), ("dape", "dape_path", "dape"), ("llava", "model_dir", "llava15_7b")):
+        cfg = compose_config([f"prompt={prompt}", f"paths.weights_dir={tmp_path}"])
+        assert Path(cfg.prompt[key]) == expected_path(MANIFEST[entry], tmp_path), (prompt, key)
+
+
+def test_llava_snapshot_directory_is_found_where_the_config_points(tmp_path):
+    snap = expected_path(MANIFEST["llava15_7b"], tmp_path)
+    assert check_entry(MANIFEST["llava15_7b"], tmp_path).state == "missing"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "model-00001-of-00001.safetensors").write_bytes(b"")
+    status = check_entry(MANIFEST["llava15_7b"], tmp_path)
+    assert status.state == "present" and status.path == snap
+
+
+def test_a_shared_copy_is_found_and_used_only_where_its_path_is_handed_over(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from osediff_lab.metrics import availability, metric_defs
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "niqe_modelparameters.mat").write_bytes(b"MATLAB 5.0 MAT-file")
+    (shared / "MANIQA_PIPAL-ae6d356b.pth").write_bytes(b"\x80 pickle")
+    monkeypatch.setenv("OSEDIFF_WEIGHTS_SHARED", str(shared))
+    cache = tmp_path / "cache"
+    status = check_entry(MANIFEST["niqe"], cache)
+    assert status.state == "present" and status.path == shared / "niqe_modelparameters.mat"
+    defs = metric_defs(OmegaConf.load(Path(__file__).parents[1] / "conf" / "metric_defs" / "paper.yaml"), ["niqe", "maniqa"])
+    ok, missing = availability(defs, cache)
+    assert [d.name for d in ok] == ["niqe"]  # its path is handed to pyiqa (model_file)
+    (maniqa,) = missing  # pyiqa finds MANIQA's file in the cache by itself: the shared copy cannot be used
+    assert any(p.state == "outside the cache" and "copy it there" in p.detail for p in maniqa.problems)
+
+
+def test_the_shared_niqe_file_is_picked_up_by_default(tmp_path, monkeypatch):
+    if not NIQE_MAT.is_file():
+        pytest.skip(f"{NIQE_MAT} not found (../shared is absent in a fresh clone)")
+    monkeypatch.delenv("OSEDIFF_WEIGHTS_SHARED", raising=False)
+    status = check_entry(MANIFEST["niqe"], tmp_path)
+    assert status.state == "present" and status.path.resolve() == NIQE_MAT.resolve()

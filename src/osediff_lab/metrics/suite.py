@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from osediff_lab.dtypes import resolve_device
 from osediff_lab.errors import ConfigError
-from osediff_lab.weights.cache import EntryStatus, check_entry, fetch_command, offline
-from osediff_lab.weights.manifest import MANIFEST
+from osediff_lab.weights.cache import EntryStatus, check_entry, expected_path, fetch_command, offline
+from osediff_lab.weights.manifest import MANIFEST, WeightFile
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,21 @@ class Unavailable:
         return f"{self.name}: UNAVAILABLE ({self.reason})"
 
 
+def _usable(entry: WeightFile, cache: str | Path, passed_by_path: bool) -> EntryStatus:
+    """The entry's status for a metric: a file found only in a shared dir counts when we hand pyiqa its path
+    (``model_file``); otherwise pyiqa looks in the cache itself, so the file must be there."""
+    status = check_entry(entry, cache, verify_hash=False)
+    expected = expected_path(entry, Path(cache).expanduser())
+    if status.state == "present" and not passed_by_path and not status.path.is_dir() and status.path != expected:
+        return EntryStatus(entry, "outside the cache", status.path, f"pyiqa reads it only from {expected}: copy it there")
+    return status
+
+
 def availability(defs: list[MetricDef], cache: str | Path) -> tuple[list[MetricDef], list[Unavailable]]:
     """Split metrics into runnable and unavailable by checking their files (presence + format, no hashing)."""
     ok, missing = [], []
     for d in defs:
-        problems = tuple(s for s in (check_entry(MANIFEST[w], cache, verify_hash=False) for w in d.weights) if s.state != "present")
+        problems = tuple(s for s in (_usable(MANIFEST[w], cache, w == d.model_file) for w in d.weights) if s.state != "present")
         if problems:
             missing.append(Unavailable(d.name, problems))
         else:

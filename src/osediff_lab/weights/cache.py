@@ -1,5 +1,9 @@
 """The one weights cache (``paths.weights_dir``, env OSEDIFF_WEIGHTS): locating, checking, and offline use.
 
+Each manifest entry has one path in the cache (``expected_path``), used by ``check``, ``fetch`` and the configs.
+A plain file missing there is also looked for, by its file name, in the read-only ``paths.weights_shared_dirs``
+(env OSEDIFF_WEIGHTS_SHARED, default ../shared/weights: a cluster's shared copy), and used from there.
+
 ``offline(cache)`` points torch.hub, pyiqa, CLIP and the Hugging Face hub at the cache and refuses every
 outbound connection while libraries build their models, so nothing reaches the network by surprise.
 """
@@ -31,6 +35,14 @@ def default_weights_dir() -> Path:
     return Path(str(cfg.weights_dir)).expanduser()
 
 
+def shared_weights_dirs() -> list[Path]:
+    """``paths.weights_shared_dirs`` (os.pathsep-separated; relative to the repository root), existing ones only."""
+    cfg = OmegaConf.load(PATHS_CONF)
+    root = CONF_DIR.parent
+    dirs = [Path(d).expanduser() for d in str(cfg.get("weights_shared_dirs") or "").split(os.pathsep) if d.strip()]
+    return [d if d.is_absolute() else root / d for d in dirs if (d if d.is_absolute() else root / d).is_dir()]
+
+
 def fetch_command(names: list[str]) -> str:
     return "python -m osediff_lab.weights fetch " + " ".join(dict.fromkeys(names))
 
@@ -46,23 +58,33 @@ def expected_path(entry: WeightFile, cache: str | Path) -> Path:
         import importlib
 
         return Path(importlib.import_module(entry.package).__file__).parent / entry.path
-    if entry.hf_repo:
+    if entry.hf_repo and not entry.path:
         return hf_repo_dir(entry, cache) / "snapshots" / "<revision>" / (entry.hf_file or "")
     return cache / entry.path
 
 
+def _is_snapshot(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*.safetensors"))
+
+
 def locate(entry: WeightFile, cache: str | Path) -> Path | None:
-    """The file (or snapshot directory) if it is on disk, else None."""
+    """The file (or snapshot directory) if it is on disk, else None; plain files also in the shared dirs."""
     cache = Path(cache).expanduser()
-    if entry.hf_repo:
+    if entry.hf_repo and not entry.path:
         snapshots = sorted((hf_repo_dir(entry, cache) / "snapshots").glob("*"))
         for snap in snapshots:
             target = snap / entry.hf_file if entry.hf_file else snap
-            if target.is_file() or (target.is_dir() and any(target.glob("*.safetensors"))):
+            if target.is_file() or _is_snapshot(target):
                 return target
         return None
     path = expected_path(entry, cache)
-    return path if path.is_file() else None
+    if entry.hf_repo:  # a snapshot downloaded into its own directory of the cache
+        return path if _is_snapshot(path) else None
+    if path.is_file():
+        return path
+    if entry.package:
+        return None
+    return next((d / path.name for d in shared_weights_dirs() if (d / path.name).is_file()), None)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -39,7 +39,9 @@ def fetch_entry(entry: WeightFile, cache: str | Path, download: Downloader | Non
     if entry.hf_repo:
         from huggingface_hub import hf_hub_download, snapshot_download
 
-        if entry.hf_file:
+        if entry.path:  # its own directory of the cache, the path the configs name
+            path = snapshot_download(entry.hf_repo, local_dir=str(expected_path(entry, cache)))
+        elif entry.hf_file:
             path = hf_hub_download(entry.hf_repo, entry.hf_file, cache_dir=str(cache / HF_HUB))
         else:
             path = snapshot_download(entry.hf_repo, cache_dir=str(cache / HF_HUB))

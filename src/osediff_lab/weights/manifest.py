@@ -30,13 +30,14 @@ class WeightFile:
 
     name: str
     what: str
-    path: str = ""  # relative to the cache dir (plain files) or to the package dir (``package``)
+    # relative to the cache dir (plain files; with ``hf_repo``: a snapshot directory) or to the package dir
+    path: str = ""
     url: str | None = None  # direct download source; None when it must be obtained by hand (see ``manual``)
     sha256: str | None = None
     sha256_prefix: str | None = None
     approx_mb: float | None = None  # informational only, never used to judge a file
     package: str | None = None  # ships inside this pip package: nothing to fetch
-    hf_repo: str | None = None  # stored in the Hugging Face cache layout under <cache>/huggingface/hub
+    hf_repo: str | None = None  # without ``path``: stored in the Hugging Face cache layout under <cache>/huggingface/hub
     hf_file: str | None = None
     manual: str | None = None
     groups: tuple[str, ...] = field(default_factory=tuple)
@@ -94,7 +95,7 @@ ENTRIES: tuple[WeightFile, ...] = (
         groups=("prompts",),
     ),
     WeightFile(
-        "llava15_7b", "LLaVA-1.5 7B captioner (prompt ablation)", hf_repo="llava-hf/llava-1.5-7b-hf",
+        "llava15_7b", "LLaVA-1.5 7B captioner (prompt ablation)", "llava-1.5-7b-hf", hf_repo="llava-hf/llava-1.5-7b-hf",
         approx_mb=14100, groups=("prompts",),
     ),
     _torchvision("tv_vgg16", "vgg16-397923af.pth", "VGG16 ImageNet (LPIPS-vgg loss, DISTS)", 528, ("lpips_vgg", "dists")),
