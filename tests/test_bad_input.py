@@ -4,6 +4,7 @@ reported with its name and reason, everything else is processed, and the exit st
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import struct
@@ -304,3 +305,77 @@ def test_bad_optimiser_and_step_settings_are_rejected_before_building(override, 
     monkeypatch.setattr(train, "build_module", lambda cfg: pytest.fail("a model was built"))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         train.run(cfg)
+
+
+
+# --- train ------------------------------------------------------------------------------------------------
+
+TRAIN = [*TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=2", "callbacks.samples.every_n_steps=0",
+         "callbacks.checkpoint.every_n_train_steps=1", "data=folder", "data.crop_size=32"]
+
+
+@pytest.fixture
+def photo_folder(tmp_path, bad_files) -> Path:
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(noise(40, 48, seed=i)).save(d / f"good{i}.png")
+    for kind in ("zero", "truncated_png"):
+        (d / bad_files[kind].name).write_bytes(bad_files[kind].read_bytes())
+    return d
+
+
+@pytest.mark.slow
+def test_training_skips_bad_images_reports_them_prints_progress_lines_and_leaves_a_finished_run_alone(
+    tmp_path, photo_folder, capsys
+):
+    from osediff_lab.train import run
+
+    cfg = compose_config([*TRAIN, f"data.root={photo_folder}"], tmp_path / "run")
+    trainer, _, summary = run(cfg)
+    out = capsys.readouterr().out
+    assert trainer.global_step == 4
+    # bad inputs: named with the reason, in the summary file and the printout
+    skipped = {Path(s["path"]).name: s["reason"] for s in summary["skipped_images"]}
+    assert skipped == {"zero.png": "empty file (0 bytes)", "truncated_png.png": skipped["truncated_png.png"]}
+    assert "truncated" in skipped["truncated_png.png"]
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["skipped_images"] == summary["skipped_images"] and "SKIPPED image" in out
+    # progress without a terminal: lines in steps of max_steps, never "Epoch 0/-2"
+    assert "train: step 2/4 (50%)" in out and "train: step 4/4 (100%)" in out and "Epoch" not in out
+    # learning rates logged once (the module's train/lr_*), not again by LearningRateMonitor
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "lr-AdamW" not in header
+
+    before = (tmp_path / "run" / "summary.json").read_bytes()
+    trainer2, module2, again = run(compose_config([*TRAIN, f"data.root={photo_folder}", "trainer.max_steps=2"], tmp_path / "run"))
+    assert trainer2 is None and module2 is None and again == on_disk
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before
+    assert "at step 4, not below trainer.max_steps=2: nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_full_disk_while_checkpointing_says_so_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from osediff_lab.lit.callbacks import DiskFullError
+    from osediff_lab.train import run
+
+    real = Path.write_bytes
+    written = []
+
+    def fills_up(self: Path, data) -> int:
+        if ".ckpt." in self.name:  # the temporary file of a checkpoint
+            if len(written) >= 2:
+                real(self, bytes(data)[:100])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(self.name)
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fills_up)
+    cfg = compose_config([*TRAIN, "data=demo", "data.crop_size=64"], tmp_path / "run")
+    with pytest.raises(DiskFullError, match=rf"No space left on {tmp_path / 'run' / 'checkpoints'}: .*the last good checkpoint is kept: "):
+        run(cfg)
+    monkeypatch.undo()
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert not [n for n in ckpts if n.endswith(".tmp")], "temporary file left behind"
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert kept["global_step"] >= 1

@@ -110,11 +110,13 @@ def test_interrupted_checkpoint_write_leaves_previous_intact(tmp_path, monkeypat
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
 
-    def dies_half_way(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+    real = Path.write_bytes
+
+    def dies_half_way(self: Path, data) -> int:
+        real(self, b"PK\x03\x04 half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", dies_half_way)
+    monkeypatch.setattr(Path, "write_bytes", dies_half_way)
     with pytest.raises(OSError, match=str(path)):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
     monkeypatch.undo()

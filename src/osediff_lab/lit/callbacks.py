@@ -1,26 +1,123 @@
-"""Callbacks: sample grids (LQ | output | HQ) and atomic checkpoint writing."""
+"""Callbacks: sample grids (LQ | output | HQ), atomic checkpoint writing, step progress."""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ProgressBar
 from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
 from osediff_lab.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space (or quota); the earlier checkpoints are intact."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file, then rename: a kill mid-write leaves the previous file intact."""
+    """torch.save into memory, then write a temporary file and rename: a kill or a full disk mid-write leaves
+    the previous file intact. Serialising first makes a full disk an OSError(ENOSPC) from the file write
+    (torch.save straight to a file reports it as an opaque RuntimeError), turned into a DiskFullError."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        path = Path(path)
+        try:
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            last = f"the last good checkpoint is kept: {kept[-1]}" if kept else "no earlier checkpoint exists"
+            raise DiskFullError(
+                exc.errno,
+                f"No space left on {path.parent}: {path} not written ({buf.getbuffer().nbytes / 2**20:.1f} MiB); {last}. "
+                "Free space and re-run the same command to resume",
+            ) from exc
+
+
+class StepProgress(ProgressBar):
+    """Training progress in steps of ``trainer.max_steps`` (never epochs): a bar on a terminal, otherwise
+    (a log file, CI, nohup) one flushed line every ``every`` steps and at the end."""
+
+    def __init__(self, every: int = 10, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self.every = max(1, int(every))
+        self.stream = stream
+        self.enabled = True
+        self.bar: tqdm | None = None
+        self.started = 0.0
+        self.first_step = 0
+        self.last_step = -1
+        self.printed = -1
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def _out(self) -> TextIO:
+        return self.stream or sys.stdout
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return self.enabled and trainer.is_global_zero
+
+    def _metrics(self, trainer: pl.Trainer, pl_module) -> str:
+        shown = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if not self._active(trainer):
+            return
+        self.started, self.first_step, self.last_step = time.monotonic(), trainer.global_step, trainer.global_step
+        if self._out().isatty():
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step", file=self._out(),
+                            dynamic_ncols=True)
+        else:
+            print(f"train: step {trainer.global_step}/{trainer.max_steps}", file=self._out(), flush=True)
+
+    def _line(self, trainer: pl.Trainer, pl_module) -> str:
+        step, total = trainer.global_step, trainer.max_steps
+        elapsed = time.monotonic() - self.started
+        rate = (step - self.first_step) / elapsed if elapsed > 0 else 0.0
+        eta = f", eta {(total - step) / rate:.0f}s" if rate > 0 else ""
+        return f"train: step {step}/{total} ({100 * step / total:.0f}%), {rate:.2f} step/s{eta}  {self._metrics(trainer, pl_module)}".rstrip()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self._active(trainer) or step == self.last_step:
+            return
+        self.last_step = step
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._metrics(trainer, pl_module), refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif step % self.every == 0 or step >= trainer.max_steps:
+            self._print(trainer, pl_module)
+
+    def _print(self, trainer: pl.Trainer, pl_module) -> None:
+        self.printed = trainer.global_step
+        print(self._line(trainer, pl_module), file=self._out(), flush=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self._active(trainer) and self.printed != trainer.global_step:
+            self._print(trainer, pl_module)
 
 
 class SampleGrid(pl.Callback):
