@@ -1,6 +1,9 @@
 """Real-ESRGAN degradation throughput: 512x512 pairs/s for batch 8, batched vs one sample at a time.
 
-`python benchmarks/bench_degradation.py [--device cpu|cuda] [--repeats N]`; prints numbers, asserts nothing.
+`python benchmarks/bench_degradation.py [--device cpu|cuda] [--repeats N] [--threads N] [--blur]`; prints
+numbers, asserts nothing. Batched and one-at-a-time calls alternate (paired), medians are reported; the
+batch's agreement with its samples processed alone is printed too. ``--blur`` times the two correlation
+methods (grouped convolution, FFT) per kernel support, which is how ``DIRECT_MAX`` was chosen.
 """
 
 from __future__ import annotations
@@ -8,19 +11,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from common import compose_config
 
-from osediff_lab.data.realesrgan import RealESRGANDegradation
-from osediff_lab.paths import CONF_DIR
-
-
-def degradation_config():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=["degradation=realesrgan"]).degradation
+from osediff_lab.data.realesrgan import DIRECT_MAX, RealESRGANDegradation, correlate, select_samples
 
 
 def sync(device: str) -> None:
@@ -28,15 +24,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, repeats: int, device: str) -> float:
-    times = []
+def seconds(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired(a: Callable[[], object], b: Callable[[], object], repeats: int, device: str) -> tuple[float, float, float]:
+    """Median seconds of a and of b, timed alternately, and the median of the per-pair ratios b / a."""
+    ta, tb = [], []
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        ta.append(seconds(a, device))
+        tb.append(seconds(b, device))
+    return statistics.median(ta), statistics.median(tb), statistics.median(y / x for x, y in zip(ta, tb, strict=True))
+
+
+def blur_methods(device: str, size: int, batch: int, repeats: int) -> None:
+    """Milliseconds per image of each correlation method by kernel size."""
+    x = torch.rand(batch, 3, size, size, device=device)
+    print(f"\nblur of {batch} x {size}x{size}, ms per image (DIRECT_MAX = {DIRECT_MAX}):")
+    for k in range(3, 22, 2):
+        kernels = torch.rand(batch, k, k, device=device)
+        row = []
+        for direct_max in (k, k - 1):  # k: grouped convolution; k - 1: FFT
+            correlate(x, kernels, direct_max=direct_max)
+            row.append(statistics.median(
+                seconds(lambda d=direct_max, k=kernels: correlate(x, k, direct_max=d), device) for _ in range(repeats)))
+        print(f"  k={k:2d}: direct {1e3 * row[0] / batch:7.1f}   fft {1e3 * row[1] / batch:7.1f}")
 
 
 def main() -> None:
@@ -44,28 +60,44 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--blur", action="store_true", help="also time grouped convolution vs FFT per kernel size")
     args = parser.parse_args()
-    cfg = degradation_config()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = compose_config(["degradation=realesrgan"]).degradation
     hq = torch.rand(args.batch, 3, args.size, args.size, device=args.device) * 2 - 1
     batched, single = RealESRGANDegradation(cfg, 4), RealESRGANDegradation(cfg, 4)
     batched(hq)  # warm-up (kernel caches, allocator)
     single(hq[:1])
 
-    t_batched = median_seconds(lambda: batched(hq), args.repeats, args.device)
-    t_single = median_seconds(lambda: [single(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device)
+    t_batched, t_single, ratio = paired(
+        lambda: batched(hq), lambda: [single(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device
+    )
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, {args.batch} x {args.size}x{args.size}, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} alternating pairs")
     print(f"batched (one call, batch {args.batch}):    {args.batch / t_batched:7.2f} pairs/s  ({t_batched:.3f} s/batch)")
     print(f"one sample at a time ({args.batch} calls):  {args.batch / t_single:7.2f} pairs/s  ({t_single:.3f} s/batch)")
-    print(f"batched / one-at-a-time speed ratio: {t_single / t_batched:.2f}x")
+    print(f"batched / one-at-a-time throughput: {ratio:.2f}x (median of pair ratios)")
+
     shared_cfg = cfg.copy()
     shared_cfg.resize_per_sample = False
     shared = RealESRGANDegradation(shared_cfg, 4)
     shared(hq)
-    t_shared = median_seconds(lambda: shared(hq), args.repeats, args.device)
+    t_shared, t_single2, ratio_shared = paired(
+        lambda: shared(hq), lambda: [single(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device
+    )
     print(f"batched, one resize per batch (resize_per_sample=false): {args.batch / t_shared:7.2f} pairs/s  "
-          f"({t_single / t_shared:.2f}x one-at-a-time)")
+          f"({ratio_shared:.2f}x one-at-a-time)")
+
+    params = batched.sample(args.batch, (args.size, args.size))
+    lq = batched.apply(hq, params)
+    gap = max((lq[i : i + 1] - batched.apply(hq[i : i + 1], select_samples(params, [i]))).abs().max().item()
+              for i in range(args.batch))
+    print(f"batch vs each sample alone (same parameters): max |difference| {gap:.2e}")
+    if args.blur:
+        blur_methods(args.device, args.size, args.batch, args.repeats)
 
 
 if __name__ == "__main__":

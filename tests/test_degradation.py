@@ -26,7 +26,10 @@ from osediff_lab.data.kernels import (
 from osediff_lab.data.realesrgan import (
     PairPool,
     RealESRGANDegradation,
+    blur_each,
+    correlate,
     describe,
+    fft_size,
     filter_each,
     gaussian_noise,
     jpeg,
@@ -34,6 +37,8 @@ from osediff_lab.data.realesrgan import (
     poisson_noise,
     pulse,
     resize_each,
+    select_samples,
+    support,
 )
 from osediff_lab.errors import ConfigError
 
@@ -149,52 +154,84 @@ def test_sampled_kernels_respect_window_types_and_normalisation(cfg):
 
 
 # ---- batched operations --------------------------------------------------------------------------
-def test_filter_each_applies_each_samples_own_kernel():
+def reference_filter(x: torch.Tensor, kernel: torch.Tensor, mode: str = "reflect") -> torch.Tensor:
+    """One sample (1, C, H, W) correlated with one odd kernel by a plain depthwise convolution."""
+    r, c = kernel.shape[-1] // 2, x.shape[1]
+    return F.conv2d(F.pad(x, (r, r, r, r), mode=mode), kernel.expand(c, 1, -1, -1), groups=c)
+
+
+@pytest.mark.parametrize("size", [7, 21])  # a grouped convolution, and the FFT (sizes above DIRECT_MAX)
+def test_filter_each_applies_each_samples_own_kernel(size):
     x = torch.rand(3, 3, 24, 20)
-    kernels = torch.rand(3, 7, 7)
+    kernels = torch.rand(3, size, size)
     out = filter_each(x, kernels)
     for i in range(3):
-        padded = F.pad(x[i : i + 1], (3, 3, 3, 3), mode="reflect")
-        ref = F.conv2d(padded, kernels[i].expand(3, 1, 7, 7), groups=3)
-        torch.testing.assert_close(out[i : i + 1], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i : i + 1], reference_filter(x[i : i + 1], kernels[i]), atol=1e-5, rtol=1e-5)
     padded_kernels = F.pad(kernels, (7, 7, 7, 7))  # zero taps around a kernel change nothing
     torch.testing.assert_close(filter_each(x, padded_kernels), out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(filter_each(x, pulse(3, 21)), x)
 
 
+def test_blur_each_groups_by_support_and_size():
+    """Samples of different sizes and kernel supports (a pulse among them) each get their own correlation."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(3, 40, 36, generator=g), torch.rand(3, 40, 36, generator=g), torch.rand(3, 17, 29, generator=g),
+          torch.rand(3, 40, 36, generator=g)]
+    kernels = torch.zeros(4, 21, 21)
+    kernels[0, 7:14, 7:14] = torch.rand(7, 7, generator=g)   # support 7
+    kernels[1, 3:18, 5:16] = torch.rand(15, 11, generator=g)  # support 15 (non-square taps)
+    kernels[2] = torch.rand(21, 21, generator=g)
+    kernels[3, 10, 10] = 1  # no blur
+    out = blur_each(xs, kernels)
+    assert [o.shape for o in out] == [x.shape for x in xs]
+    for x, k, o in zip(xs, kernels, out, strict=True):
+        torch.testing.assert_close(o[None], reference_filter(x[None], k), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[3], xs[3])
+    assert support(kernels) == [3, 7, 10, 0]
+
+
+def test_correlate_falls_back_to_replicate_on_tiny_images():
+    x, k = torch.rand(1, 3, 6, 30), torch.rand(1, 15, 15)
+    torch.testing.assert_close(correlate(x, k), reference_filter(x, k[0], "replicate"), atol=1e-5, rtol=1e-5)
+
+
+def test_fft_sizes_have_only_small_prime_factors():
+    assert [fft_size(n) for n in (1, 7, 17, 532, 553)] == [1, 8, 18, 540, 576]
+
+
 def test_resize_each_matches_per_sample_interpolation():
     x = torch.rand(2, 3, 40, 40)
-    sizes, out_sizes = [(40, 40), (30, 36)], [(20, 22), (45, 50)]
-    modes = ["bilinear", "area"]
-    out = resize_each(x, sizes, out_sizes, modes, antialias=False)
-    assert out.shape == (2, 3, 45, 50)
-    ref0 = F.interpolate(x[:1], size=(20, 22), mode="bilinear", align_corners=False)
-    ref1 = F.interpolate(x[1:, :, :30, :36], size=(45, 50), mode="area")
-    torch.testing.assert_close(out[:1, :, :20, :22], ref0)
-    torch.testing.assert_close(out[1:], ref1)
-    torch.testing.assert_close(out[0, :, 20:, :22], out[0, :, 19:20, :22].expand(3, 25, 22))  # edge-replicated canvas
+    xs = [x[0], x[1, :, :30, :36]]
+    out = resize_each(xs, [(20, 22), (45, 50)], ["bilinear", "area"], antialias=False)
+    assert [o.shape for o in out] == [(3, 20, 22), (3, 45, 50)]
+    torch.testing.assert_close(out[0][None], F.interpolate(x[:1], size=(20, 22), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(out[1][None], F.interpolate(x[1:, :, :30, :36], size=(45, 50), mode="area"))
 
 
 def test_gaussian_noise_std_matches_each_samples_sigma():
-    g = torch.Generator().manual_seed(1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
     sigma = torch.tensor([1.0, 10.0, 30.0, 20.0]) / 255
-    gray = torch.tensor([False, False, True, True])
-    noise = gaussian_noise(torch.Size((4, 3, 128, 128)), sigma, gray, g, "cpu")
-    measured = noise.flatten(1).std(dim=1)
+    colour = gaussian_noise(torch.Size((2, 3, 128, 128)), sigma[:2], False, gens[:2])
+    gray = gaussian_noise(torch.Size((2, 3, 128, 128)), sigma[2:], True, gens[2:])
+    measured = torch.cat([colour, gray]).flatten(1).std(dim=1)
     torch.testing.assert_close(measured, sigma, rtol=0.03, atol=0)
-    torch.testing.assert_close(noise[2:, 0], noise[2:, 2])  # gray: one field for every channel
-    assert (noise[0, 0] - noise[0, 1]).abs().max() > 0
+    torch.testing.assert_close(gray[:, 0], gray[:, 2])  # gray: one field for every channel
+    assert (colour[0, 0] - colour[0, 1]).abs().max() > 0
+    again = gaussian_noise(torch.Size((1, 3, 128, 128)), sigma[1:2], False, [torch.Generator().manual_seed(1)])
+    torch.testing.assert_close(again, colour[1:])  # each sample's field comes from its own generator only
 
 
 def test_poisson_noise_std_follows_shot_noise_law():
-    g = torch.Generator().manual_seed(2)
     levels, v = 256.0, 0.5
     scale = torch.tensor([0.5, 2.0, 3.0])
     x = torch.full((3, 3, 128, 128), v)
-    noise = poisson_noise(x, scale, torch.tensor([False, False, True]), levels, g)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    noise = torch.cat([poisson_noise(x[:2], scale[:2], False, levels, gens[:2]),
+                       poisson_noise(x[2:], scale[2:], True, levels, gens[2:])])
     expected = scale * math.sqrt(v / levels)
     torch.testing.assert_close(noise.flatten(1).std(dim=1), expected, rtol=0.04, atol=0)
     assert noise.flatten(1).mean(dim=1).abs().max() < 0.01
+    torch.testing.assert_close(noise[2, 0], noise[2, 1])
 
 
 def test_jpeg_quality_95_is_close_and_30_is_not():
@@ -266,6 +303,22 @@ def test_parameters_are_drawn_per_sample_and_described(cfg):
     assert len({r["resize1"][1] for r in d.last_params}) > 1
     lines = describe(d.last_params[0])
     assert any("jpeg q" in line for line in lines) and lines[0].startswith("1:")
+
+
+@pytest.mark.parametrize("per_sample_resize", [True, False])
+def test_batch_equals_each_sample_processed_alone(cfg, per_sample_resize):
+    """The batched path (groups by size, support, mode, noise kind) against the per-sample path: each sample
+    alone through ``apply`` with its own parameters, batch of 8 with mixed sizes, kernels and orders."""
+    d = make(cfg, seed=11, resize_per_sample=per_sample_resize)
+    hq = torch.rand(8, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    params = d.sample(8, (64, 48))
+    if per_sample_resize:
+        assert len(set(params["sizes1"])) > 1 and len(set(support(params["first"]["kernels"]))) > 1
+    batched = d.apply(hq, params)
+    assert batched.shape == (8, 3, 16, 12)
+    for i in range(8):
+        alone = d.apply(hq[i : i + 1], select_samples(params, [i]))
+        torch.testing.assert_close(batched[i : i + 1], alone, atol=2e-5, rtol=0)
 
 
 def test_batch_wide_resize_option_shares_one_factor(cfg):

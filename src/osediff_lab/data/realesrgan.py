@@ -1,13 +1,16 @@
 """Real-ESRGAN's second-order degradation, batched on the batch's device with per-sample random parameters.
 
-Images inside the pipeline are in [0, 1]. Samples whose intermediate sizes differ share a canvas padded
-on the bottom/right by edge replication, so blur, noise and JPEG stay batched; per-sample resizes loop.
+Images inside the pipeline are in [0, 1]. Once the per-sample resizes have given samples different sizes
+there is no shared canvas: every operation runs once per group of samples that agree on what it needs
+(image size, blur support, resize target and mode, noise kind), so a sample costs what it would cost
+alone, and each sample's result equals processing it on its own (``apply`` on ``select_samples``).
 All random parameters come from one seeded CPU generator owned by the object (``state_dict`` resumes it);
-noise fields come from a device generator seeded from it per call.
+noise fields come from a device generator per sample, seeded from it per call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import kornia
@@ -21,52 +24,141 @@ from osediff_lab.errors import ConfigError
 
 RESIZE_DIRECTIONS = ("up", "down", "keep")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
+# Supports up to this size are correlated directly (a grouped convolution), larger ones through the FFT,
+# whose cost does not grow with the kernel (`python benchmarks/bench_degradation.py --blur` measures both).
+DIRECT_MAX = 11
 
 
-# ---- batched operations (pure functions, images in [0, 1]) ---------------------------------------
-def trim(kernels: torch.Tensor) -> torch.Tensor:
-    """Crop odd (B, k, k) kernels to the smallest centred square holding every non-zero tap of the batch
-    (same result, less work: most sampled supports are smaller than the padded size)."""
+# ---- operations on groups of samples (pure functions, images in [0, 1]) -----------------------------
+def groups(keys: list[Hashable | None]) -> list[list[int]]:
+    """Indices of the samples sharing each key, in order of first appearance; ``None`` keys are left out."""
+    found: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            found.setdefault(key, []).append(i)
+    return list(found.values())
+
+
+def map_groups(
+    xs: list[torch.Tensor], keys: list[Hashable | None], fn: Callable[[torch.Tensor, list[int]], torch.Tensor]
+) -> list[torch.Tensor]:
+    """``fn(stacked samples, their indices)`` once per group of equal keys; samples come back in order.
+
+    Samples (C, H, W) whose key is ``None`` pass through unchanged. Keys must include the sample's size.
+    """
+    out = list(xs)
+    for idx in groups(keys):
+        y = fn(torch.stack([xs[i] for i in idx]) if len(idx) > 1 else xs[idx[0]][None], idx)
+        for j, i in enumerate(idx):
+            out[i] = y[j]
+    return out
+
+
+def support(kernels: torch.Tensor) -> list[int]:
+    """Half-width of each odd (B, k, k) kernel's non-zero taps around its centre (0: a scaled identity)."""
     c = kernels.shape[-1] // 2
-    taps = (kernels != 0).any(dim=0).nonzero()
-    half = int((taps - c).abs().max()) if taps.numel() else 0
-    return kernels[:, c - half : c + half + 1, c - half : c + half + 1]
+    offsets = (torch.arange(kernels.shape[-1]) - c).abs()
+    nonzero = (kernels != 0).cpu()
+    rows, cols = nonzero.any(dim=-1), nonzero.any(dim=-2)
+    return ((rows | cols) * offsets).amax(dim=-1).tolist()
+
+
+def fft_size(n: int) -> int:
+    """The smallest length >= n with no prime factor above 5 (fast FFT sizes)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def correlate(x: torch.Tensor, kernels: torch.Tensor, border: str = "reflect", direct_max: int = DIRECT_MAX) -> torch.Tensor:
+    """Correlate each sample of x (B, C, H, W) with its own odd kernel (B, k, k); ``border`` pads the edges.
+
+    Reflect padding needs sides longer than k // 2; smaller images fall back to edge replication.
+    Kernels up to ``direct_max`` run as one grouped convolution, larger ones as a product of spectra (the
+    same result to float rounding, ~1e-6).
+    """
+    b, c, h, w = x.shape
+    k = kernels.to(x)
+    r = k.shape[-1] // 2
+    if r == 0:
+        return x * k[:, :, 0, None, None]
+    if border == "reflect" and min(h, w) <= r:
+        border = "replicate"
+    xp = F.pad(x, (r, r, r, r), mode=border)
+    if k.shape[-1] <= direct_max:
+        weight = k.repeat_interleave(c, dim=0)[:, None]
+        return F.conv2d(xp.reshape(1, b * c, h + 2 * r, w + 2 * r), weight, groups=b * c).view(b, c, h, w)
+    size = (fft_size(h + 2 * r), fft_size(w + 2 * r))
+    spectrum = torch.fft.rfft2(xp, s=size) * torch.fft.rfft2(k.flip(-2, -1), s=size)[:, None]
+    return torch.fft.irfft2(spectrum, s=size)[..., 2 * r : 2 * r + h, 2 * r : 2 * r + w].contiguous()
+
+
+def blur_each(xs: list[torch.Tensor], kernels: torch.Tensor, border: str = "reflect") -> list[torch.Tensor]:
+    """Correlate sample i (C, H_i, W_i) with kernels[i] (B, K, K).
+
+    Supports up to ``DIRECT_MAX`` are cropped and convolved, one call per (size, support); larger ones go
+    through the FFT at the full size K, whose cost does not depend on the support: one call per size.
+    """
+    halves, c = support(kernels), kernels.shape[-1] // 2
+
+    def fn(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        r = halves[idx[0]]
+        if 2 * r + 1 > DIRECT_MAX:
+            return correlate(x, kernels[idx], border)
+        return correlate(x, kernels[idx, c - r : c + r + 1, c - r : c + r + 1], border)
+
+    keys = [(tuple(x.shape), r if 2 * r + 1 <= DIRECT_MAX else "fft") for x, r in zip(xs, halves, strict=True)]
+    return map_groups(xs, keys, fn)
 
 
 def filter_each(x: torch.Tensor, kernels: torch.Tensor, border: str = "reflect") -> torch.Tensor:
-    """Correlate each sample of x (B, C, H, W) with its own kernel (B, k, k); ``border`` pads the edges.
+    """Correlate each sample of a same-size batch x (B, C, H, W) with its own kernel (B, k, k)."""
+    return torch.stack(blur_each(list(x.unbind(0)), kernels, border))
 
-    Reflect padding needs sides longer than k // 2; smaller images fall back to edge replication.
+
+def resize_each(xs: list[torch.Tensor], out_sizes: list[tuple[int, int]], modes: list[str], antialias: bool) -> list[torch.Tensor]:
+    """Resize sample i to ``out_sizes[i]`` with ``modes[i]``; one call per (size, target, mode)."""
+    keys = [(tuple(x.shape), tuple(s), m) for x, s, m in zip(xs, out_sizes, modes, strict=True)]
+    return map_groups(xs, keys, lambda x, idx: resize(x, out_sizes[idx[0]], modes[idx[0]], antialias))
+
+
+def gaussian_noise(shape: torch.Size, sigma: torch.Tensor, gray: bool, gens: list[torch.Generator]) -> torch.Tensor:
+    """N(0, sigma^2) noise for (B, C, H, W), sample i from ``gens[i]`` (sigma per sample, on the [0, 1] scale).
+
+    ``gray`` draws one field shared by every channel.
     """
-    kernels = trim(kernels)
-    k = kernels.shape[-1]
-    if k == 1:
-        return x * kernels.to(x)[:, None]
-    if border == "reflect" and min(x.shape[-2:]) <= k // 2:
-        border = "replicate"
-    return kornia.filters.filter2d(x, kernels.to(x), border_type=border)
+    b, c, h, w = shape
+    device = gens[0].device
+    n = torch.stack([torch.randn((1 if gray else c, h, w), generator=g, device=device) for g in gens])
+    return n.expand(b, c, h, w) * sigma.to(device=device, dtype=n.dtype)[:, None, None, None]
 
 
-def gaussian_noise(shape: torch.Size, sigma: torch.Tensor, gray: torch.Tensor, g: torch.Generator, device) -> torch.Tensor:
-    """N(0, sigma^2) noise (sigma per sample, on the [0, 1] scale); ``gray`` samples share one field across channels."""
-    n = torch.randn(shape, generator=g, device=device)
-    n = torch.where(gray.to(device)[:, None, None, None], n[:, :1].expand_as(n), n)
-    return n * sigma.to(device=device, dtype=n.dtype)[:, None, None, None]
+def poisson_noise(x: torch.Tensor, scale: torch.Tensor, gray: bool, levels: float, gens: list[torch.Generator]) -> torch.Tensor:
+    """Shot noise (Poisson(x * levels) / levels - x) * scale, sample i from ``gens[i]``; ``gray`` uses the
+    luminance for every channel. x in [0, 1]; the noise std at intensity v is scale * sqrt(v / levels)."""
+    v = (kornia.color.rgb_to_grayscale(x) if gray else x).clamp(0, 1)
+    n = torch.stack([torch.poisson(v[j] * levels, generator=g) for j, g in enumerate(gens)]) / levels - v
+    return n.expand_as(x) * scale.to(x)[:, None, None, None]
 
 
-def poisson_noise(x: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor, levels: float, g: torch.Generator) -> torch.Tensor:
-    """Shot noise: (Poisson(x * levels) / levels - x) * scale; ``gray`` samples use the luminance for every channel.
+def noise_each(xs: list[torch.Tensor], p: dict[str, Any], gens: list[torch.Generator], levels: float) -> list[torch.Tensor]:
+    """Add each sample's Gaussian or Poisson noise and clamp to [0, 1]; one call per (size, kind, gray)."""
 
-    x in [0, 1]; the noise std at intensity v is scale * sqrt(v / levels).
-    """
-    noise = torch.zeros_like(x)
-    gray = gray.to(x.device)
-    for mask, channels in ((~gray, x), (gray, kornia.color.rgb_to_grayscale(x))):
-        idx = mask.nonzero().flatten()
-        if idx.numel():
-            v = channels[idx].clamp(0, 1)
-            noise[idx] = (torch.poisson(v * levels, generator=g) / levels - v).expand(-1, x.shape[1], -1, -1)
-    return noise * scale.to(x)[:, None, None, None]
+    def fn(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        gray, g = bool(p["gray"][idx[0]]), [gens[i] for i in idx]
+        if p["gaussian"][idx[0]]:
+            noise = gaussian_noise(x.shape, p["sigma"][idx], gray, g)
+        else:
+            noise = poisson_noise(x, p["poisson"][idx], gray, levels, g)
+        return (x + noise).clamp(0, 1)
+
+    keys = [(tuple(x.shape), bool(p["gaussian"][i]), bool(p["gray"][i])) for i, x in enumerate(xs)]
+    return map_groups(xs, keys, fn)
 
 
 def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
@@ -76,18 +168,10 @@ def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     return (out.clamp(0, 1) * 255).round() / 255
 
 
-def resize_each(
-    x: torch.Tensor, sizes: list[tuple[int, int]], out_sizes: list[tuple[int, int]], modes: list[str], antialias: bool
-) -> torch.Tensor:
-    """Resize sample i's valid region (top-left ``sizes[i]``) to ``out_sizes[i]``; returns the new padded canvas."""
-    if len(set(sizes)) == 1 and len(set(out_sizes)) == 1 and len(set(modes)) == 1 and tuple(x.shape[-2:]) == sizes[0]:
-        return resize(x, out_sizes[0], modes[0], antialias)
-    hmax, wmax = max(s[0] for s in out_sizes), max(s[1] for s in out_sizes)
-    out = x.new_empty(x.shape[0], x.shape[1], hmax, wmax)
-    for i, ((h, w), (h2, w2), mode) in enumerate(zip(sizes, out_sizes, modes, strict=True)):
-        y = resize(x[i : i + 1, :, :h, :w], (h2, w2), mode, antialias)
-        out[i] = F.pad(y, (0, wmax - w2, 0, hmax - h2), mode="replicate")[0]
-    return out
+def jpeg_each(xs: list[torch.Tensor], quality: torch.Tensor, where: list[bool] | None = None) -> list[torch.Tensor]:
+    """JPEG each sample (only those with ``where[i]``) at its quality; one call per size."""
+    keys = [tuple(x.shape) if where is None or where[i] else None for i, x in enumerate(xs)]
+    return map_groups(xs, keys, lambda x, idx: jpeg(x, quality[idx]))
 
 
 def pulse(n: int, size: int) -> torch.Tensor:
@@ -95,6 +179,15 @@ def pulse(n: int, size: int) -> torch.Tensor:
     k = torch.zeros(n, size, size)
     k[:, size // 2, size // 2] = 1
     return k
+
+
+def select_samples(params: Any, idx: list[int]) -> Any:
+    """The parameters (nested dicts of per-sample tensors and lists, as ``sample`` returns) of samples ``idx``."""
+    if isinstance(params, dict):
+        return {k: select_samples(v, idx) for k, v in params.items()}
+    if isinstance(params, torch.Tensor):
+        return params[idx]
+    return [params[i] for i in idx]
 
 
 # ---- parameter sampling ---------------------------------------------------------------------------
@@ -243,39 +336,54 @@ class RealESRGANDegradation:
         b, _, h, w = hq.shape
         if h % self.scale or w % self.scale:
             raise ValueError(f"HQ size {h}x{w} is not divisible by scale {self.scale}")
-        cfg, g = self.cfg, self.generator
-        p1, p2, pf = sample_stage(b, cfg, cfg.first, g), sample_stage(b, cfg, cfg.second, g), sample_final(b, cfg, g)
-        noise_gen = torch.Generator(device=hq.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
-        lq_size = (h // self.scale, w // self.scale)
-        x = (hq.float() + 1) / 2
+        params = self.sample(b, (h, w))
+        lq = self.apply(hq, params)
+        p1, p2, pf = params["first"], params["second"], params["final"]
+        self.last_params = [self._record(i, p1, p2, pf, params["sizes1"], params["sizes2"]) for i in range(b)]
+        return lq
 
-        sizes1 = [(max(1, int(h * f)), max(1, int(w * f))) for f in p1["factor"].tolist()]
-        x = self._stage(x, [(h, w)] * b, sizes1, p1, noise_gen)
-        x = jpeg(x, p1["quality"])
-        sizes2 = [(max(1, int(lq_size[0] * f)), max(1, int(lq_size[1] * f))) for f in p2["factor"].tolist()]
-        x = self._stage(x, sizes1, sizes2, p2, noise_gen)
-        first = pf["jpeg_first"].to(x.device)
-        if first.any():
-            x[first] = jpeg(x[first], p2["quality"][pf["jpeg_first"]])
-        x = resize_each(x, sizes2, [lq_size] * b, pf["mode"], bool(cfg.antialias))
+    def sample(self, b: int, size: tuple[int, int]) -> dict[str, Any]:
+        """Every random parameter of ``b`` samples of HQ ``size``, drawn from the object's generator.
+
+        Per-sample entries (tensors, lists) under ``first``, ``second``, ``final``, the intermediate sizes
+        ``sizes1``/``sizes2`` and ``noise_seed`` (one device generator per sample); ``select_samples`` slices it.
+        """
+        cfg, g = self.cfg, self.generator
+        h, w = size
+        lq_h, lq_w = h // self.scale, w // self.scale
+        p1, p2, pf = sample_stage(b, cfg, cfg.first, g), sample_stage(b, cfg, cfg.second, g), sample_final(b, cfg, g)
+        return {
+            "first": p1,
+            "second": p2,
+            "final": pf,
+            "sizes1": [(max(1, int(h * f)), max(1, int(w * f))) for f in p1["factor"].tolist()],
+            "sizes2": [(max(1, int(lq_h * f)), max(1, int(lq_w * f))) for f in p2["factor"].tolist()],
+            "noise_seed": torch.randint(0, 2**62, (b,), generator=g),
+        }
+
+    @torch.no_grad()
+    def apply(self, hq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        """HQ (B, 3, H, W) in [-1, 1] -> LQ in [-1, 1] with given parameters (``sample``'s, one entry per sample)."""
+        cfg = self.cfg
+        b, _, h, w = hq.shape
+        lq_size = (h // self.scale, w // self.scale)
+        p1, p2, pf = params["first"], params["second"], params["final"]
+        gens = [torch.Generator(device=hq.device).manual_seed(int(s)) for s in params["noise_seed"]]
+        xs = list(((hq.float() + 1) / 2).unbind(0))
+        xs = jpeg_each(self._stage(xs, params["sizes1"], p1, gens), p1["quality"])
+        xs = self._stage(xs, params["sizes2"], p2, gens)
+        first = pf["jpeg_first"].tolist()
+        xs = jpeg_each(xs, p2["quality"], where=first)
+        x = torch.stack(resize_each(xs, [lq_size] * b, pf["mode"], bool(cfg.antialias)))
         x = filter_each(x, pf["kernels"], cfg.border).clamp(0, 1)
-        if (~first).any():
-            x[~first] = jpeg(x[~first], p2["quality"][~pf["jpeg_first"]])
-        self.last_params = [self._record(i, p1, p2, pf, sizes1, sizes2) for i in range(b)]
+        x = torch.stack(jpeg_each(list(x.unbind(0)), p2["quality"], where=[not f for f in first]))
         return (x * 2 - 1).to(hq.dtype)
 
-    def _stage(self, x: torch.Tensor, sizes, out_sizes, p: dict[str, Any], noise_gen: torch.Generator) -> torch.Tensor:
-        """Blur, resize, noise (no JPEG) for one stage on the padded canvas."""
-        x = filter_each(x, p["kernels"], self.cfg.border)
-        x = resize_each(x, sizes, out_sizes, p["mode"], bool(self.cfg.antialias))
-        gaussian = p["gaussian"].to(x.device)
-        noise = torch.zeros_like(x)
-        if gaussian.any():
-            noise[gaussian] = gaussian_noise(x[gaussian].shape, p["sigma"][p["gaussian"]], p["gray"][p["gaussian"]], noise_gen, x.device)
-        if (~gaussian).any():
-            idx = ~p["gaussian"]
-            noise[~gaussian] = poisson_noise(x[~gaussian], p["poisson"][idx], p["gray"][idx], float(self.cfg.poisson_levels), noise_gen)
-        return (x + noise).clamp(0, 1)
+    def _stage(self, xs: list[torch.Tensor], out_sizes, p: dict[str, Any], gens: list[torch.Generator]) -> list[torch.Tensor]:
+        """Blur, resize, noise (no JPEG) for one stage, sample by sample in groups."""
+        xs = blur_each(xs, p["kernels"], self.cfg.border)
+        xs = resize_each(xs, out_sizes, p["mode"], bool(self.cfg.antialias))
+        return noise_each(xs, p, gens, float(self.cfg.poisson_levels))
 
     @staticmethod
     def _record(i: int, p1, p2, pf, sizes1, sizes2) -> dict[str, Any]:
