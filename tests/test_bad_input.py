@@ -379,3 +379,34 @@ def test_full_disk_while_checkpointing_says_so_and_keeps_the_last_good_checkpoin
     assert not [n for n in ckpts if n.endswith(".tmp")], "temporary file left behind"
     kept = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert kept["global_step"] >= 1
+
+
+# --- prompts precompute and the degradation preview -------------------------------------------------------
+
+
+def test_precompute_lists_unreadable_files_and_fills_the_cache_for_the_others(tmp_path, photo_folder):
+    from osediff_lab.data.datamodule import source_files
+    from osediff_lab.prompts import build_prompt_provider
+    from osediff_lab.prompts.precompute import precompute
+
+    (photo_folder / "gone.png").write_bytes((photo_folder / "good0.png").read_bytes())
+    cfg = compose_config([*TINY, "prompt=llava_tiny", f"prompt.cache.path={tmp_path / 'cache.sqlite'}", "data=folder",
+                          f"data.root={photo_folder}"], tmp_path / "run")
+    listed = source_files(cfg.data)
+    (photo_folder / "gone.png").unlink()  # vanishes between listing and reading
+    stats = build_prompt_provider(cfg.prompt).fill_files(listed, device="cpu", progress=False)
+    failed = {Path(p).name: r for p, r in stats["failed"].items()}
+    assert set(failed) == {"zero.png", "truncated_png.png", "gone.png"} and stats["computed"] == 3
+    assert "empty file" in failed["zero.png"] and "truncated" in failed["truncated_png.png"]
+    again = precompute(cfg, device="cpu", progress=False)  # the CLI's path: the two broken files again
+    assert again["computed"] == 0 and again["cached_before"] == 3 and len(again["failed"]) == 2
+
+
+def test_preview_skips_unreadable_images_and_lists_them(tmp_path, photo_folder):
+    from osediff_lab.data.preview import run_preview
+
+    cfg = compose_config(["data=folder", f"data.root={photo_folder}", "data.crop_size=32", "data.batch_size=2"], tmp_path)
+    grid = run_preview(cfg)
+    report = json.loads(grid.with_suffix(".json").read_text())
+    assert report["grid"] == str(grid)
+    assert sorted(Path(s["path"]).name for s in report["skipped_images"]) == ["truncated_png.png", "zero.png"]

@@ -229,6 +229,8 @@ def _print_outputs(summary: dict) -> None:
         ("logs (W&B/CSV)", "logger_dir"),
     ):
         print(f"  {label:15s} {summary[key]}")
+    # run directories hold '=' and ',': Hydra needs the value quoted
+    print(f"  try it          python -m osediff_lab.infer input=<image or folder> output=<folder> \"ckpt='{summary['lora']}'\"")
     for item in summary.get("skipped_images", []):
         print(f"  SKIPPED image  {item['path']}: {item['reason']}")
 

@@ -2,10 +2,14 @@
 
 One column per sample (a batch of ``data.batch_size``): HQ on top, LQ (nearest-upscaled to the HQ size)
 below, then the sampled degradation parameters as text, so a person can look at what training sees.
+Unreadable source images are skipped as in training, listed with the reason (printed, and in the JSON
+written beside the grid); the exit status is 1 when any was skipped.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,6 +21,7 @@ from PIL import Image, ImageDraw
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.data.realesrgan import describe
+from osediff_lab.io import atomic_write_text
 from osediff_lab.paths import CONF_DIR
 
 LINE_HEIGHT = 12
@@ -57,12 +62,20 @@ def run_preview(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir) / "preview" / f"degradation_{cfg.degradation.name}_seed{cfg.seed}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     preview_grid(hq, lq, captions).save(out)
+    skipped = [{"path": p, "reason": r} for p, r in dm.train_set.reasons.items()]
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"grid": str(out), "skipped_images": skipped}, indent=2))
     return out
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    print(run_preview(cfg))
+    out = run_preview(cfg)
+    print(out)
+    skipped = json.loads(out.with_suffix(".json").read_text())["skipped_images"]
+    for item in skipped:
+        print(f"  SKIPPED {item['path']}: {item['reason']}")
+    if skipped:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

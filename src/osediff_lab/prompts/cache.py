@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from osediff_lab.data.images import load_rgb, pil_to_tensor
+from osediff_lab.data.images import UnreadableImage, load_rgb, pil_to_tensor
 from osediff_lab.errors import ConfigError
 from osediff_lab.prompts import PromptProvider
 
@@ -153,11 +153,20 @@ class CachedPrompt:
             found |= computed
         return [found[k] for k in keys]
 
-    def _compute_files(self, paths: list[str], device: torch.device | str = "cpu") -> dict[str, str]:
-        """Prompts of whole image files, batched among files of equal size."""
+    def _compute_files(
+        self, paths: list[str], device: torch.device | str = "cpu", failed: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """Prompts of whole image files, batched among files of equal size. With ``failed``, a file that cannot
+        be read is recorded there (path -> reason) and left out; without it, the UnreadableImage propagates."""
         buckets: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
         for p in dict.fromkeys(paths):
-            x = load_image01(p)
+            try:
+                x = load_image01(p)
+            except UnreadableImage as exc:
+                if failed is None:
+                    raise
+                failed[p] = exc.reason
+                continue
             buckets.setdefault(tuple(x.shape[-2:]), []).append((self._key_of_file(p), x))
         out = {}
         for items in buckets.values():
@@ -167,16 +176,31 @@ class CachedPrompt:
                 out.update(zip([k for k, _ in chunk], texts, strict=True))
         return out
 
-    def fill_files(self, paths: Iterable[str | Path], device: torch.device | str = "cpu", progress: bool = True) -> dict[str, int]:
-        """Compute and store prompts for every file not cached yet (what ``precompute`` runs)."""
+    def fill_files(self, paths: Iterable[str | Path], device: torch.device | str = "cpu", progress: bool = True) -> dict:
+        """Compute and store prompts for every file not cached yet (what ``precompute`` runs).
+
+        Returns counts (files, cached_before, computed) and ``failed``: {path: reason} of files that could not
+        be read (gone, unreadable); every other file is processed."""
         paths = [str(p) for p in paths]
-        keys = {p: self._key_of_file(p) for p in tqdm(paths, desc="hashing", disable=not progress)}
+        keys: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        for p in tqdm(list(dict.fromkeys(paths)), desc="hashing", disable=not progress):
+            try:
+                keys[p] = self._key_of_file(p)
+            except OSError as exc:
+                failed[p] = f"cannot be read: {exc.strerror or exc}"
         found = self.cache.get_many(self.settings, list(dict.fromkeys(keys.values())))
-        todo = list({keys[p]: p for p in paths if keys[p] not in found}.values())
+        todo = list({k: p for p, k in keys.items() if k not in found}.values())
         window = self.batch_size * 8
+        computed = 0
         with tqdm(total=len(todo), desc="prompts", disable=not progress) as bar:
             for start in range(0, len(todo), window):
                 part = todo[start : start + window]
-                self.cache.put_many(self.settings, self._compute_files(part, device))
+                texts = self._compute_files(part, device, failed)
+                self.cache.put_many(self.settings, texts)
+                computed += len(texts)
                 bar.update(len(part))
-        return {"files": len(paths), "cached_before": len(paths) - sum(keys[p] not in found for p in paths), "computed": len(todo)}
+        for p, reason in failed.items():
+            log.warning("prompt not computed for %s: %s", p, reason)
+        cached_before = sum(p in keys and keys[p] in found for p in paths)
+        return {"files": len(paths), "cached_before": cached_before, "computed": computed, "failed": failed}
