@@ -97,6 +97,9 @@ def test_loader_refuses_broken_files_with_path_and_reason(bad_files, kind, reaso
 def test_bomb_is_refused_from_the_header_and_a_vanished_file_is_named(bad_files, tmp_path):
     with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
         image_size(bad_files["bomb"])
+    png_header_only(tmp_path / "big.png", 12500, 12500)  # over our limit, under Pillow's own
+    with pytest.raises(UnreadableImage, match=f"12500x12500 is more than {MAX_PIXELS:,} pixels"):
+        load_rgb(tmp_path / "big.png")
     with pytest.raises(UnreadableImage, match="file not found"):
         load_rgb(tmp_path / "gone.png")
 

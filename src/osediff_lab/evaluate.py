@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from osediff_lab.data.datamodule import resolve_dir
 from osediff_lab.data.images import UnreadableImage, list_images
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write_text
@@ -41,8 +42,9 @@ def _report(names: list[str]) -> str:
 def match_by_name(sr_dir: str | Path, gt_dir: str | Path, allow_subset: bool = False) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """(name, SR path, GT path) matched by relative path without extension, and the GT names left out.
 
-    An SR image without GT is an error; GT images without SR are an error unless ``allow_subset``."""
-    sr_dir, gt_dir = Path(sr_dir).expanduser(), Path(gt_dir).expanduser()
+    An SR image without GT is an error; GT images without SR are an error unless ``allow_subset``. Relative
+    folders missing from the working directory are taken from the repository root (as data roots are)."""
+    sr_dir, gt_dir = resolve_dir(sr_dir), resolve_dir(gt_dir)  # ~ expanded; ../shared/... also from elsewhere
     for key, d in (("sr_dir", sr_dir), ("gt_dir", gt_dir)):
         if not d.is_dir():
             raise ConfigError(f"evaluate: {key}={d} is not a directory")

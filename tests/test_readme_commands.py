@@ -1,0 +1,216 @@
+"""Every command the README shows is either run here, as a user would type it (adapted only to be short and
+to point at local stand-ins for the user's files), or listed with the reason it cannot run on a machine
+without weights, GPU, cluster or network. A command added to the README fails the first test until it is
+sorted into one of the two tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import REALSR
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+# Output no run may show: library noise a user cannot act on, epoch counters, crashes.
+NOISE = ("gemm_4bit_forward", "💡 Tip", "module(s) in eval mode", "LeafSpec", "Epoch ", "Traceback", "lr-AdamW")
+
+NOT_HERE = {
+    "make test": "the test suite itself",
+    "make bench": "benchmarks (timings never live in tests)",
+    "make bench BENCH=train": "benchmarks (timings never live in tests)",
+    "make lint": "ruff over the sources, run by the lead and CI",
+    "make demo": "runs `python -m osediff_lab.train +experiment=demo resume=false`, run below",
+    "make demo > log": "the demo with its output in a file: the run below is piped, not a terminal",
+    "python -m osediff_lab.weights fetch sd21_base metrics lpips_vgg": "downloads: needs the network",
+    "python -m osediff_lab.train +experiment=osediff_paper": "needs SD2.1-base weights (and 4 GPUs)",
+    "python -m osediff_lab.train +experiment=osediff_paper generator.frozen_dtype=bf16 trainer.precision=bf16-mixed "
+    "generator.gradient_checkpointing=true": "needs SD2.1-base weights",
+    "python -m osediff_lab.train +experiment=ablate_vsd": "the paper's recipe on LSDIR: needs SD2.1-base and LSDIR",
+    "python -m osediff_lab.train -m +experiment=ablate_rank hydra/launcher=slurm hydra.launcher.partition=gpu "
+    "hydra.launcher.account=myproj": "needs a Slurm cluster and SD2.1-base",
+    "python -m osediff_lab.infer input=img.png output=sr/ ckpt=osediff.pkl prompt=dape": "needs the official "
+    "OSEDiff release file and the RAM/DAPE weights",
+    "python -m osediff_lab.prompts.precompute data=lsdir prompt=llava": "needs LSDIR and the LLaVA-1.5 weights",
+    "python benchmarks/bench_perf.py --model sd21_shape --size 128": "a benchmark (make bench runs it)",
+    "python benchmarks/bench_memory.py": "a benchmark (make bench runs it)",
+    "bash benchmarks/gpu_check.sh": "needs a CUDA GPU",
+}
+
+DEMO = "python -m osediff_lab.train +experiment=demo"
+RUN = (
+    "python -m osediff_lab.weights check",
+    DEMO,
+    "python -m osediff_lab.train model=tiny data=folder data.root=~/photos data.crop_size=256 trainer=cpu",
+    "python -m osediff_lab.train -m loss.vsd_weight=0,1 hydra/launcher=local",
+    "python -m osediff_lab.report multirun-dir/ --out experiments/rank/results.md --plot experiments/rank/tradeoff.png",
+    "python -m osediff_lab.evaluate sr_dir=results/sr gt_dir=../shared/data/realsr/HR",
+    "python -m osediff_lab.evaluate checkpoint=outputs/.../lora/osediff_lora.safetensors val=realsr",
+    "python -m osediff_lab.infer input=lq_folder/ output=sr/ ckpt=outputs/.../lora/osediff_lora.safetensors",
+    "python -m osediff_lab.export ckpt=outputs/.../checkpoints/last.ckpt out=my_lora.safetensors",
+    "python: from osediff_lab.pipeline import OSEDiffPipeline",
+    "python -m osediff_lab.profile model=sd21_shape --no-latency",
+    "python -m osediff_lab.memory model=sd21_shape data.crop_size=512 data.batch_size=1 generator.gradient_checkpointing=true "
+    "generator.frozen_dtype=bf16 trainer.precision=bf16-mixed",
+    "python -m osediff_lab.data.preview degradation=realesrgan data=demo",
+)
+
+
+def readme_commands() -> list[str]:
+    """Shell lines of the README's bash blocks (continuations joined, comments cut), inline `python ...` and
+    `make ...` spans, and each python block by its first line."""
+    text = README.read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line:
+                found.append(re.sub(r"\s+", " ", line))
+    found += re.findall(r"`((?:python|make|bash) [^`]+)`", text)
+    found += ["python: " + block.splitlines()[0] for block in re.findall(r"```python\n(.*?)```", text, re.S)]
+    return list(dict.fromkeys(found))
+
+
+def python_block() -> str:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+
+
+def test_every_readme_command_is_run_or_explained():
+    commands = set(readme_commands())
+    assert commands - set(NOT_HERE) - set(RUN) == set(), "README commands neither run by this test nor explained"
+    assert set(RUN) & set(NOT_HERE) == set()
+    assert (set(NOT_HERE) | set(RUN)) - commands == set(), "commands listed here that the README no longer shows"
+
+
+class Shell:
+    """Runs commands as a user would, from one scratch folder with its own HOME and output root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "HOME": str(root / "home"), "OSEDIFF_OUTPUT": str(root / "outputs"), "WANDB_MODE": "offline",
+                    "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        (root / "home").mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, command: str, *extra: str, rc: int = 0, timeout: int = 900) -> str:
+        words = command.split()
+        argv = [sys.executable, *words[1:], *extra] if words[0] == "python" else [*words, *extra]
+        proc = subprocess.run(argv, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == rc, f"{command} exited {proc.returncode}:\n{out[-4000:]}"
+        shown = [n for n in NOISE if n in out]
+        assert not shown, f"{command} printed {shown}:\n{out[-4000:]}"
+        return out
+
+
+def quoted(path: Path) -> str:
+    """A path as a Hydra value: run directories hold '=' and ','."""
+    return f"'{path}'"
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory) -> Shell:
+    return Shell(tmp_path_factory.mktemp("readme"))
+
+
+@pytest.fixture(scope="module")
+def demo(shell) -> tuple[str, Path]:
+    """The demo, two steps long: its output and its run directory (LoRA, checkpoints) for later commands."""
+    out = shell(DEMO, "trainer.max_steps=2", "resume=false")
+    (run,) = (shell.root / "outputs" / "demo" / "runs").iterdir()
+    return out, run
+
+
+@pytest.mark.slow
+def test_weights_check(shell):
+    out = shell("python -m osediff_lab.weights check", rc=1)  # nothing fetched on this machine
+    assert "missing" in out and "sd21_unet" in out
+
+
+@pytest.mark.slow
+def test_demo(demo):
+    out, run = demo
+    assert "train: step 2/2 (100%)" in out and "osediff-lab: run finished" in out
+    assert (run / "lora" / "osediff_lora.safetensors").is_file() and (run / "summary.json").is_file()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_train_on_a_folder_of_photos(shell):
+    import skimage
+
+    photos = shell.root / "home" / "photos"
+    photos.mkdir(parents=True)
+    for name in ("astronaut.png", "coffee.png"):
+        shutil.copy(Path(skimage.__file__).parent / "data" / name, photos / name)
+    out = shell(RUN[2], "trainer.max_steps=1", "data.batch_size=1")
+    assert "osediff-lab: run finished" in out
+
+
+@pytest.mark.slow
+def test_local_multirun_then_report(shell):
+    out = shell(RUN[3], "trainer.max_steps=1")
+    (sweep,) = (shell.root / "outputs" / "train" / "multiruns").iterdir()
+    assert out.count("osediff-lab: run finished") == 2
+    report = RUN[4].replace("multirun-dir/", f"{sweep}/")
+    shell(report)
+    assert "vsd_weight" in (shell.root / "experiments" / "rank" / "results.md").read_text()
+    assert (shell.root / "experiments" / "rank" / "tradeoff.png").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_an_sr_folder(shell, realsr):
+    sr = shell.root / "results" / "sr"
+    sr.mkdir(parents=True)
+    for lr in sorted((REALSR / "LR").glob("*.png"))[:3]:
+        im = Image.open(lr).convert("RGB")
+        im.resize((im.width * 4, im.height * 4), Image.BICUBIC).save(sr / lr.name)
+    out = shell(RUN[5], "allow_subset=true", "metrics=[psnr,ssim,niqe,lpips]")  # a quick look at 3 of the 100
+    assert "97 GT image(s) have no SR image" in out and "| psnr |" in out and "lpips | unavailable" in out
+
+
+@pytest.mark.slow
+def test_evaluate_a_checkpoint(shell, demo, realsr):
+    lora = demo[1] / "lora" / "osediff_lora.safetensors"
+    out = shell(RUN[6].replace("outputs/.../lora/osediff_lora.safetensors", quoted(lora)), "val.limit=2", "metrics=[psnr,ssim]")
+    assert "# Evaluation: 2 images" in out
+
+
+@pytest.mark.slow
+def test_infer_a_folder(shell, demo):
+    lq = shell.root / "lq_folder"
+    lq.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(lq / f"{i}.png")
+    lora = demo[1] / "lora" / "osediff_lora.safetensors"
+    out = shell(RUN[7].replace("outputs/.../lora/osediff_lora.safetensors", quoted(lora)), "pipeline.process_size=64")
+    assert "2 of 2 images written" in out
+    with Image.open(shell.root / "sr" / "0.png") as im:
+        assert im.size == (96, 80)
+
+
+@pytest.mark.slow
+def test_export_then_the_python_api(shell, demo):
+    last = demo[1] / "checkpoints" / "last.ckpt"
+    shell(RUN[8].replace("outputs/.../checkpoints/last.ckpt", quoted(last)))
+    assert (shell.root / "my_lora.safetensors").is_file()
+    code = "from PIL import Image\npil_image = Image.new('RGB', (24, 20), (90, 120, 150))\n" + python_block()
+    code += "assert sr_images[0].size == (96, 80), sr_images[0].size\n"
+    shell("python -c", code)
+
+
+@pytest.mark.slow
+def test_profile_memory_and_preview(shell):
+    assert "GMAC" in shell(RUN[10])
+    assert "GiB" in shell(RUN[11])
+    out = shell(RUN[12])
+    assert ".png" in out and "SKIPPED" not in out
