@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig
@@ -17,6 +18,8 @@ from osediff_lab.prompts.ram_checkpoint import require_file
 
 LOSS_WEIGHTS = ("l2_weight", "lpips_weight", "vsd_weight")
 MIXED = ("16-mixed", "bf16-mixed", "16", "bf16")
+UPSAMPLE_MODES = ("area", "bilinear", "bicubic")
+REG_LAYOUTS = ("single", "release_only_others_trains")
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
@@ -69,10 +72,25 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(DTYPES)}")
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
+    problems.extend(release_switch_problems(gen))
     problems.extend(optim_problems(cfg.optim))
     problems.extend(step_problems(cfg.trainer))
     problems.extend(data_problems(cfg))
     problems.extend(prompt_weight_problems(cfg.get("prompt")))
+    return problems
+
+
+def release_switch_problems(gen: DictConfig) -> list[str]:
+    """The generator's input and regularizer-LoRA switches (the public release's recipe sets them)."""
+    problems = []
+    modes = list(gen.input_upsample_modes)
+    if not modes or any(m not in UPSAMPLE_MODES for m in modes):
+        problems.append(f"generator.input_upsample_modes={modes} must be a non-empty list of {list(UPSAMPLE_MODES)}")
+    if gen.lora.reg_layout not in REG_LAYOUTS:
+        problems.append(f"generator.lora.reg_layout='{gen.lora.reg_layout}' must be one of {list(REG_LAYOUTS)}")
+    init = gen.lora.get("reg_init_from")
+    if init and not Path(str(init)).expanduser().is_file():
+        problems.append(f"generator.lora.reg_init_from={init} does not exist (a run's lora/regularizer_lora.safetensors)")
     return problems
 
 
@@ -111,7 +129,7 @@ def prompt_weight_problems(prompt: DictConfig | None) -> list[str]:
     if prompt is None or prompt.get("weights") != "pretrained":
         return []
     try:
-        if prompt.name == "dape":
+        if prompt.name in ("dape", "ram"):
             require_file(prompt.ram_path, "RAM")
             if prompt.get("dape_path"):
                 require_file(prompt.dape_path, "DAPE")

@@ -177,7 +177,7 @@ def build_modules(cfg: DictConfig, training: bool = False) -> tuple[Modules, dic
     regularizer is built too (a second UNet: use on the meta device) and trainable parameters are
     counted per row, plus the regularizer's."""
     prompt = cfg.get("prompt")
-    tagger = RAMTagger(RAMArch.from_config(prompt.arch)) if prompt is not None and prompt.name == "dape" else None
+    tagger = RAMTagger(RAMArch.from_config(prompt.arch)) if prompt is not None and prompt.name in ("dape", "ram") else None
     components = build_components(cfg.model)
     trainable: dict[str, int] = {}
     if training:

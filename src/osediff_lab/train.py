@@ -35,6 +35,7 @@ from osediff_lab.lit.stats import RankReport, RunStats
 from osediff_lab.lit.validation import best_checkpoint
 from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
 from osediff_lab.models.components import build_components
+from osediff_lab.models.lora import save_lora_tensors
 from osediff_lab.models.osediff import build_osediff
 from osediff_lab.models.perceptual import build_lpips
 from osediff_lab.paths import CONF_DIR
@@ -64,7 +65,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> t
         auto_insert_metric_name=False,
     )
     samples = SampleGrid(run_dir / "samples", cc.samples.every_n_steps, cc.samples.num_images)
-    fault_tolerance = [RNGState(), DataPosition(), preemption]
+    fault_tolerance = [RNGState(cfg.seed), DataPosition(), preemption]
     stats = RunStats(cfg.get("metric_defs"))
     best = [best_checkpoint(cc.checkpoint, run_dir / "checkpoints" / "best")] if cc.checkpoint.get("monitor") else []
     monitors = [stats, RankReport(run_dir / "ranks")]  # learning rates: the module logs train/lr_*
@@ -189,6 +190,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> tuple[pl.Tra
                 "last_metrics": summary["last_metrics"] | metrics,  # earlier attempts' values where this one has none
                 "lora": str(lora),
                 "lora_sidecar": str(sidecar),
+                "regularizer_lora": str(save_lora_tensors(
+                    module.regularizer_state_dict(), run_dir / "lora" / "regularizer_lora.safetensors", "osediff-lab-reg-lora/1"
+                )),
                 "checkpoint_dir": str(run_dir / "checkpoints"),
                 "samples_dir": str(samples.out_dir),
                 "last_sample_grid": str(samples.last_path) if samples.last_path else None,

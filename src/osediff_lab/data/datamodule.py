@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.images import list_images
 from osediff_lab.data.paired import PairedImageDataset
-from osediff_lab.data.sampling import ResumableRandomSampler
+from osediff_lab.data.sampling import ResumableRandomSampler, ShardSampler
 from osediff_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -220,9 +220,16 @@ class HQDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        """The paired benchmark of ``val`` (in file-name order), or no batches when validation is off."""
+        """This rank's share of the paired benchmark of ``val`` (file-name order), or none when validation is off."""
         if self.val_cfg is None:
             return []
         if self.val_set is None:
             self.val_set = paired_dataset(self.val_cfg, self.scale)
-        return DataLoader(self.val_set, batch_size=int(self.val_cfg.batch_size), shuffle=False, num_workers=int(self.cfg.num_workers))
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(
+            self.val_set,
+            batch_size=int(self.val_cfg.batch_size),
+            sampler=ShardSampler(len(self.val_set), rank, world),  # each rank scores its own share
+            num_workers=int(self.cfg.num_workers),
+        )

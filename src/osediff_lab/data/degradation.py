@@ -69,3 +69,15 @@ def build_degradation(cfg: DictConfig, scale: int) -> Degradation:
 
         return RealESRGANDegradation(cfg, scale)
     raise ConfigError(f"degradation.name '{cfg.name}' is unknown; choose degradation=realesrgan, bicubic or none")
+
+
+def upsample_input(lq: torch.Tensor, size, modes: list[str], quantize_8bit: bool = False) -> torch.Tensor:
+    """The generator's x_L: an LQ batch in [-1, 1] resized to ``size`` with one mode drawn uniformly from
+    ``modes`` (global torch RNG; nothing is drawn when there is one mode), optionally rounded to 8 bits as
+    a saved image would be. ``[bicubic]`` without rounding is ``upsample_to``; the public release uses
+    ``[area, bilinear, bicubic]`` with rounding."""
+    mode = modes[0] if len(modes) == 1 else modes[int(torch.randint(len(modes), (1,)))]
+    x = resize(lq, tuple(size), mode).clamp(-1, 1)
+    if quantize_8bit:
+        x = ((x + 1) * 127.5).round() / 127.5 - 1
+    return x

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from osediff_lab.data.degradation import Degradation, upsample_to
+from osediff_lab.data.degradation import Degradation, upsample_input
 from osediff_lab.dtypes import DTYPES
+from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
 from osediff_lab.lit.validation import build_validator
-from osediff_lab.models.lora import adapters_disabled
+from osediff_lab.models.lora import adapters_disabled, frozen_base_copy, load_lora_tensors
 from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
 from osediff_lab.models.text import PromptEmbedder, encode_prompts
 from osediff_lab.models.vsd import (
@@ -86,7 +88,14 @@ class OSEDiffModule(pl.LightningModule):
         if frozen_dtype != torch.float32:
             for module in (self.text_encoder, self.generator, self.reg_unet):
                 cast_frozen(module, frozen_dtype)
+        # The release: a separate frozen copy of the pretrained UNet for the real score, stored in fp16.
+        self.real_unet = frozen_base_copy(self.reg_unet, torch.float16) if cfg.loss.release_score_precision else None
+        if cfg.generator.lora.get("reg_init_from"):
+            n = load_lora_tensors(self.reg_unet, cfg.generator.lora.reg_init_from, "generator.lora.reg_init_from")
+            log.info("regularizer LoRA warm-started from %s (%d tensors)", cfg.generator.lora.reg_init_from, n)
         self.gen_params = [p for _, p in trainable_parameters(self.generator)]
+        if self.optim_cfg.conv_in_lora_twice:  # the release lists conv_in's LoRA tensors twice
+            self.gen_params += [p for n, p in trainable_parameters(self.generator) if n.startswith("unet.conv_in.lora_")]
         self.reg_params = [p for _, p in trainable_parameters(self.reg_unet)]
         self.trained_names = [n for n, _ in trainable_parameters(self)]
         self.embedder = PromptEmbedder(self.tokenizer, self.text_encoder, max_cached=4096)
@@ -113,7 +122,10 @@ class OSEDiffModule(pl.LightningModule):
         if "lq" not in batch:
             batch["lq"] = self.degradation(batch["hq"])
         if self._trainer is None or not self.trainer.evaluating:
-            batch["lq_up"] = upsample_to(batch["lq"], batch["hq"].shape[-2:])
+            g = self.cfg.generator
+            batch["lq_up"] = upsample_input(
+                batch["lq"], batch["hq"].shape[-2:], list(g.input_upsample_modes), g.input_quantize_8bit
+            )
         return batch
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -136,21 +148,39 @@ class OSEDiffModule(pl.LightningModule):
         return self.prompts(lq01, hq01)
 
     # ---- losses -------------------------------------------------------------------------------
-    def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self.reg_unet(z_t, t, encoder_hidden_states=embeds.to(z_t.dtype)).sample
+    def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, unet: nn.Module | None = None) -> torch.Tensor:
+        """Epsilon prediction of ``unet`` (default: the regularizer UNet with its active adapters)."""
+        unet = self.reg_unet if unet is None else unet
+        return unet(z_t, t, encoder_hidden_states=embeds.to(z_t.dtype)).sample
+
+    def fp32_outside_autocast(self):
+        """With ``loss.release_score_precision``: leave autocast, as the release calls the fake score and the
+        regularizer loss outside it (they then run in fp32); otherwise a no-op."""
+        if not self.loss_cfg.release_score_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
     @torch.no_grad()
-    def vsd_targets(self, z_h: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score."""
+    def vsd_targets(
+        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score
+        (the regularizer UNet with its LoRA) at timesteps ``t`` with ``noise`` (drawn when not given)."""
         lc = self.loss_cfg
         b = z_h.shape[0]
-        t = sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, z_h.device)
-        noise = torch.randn_like(z_h)
+        t = sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, z_h.device) if t is None else t.to(z_h.device)
+        noise = torch.randn_like(z_h) if noise is None else noise
         z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
-        eps_fake = self.unet_eps(z_t, t, embeds)
+        with self.fp32_outside_autocast():
+            eps_fake = self.unet_eps(z_t.float() if lc.release_score_precision else z_t, t, embeds).to(z_t.dtype)
         neg = self.negative_embedding().expand(b, -1, -1)
-        with adapters_disabled(self.reg_unet):
-            eps_both = self.unet_eps(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds]))
+        z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
+        if self.real_unet is not None:  # the release: a separate frozen UNet, run in pure fp16
+            with torch.autocast(self.device.type, enabled=False):
+                eps_both = self.unet_eps(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
+        else:
+            with adapters_disabled(self.reg_unet):
+                eps_both = self.unet_eps(z_both, t_both, c_both)
         eps_uncond, eps_cond = eps_both.chunk(2)
         eps_real = classifier_free_guidance(eps_uncond, eps_cond, lc.cfg_scale)
         return x0_from_eps(z_t, eps_real, t, self.alphas_cumprod), x0_from_eps(z_t, eps_fake, t, self.alphas_cumprod)
@@ -180,42 +210,25 @@ class OSEDiffModule(pl.LightningModule):
         with adapters_disabled(vae):
             return vae.encode(x_h.to(vae.dtype)).latent_dist.mode() * self.generator.scaling_factor
 
-    def regularizer_loss(self, z_h: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """Diffusion loss of the fake-score UNet on detached generator latents."""
+    def regularizer_loss(
+        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Diffusion loss of the fake-score UNet on detached generator latents at timesteps ``t`` with
+        ``noise`` (drawn when not given)."""
         lc = self.loss_cfg
         z0 = z_h.detach()
-        t = sample_timesteps(z0.shape[0], lc.reg_t_min, lc.reg_t_max, z0.device)
-        noise = torch.randn_like(z0)
+        t = sample_timesteps(z0.shape[0], lc.reg_t_min, lc.reg_t_max, z0.device) if t is None else t.to(z0.device)
+        noise = torch.randn_like(z0) if noise is None else noise
         z_t = add_noise(z0, noise, t, self.alphas_cumprod)
-        return diffusion_loss(self.unet_eps(z_t, t, embeds.detach()), noise)
+        with self.fp32_outside_autocast():
+            z_in = z_t.float() if lc.release_score_precision else z_t
+            return diffusion_loss(self.unet_eps(z_in, t, embeds.detach()), noise)
 
     # ---- optimisation -------------------------------------------------------------------------
     def _ddp_no_sync(self):
         """Keep DDP's reducer out of our backward passes: each optimiser syncs its own grads instead."""
         model = self.trainer.strategy.model if self._trainer is not None else None
         return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
-
-    def _sync_grads(self, params: list[nn.Parameter]) -> None:
-        """Average gradients over ranks with one flat all-reduce (a no-op in a single process).
-
-        DDP's own reducer expects every parameter to get a gradient from every backward, which the
-        alternating generator/regularizer steps never satisfy (the public release needed
-        find_unused_parameters=True, a full graph walk per step); this syncs exactly the stepped set.
-        """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        if world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
 
     def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter], terms: dict[str, torch.Tensor]) -> bool:
         """Backward, average over ranks, step; a step whose gradients are not finite is skipped and counted.
@@ -229,7 +242,8 @@ class OSEDiffModule(pl.LightningModule):
         with self._ddp_no_sync():
             self.manual_backward(loss)
         poison_if_nonfinite(loss, params)
-        self._sync_grads(params)
+        if name != "regularizer" or self.optim_cfg.sync_regularizer_grads:
+            average_gradients(params)
         scaler = self.grad_scaler()
         scale_before = scaler.get_scale() if scaler is not None else None
         self._skipped.discard(id(opt.optimizer))
@@ -345,10 +359,12 @@ class OSEDiffModule(pl.LightningModule):
             cls = bnb.optim.AdamW8bit
         else:
             cls = torch.optim.AdamW
-        opt_g, opt_r = (
-            cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
-            for params, lr in ((self.gen_params, oc.lr), (self.reg_params, oc.reg_lr))
-        )
+        with warnings.catch_warnings():  # optim.conv_in_lora_twice lists tensors twice on purpose
+            warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
+            opt_g, opt_r = (
+                cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+                for params, lr in ((self.gen_params, oc.lr), (self.reg_params, oc.reg_lr))
+            )
         return opt_g, opt_r
 
     def configure_optimizers(self):
@@ -372,13 +388,15 @@ class OSEDiffModule(pl.LightningModule):
         keep = set(self.trained_names)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["osediff"] = {"trained_names": self.trained_names, "lora_targets": self.lora_targets}
-        if hasattr(self.degradation, "state_dict"):  # its random stream continues exactly after a resume
-            checkpoint["degradation"] = self.degradation.state_dict()
+        if hasattr(self.degradation, "state_dict"):  # every rank's random stream continues exactly after a resume
+            checkpoint["degradation"] = {"ranks": gather_objects(self.degradation.state_dict())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not hold exactly this model's trained tensors."""
         if "degradation" in checkpoint and hasattr(self.degradation, "load_state_dict"):
-            self.degradation.load_state_dict(checkpoint["degradation"])
+            state = own_rank_state(checkpoint["degradation"], "degradation")
+            if state is not None:
+                self.degradation.load_state_dict(state)
         have = set(checkpoint["state_dict"])
         want = set(self.trained_names)
         missing, unexpected = sorted(want - have), sorted(have - want)
@@ -392,6 +410,12 @@ class OSEDiffModule(pl.LightningModule):
         """The tensors a checkpoint stores, by their module names."""
         params = dict(self.named_parameters())
         return {n: params[n] for n in self.trained_names}
+
+    def regularizer_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained regularizer (fake score) LoRA tensors keyed relative to its UNet: study and warm starts
+        (``generator.lora.reg_init_from``)."""
+        prefix = "reg_unet."
+        return {n[len(prefix):]: p for n, p in self.trained_state_dict().items() if n.startswith(prefix)}
 
     def generator_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained generator tensors keyed relative to the generator (``unet.*``, ``vae.*``): the LoRA export."""

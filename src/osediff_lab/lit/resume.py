@@ -17,6 +17,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from osediff_lab.lit.distributed import gather_objects, own_rank_state
+
 log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
@@ -47,23 +49,27 @@ def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 class RNGState(pl.Callback):
-    """Saves torch / numpy / python / CUDA RNG states with each checkpoint and restores them right
-    before the first batch after a resume, so the resumed run draws the same random numbers.
-    States are stored as tensors and plain values, so checkpoints load with ``weights_only=True``."""
+    """Gives each DDP rank its own random stream and resumes every rank's stream exactly.
 
-    def __init__(self) -> None:
+    At fit start rank r > 0 reseeds torch / numpy / python with ``seed + r`` (rank 0, and so a single
+    process, keeps the stream ``seed_everything`` started), so VSD and regularizer timesteps, noise and VAE
+    posterior samples differ between ranks. Each checkpoint stores the torch / numpy / python / CUDA RNG
+    states of every rank (gathered); after a resume each rank restores its own right before its first
+    batch. States are tensors and plain values, so checkpoints load with ``weights_only=True``."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
         self._pending: dict[str, Any] | None = None
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.global_rank > 0:
+            seed_streams(self.seed + trainer.global_rank)
+
     def state_dict(self) -> dict[str, Any]:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-        state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return {"ranks": gather_objects(local_rng_state())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
+        self._pending = own_rank_state(state_dict, "RNG state")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._pending is None:
@@ -75,6 +81,23 @@ class RNGState(pl.Callback):
         if "cuda" in self._pending and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self._pending["cuda"])
         self._pending = None
+
+
+def seed_streams(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's ``random`` with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def local_rng_state() -> dict[str, Any]:
+    """This process's torch / numpy / python (and CUDA) RNG states as tensors and plain values."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 class DataPosition(pl.Callback):

@@ -122,7 +122,8 @@ class Validator:
         return sr01
 
     def means(self, module: pl.LightningModule) -> dict[str, float]:
-        """Mean of every metric over all images of all ranks (sums and counts are gathered, not means)."""
+        """Mean of every metric over all images of all ranks (sums and counts are gathered, not means),
+        and ``num_images``: how many images were scored in all (each rank scores its own share)."""
         out = {}
         for m, values in self.scores.items():
             local = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=module.device)
@@ -130,13 +131,15 @@ class Validator:
             total = gathered.reshape(-1, 2).sum(0)
             if total[1] > 0:
                 out[m] = float(total[0] / total[1])
+                out["num_images"] = float(total[1])
         return out
 
     def epoch_end(self, module: pl.LightningModule) -> dict[str, float]:
         """Log ``val/<metric>`` means (and the W&B image table on rank 0), then reset."""
         means = self.means(module)
         for m, value in means.items():
-            module.log(f"val/{m}", value, prog_bar=m == self.metrics[0], rank_zero_only=False)
+            key = "val_info/num_images" if m == "num_images" else f"val/{m}"  # a count, not a metric to rank by
+            module.log(key, value, prog_bar=m == self.metrics[0], rank_zero_only=False)
         if isinstance(module.logger, WandbLogger) and module.trainer.is_global_zero and self.examples:
             import wandb
 

@@ -14,9 +14,10 @@ from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
 from torch import nn
 
+from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import Components
 from osediff_lab.models.generator import OSEDiffGenerator
-from osediff_lab.models.lora import add_lora, select_targets, split_unet_targets
+from osediff_lab.models.lora import add_lora, lora_layers, select_targets, split_unet_targets
 
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
 
@@ -69,13 +70,32 @@ def build_generator(
 
 
 def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
-    """Generator (its own UNet copy + LoRA, VAE encoder LoRA) and the regularizer UNet ('reg' LoRA)."""
+    """Generator (its own UNet copy + LoRA, VAE encoder LoRA) and the regularizer UNet's LoRA, laid out per
+    ``generator.lora.reg_layout``:
+
+    - ``single`` (the paper): one adapter 'reg' over every UNet target, all of it trained;
+    - ``release_only_others_trains`` (the public release): the generator's three adapters, of which only
+      the last one added, ``default_others`` (modules outside the down and up blocks), is active, because
+      the release never calls ``set_adapter`` on this UNet; the other two keep lora_B = 0 for the whole run.
+    """
     generator, targets = build_generator(components, gen_cfg)
     lora = gen_cfg.lora
     reg_unet = components.unet
     reg_names = select_targets(reg_unet, lora.unet_targets)
-    add_lora(reg_unet, reg_names, lora.reg_rank, lora.reg_alpha, "reg", lora.init)
-    targets["reg_unet.reg"] = reg_names
+    layout = lora.get("reg_layout", "single")
+    if layout == "single":
+        add_lora(reg_unet, reg_names, lora.reg_rank, lora.reg_alpha, "reg", lora.init)
+        targets["reg_unet.reg"] = reg_names
+    elif layout == "release_only_others_trains":
+        groups = split_unet_targets(reg_names)
+        for group, names in groups.items():
+            if names:
+                add_lora(reg_unet, names, lora.reg_rank, lora.reg_alpha, UNET_ADAPTERS[group], lora.init)
+                targets[f"reg_unet.{UNET_ADAPTERS[group]}"] = names
+        for layer in lora_layers(reg_unet):  # what PEFT leaves active when nobody calls set_adapter
+            layer.set_adapter([UNET_ADAPTERS["others"]])
+    else:
+        raise ConfigError(f"generator.lora.reg_layout='{layout}' must be 'single' or 'release_only_others_trains'")
     return OSEDiffParts(components, generator, reg_unet, targets)
 
 

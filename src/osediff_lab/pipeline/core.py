@@ -51,6 +51,8 @@ class OSEDiffPipeline:
     ) -> None:
         self.options = make_options(options)
         self.scale = int(self.options.scale or scale)
+        # auto: torch's bicubic; from_checkpoint picks Pillow's for the official release (as it was run)
+        self.upsampler = "torch" if self.options.upsampler == "auto" else str(self.options.upsampler)
         self.generator, self.tokenizer, self.text_encoder = generator, tokenizer, text_encoder
         if live:
             self.device = generator.vae.decoder.conv_in.weight.device
@@ -102,7 +104,10 @@ class OSEDiffPipeline:
         scale = ckpt.meta["scale"] if ckpt.kind == "osediff-lab" else opts.official.scale
         # a DictConfig node stays attached to its root, so interpolations such as ${paths.weights_dir} resolve
         provider = build_prompt_provider(prompt if isinstance(prompt, DictConfig) else OmegaConf.create(prompt))
-        return cls(generator, components.tokenizer, components.text_encoder, provider, scale, opts)
+        pipe = cls(generator, components.tokenizer, components.text_encoder, provider, scale, opts)
+        if opts.upsampler == "auto" and ckpt.kind == "official":
+            pipe.upsampler = "pillow"  # the release upsamples the 8-bit LQ with Pillow's bicubic
+        return pipe
 
     # ---- public API ----------------------------------------------------------------------------
     def __call__(self, images: list[Image.Image] | torch.Tensor) -> list[Image.Image] | torch.Tensor:
@@ -124,7 +129,7 @@ class OSEDiffPipeline:
             raise ValueError(f"expected an LQ batch (B, 3, h, w) in [0, 1], got shape {tuple(lq.shape)}")
         o = self.options
         plan = plan_sizes(lq.shape[-2], lq.shape[-1], self.scale, o.process_size, vae_factor(self.generator.vae))
-        x_work, x_padded = to_network_input(lq.to(self.device, torch.float32), plan)
+        x_work, x_padded = to_network_input(lq.to(self.device, torch.float32), plan, self.upsampler)
         prompts = self.prompts(x_work)
         x_h = self.generate(x_padded * 2 - 1, self.embed(prompts))
         sr = unpad((x_h.float() + 1) / 2, plan)

@@ -12,6 +12,8 @@ from osediff_lab.paths import CONF_DIR
 from osediff_lab.pipeline.colorfix import COLOR_FIXES
 from osediff_lab.pipeline.fast import fast_path_problems
 
+UPSAMPLERS = ("auto", "torch", "pillow")
+
 
 def default_options() -> DictConfig:
     """The ``pipeline`` section of conf/infer.yaml."""
@@ -46,6 +48,8 @@ def option_problems(o: DictConfig) -> list[str]:
         problems.append("pipeline.vae_tiling: tiles must be >= 1 latent px and overlap in [0, 1)")
     if o.scale is not None and o.scale < 1:
         problems.append(f"pipeline.scale={o.scale} must be >= 1")
+    if o.upsampler not in UPSAMPLERS:
+        problems.append(f"pipeline.upsampler='{o.upsampler}' must be one of {list(UPSAMPLERS)}")
     if o.process_size < 1:
         problems.append(f"pipeline.process_size={o.process_size} must be >= 1")
     problems.extend(fast_path_problems(o.fast, o.merge_lora))

@@ -43,7 +43,7 @@ def build_prompt_provider(cfg: DictConfig | None) -> PromptProvider:
         return NullPrompt()
     if name == "fixed":
         return FixedPrompt(str(cfg.text))
-    if name == "dape":
+    if name in ("dape", "ram"):  # ram = the same tagger without DAPE's LoRA
         from osediff_lab.prompts.dape import build_dape
 
         provider = build_dape(cfg)
@@ -52,7 +52,7 @@ def build_prompt_provider(cfg: DictConfig | None) -> PromptProvider:
 
         provider = build_llava(cfg)
     else:
-        raise ConfigError(f"prompt.name '{name}' is not available; choose prompt=null|fixed|dape|llava (or dape_tiny|llava_tiny)")
+        raise ConfigError(f"prompt.name '{name}' is not available; choose prompt=null|fixed|dape|ram|llava (or dape_tiny|ram_tiny|llava_tiny)")
     return with_cache(provider, cfg)
 
 

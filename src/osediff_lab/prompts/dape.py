@@ -16,9 +16,13 @@ log = logging.getLogger(__name__)
 
 
 
-def format_tag_prompt(tags: list[str], user_prompt: str) -> str:
-    """OSEDiff's inference prompt: the tags joined with ", ", then the user prompt, then a trailing comma."""
-    return f"{', '.join(tags)}, {user_prompt},"
+INFERENCE_TEMPLATE = "{tags}, {user_prompt},"
+
+
+def format_tag_prompt(tags: list[str], user_prompt: str, template: str = INFERENCE_TEMPLATE) -> str:
+    """The prompt from ``template``, whose ``{tags}`` is the tags joined with ", ". OSEDiff's inference
+    template adds the user prompt and a trailing comma; the release's training prompts are ``{tags}`` alone."""
+    return template.format(tags=", ".join(tags), user_prompt=user_prompt)
 
 
 class DapePrompt:
@@ -33,6 +37,7 @@ class DapePrompt:
         exclude: set[int] | None = None,
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
+        template: str = INFERENCE_TEMPLATE,
     ) -> None:
         self.tagger = tagger.eval().requires_grad_(False)
         self.names = names
@@ -41,6 +46,7 @@ class DapePrompt:
         self.exclude = exclude or set()
         self.dtype = dtype
         self.batch_size = batch_size
+        self.template = template
 
     @torch.no_grad()
     def tags(self, images01: torch.Tensor) -> list[list[str]]:
@@ -54,7 +60,7 @@ class DapePrompt:
         return out
 
     def __call__(self, lq: torch.Tensor, hq: torch.Tensor | None = None, paths: list[str] | None = None) -> list[str]:
-        return [format_tag_prompt(t, self.user_prompt) for t in self.tags(lq)]
+        return [format_tag_prompt(t, self.user_prompt, self.template) for t in self.tags(lq)]
 
 
 def build_tagger(cfg: DictConfig) -> RAMTagger:
@@ -77,12 +83,13 @@ def build_tagger(cfg: DictConfig) -> RAMTagger:
 
 
 def build_dape(cfg: DictConfig) -> DapePrompt:
-    """The DAPE provider for ``cfg`` (the ``prompt`` config group)."""
+    """The DAPE provider for ``cfg`` (the ``prompt`` config group); ``dape_path: null`` is plain RAM (prompt=ram)."""
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"prompt.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
     names, thresholds = tag_vocabulary(int(cfg.arch.num_tags))
     if cfg.threshold is not None:
         thresholds = torch.full_like(thresholds, float(cfg.threshold))
     return DapePrompt(
-        build_tagger(cfg), names, thresholds, str(cfg.user_prompt), set(cfg.exclude_tags), DTYPES[cfg.dtype], int(cfg.batch_size)
+        build_tagger(cfg), names, thresholds, str(cfg.user_prompt), set(cfg.exclude_tags), DTYPES[cfg.dtype],
+        int(cfg.batch_size), str(cfg.get("template", INFERENCE_TEMPLATE)),
     )

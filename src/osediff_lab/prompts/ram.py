@@ -99,9 +99,10 @@ class RAMTagger(nn.Module):
     def preprocess(self, images01: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (any size) -> the encoder's input: bilinear (antialiased) resize, ImageNet normalisation."""
         size = (self.arch.image_size, self.arch.image_size)
-        x = images01.to(self.image_proj.weight.dtype)
+        x = images01.float()  # resized in fp32 (antialiased resizing has no fp16 kernel on the CPU)
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = x.to(self.image_proj.weight.dtype)
         mean = torch.tensor(self.arch.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.arch.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
