@@ -413,3 +413,11 @@ def test_preview_skips_unreadable_images_and_lists_them(tmp_path, photo_folder):
     report = json.loads(grid.with_suffix(".json").read_text())
     assert report["grid"] == str(grid)
     assert sorted(Path(s["path"]).name for s in report["skipped_images"]) == ["truncated_png.png", "zero.png"]
+
+
+def test_a_config_error_is_one_message_without_traceback_and_exit_status_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "osediff_lab.evaluate", f"sr_dir={tmp_path / 'nope'}", f"gt_dir={tmp_path}",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], env=ENV, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out
+    assert out.count(f"sr_dir={tmp_path / 'nope'} is not a directory") == 1

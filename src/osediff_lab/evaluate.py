@@ -24,12 +24,11 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from osediff_lab.data.datamodule import resolve_dir
 from osediff_lab.data.images import UnreadableImage, list_images
-from osediff_lab.errors import ConfigError
+from osediff_lab.errors import ConfigError, user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.metrics import MetricDef, MetricError, MetricSuite, center_crop, load_image01, metric_defs
-from osediff_lab.paths import CONF_DIR
+from osediff_lab.paths import CONF_DIR, resolve_dir
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +260,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+@user_errors
 def main(cfg: DictConfig) -> None:
     if evaluate(cfg)["failed"]:
         sys.exit(1)

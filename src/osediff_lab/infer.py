@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -20,11 +21,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from osediff_lab.data.images import UnreadableImage, image_extensions, list_images, load_rgb
-from osediff_lab.errors import ConfigError
+from osediff_lab.errors import ConfigError, user_errors
 from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.paths import CONF_DIR
-from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.resolvers import quote_null_choices
+
+if TYPE_CHECKING:  # the pipeline (diffusers, transformers, peft) is imported when a run needs it
+    from osediff_lab.pipeline import OSEDiffPipeline
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ def run_inference(cfg: DictConfig) -> dict:
     """Process every input; returns the summary {output, succeeded, failed: [{input, reason}]}."""
     inputs = collect_inputs(cfg.input)
     out_root = Path(cfg.output)
+    from osediff_lab.pipeline import OSEDiffPipeline
+
     pipe = OSEDiffPipeline.from_checkpoint(cfg.ckpt, base=cfg.get("base"), options=cfg.pipeline, prompt=cfg.get("prompt"))
     written: dict[Path, Path] = {}
     failed: list[dict[str, str]] = []
@@ -100,6 +105,7 @@ def run_inference(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="infer")
+@user_errors
 def main(cfg: DictConfig) -> None:
     summary = run_inference(cfg)
     if summary["failed"]:

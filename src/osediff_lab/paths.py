@@ -15,6 +15,16 @@ from pathlib import Path
 
 CONF_ENV = "OSEDIFF_LAB_CONF"
 SHARE = Path("share") / "osediff_lab" / "conf"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the source checkout (meaningless for an installed copy)
+
+
+def resolve_dir(path: str | Path) -> Path:
+    """A configured directory: ``~`` expanded; a relative path is taken from the working directory when it
+    exists there, else from the repository root (so ../shared/... works from anywhere)."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
 
 
 def conf_candidates() -> list[Path]:
@@ -23,7 +33,7 @@ def conf_candidates() -> list[Path]:
     if env:
         return [Path(env).expanduser()]
     prefixes = [sysconfig.get_path("data"), sys.prefix, site.USER_BASE or ""]
-    return [Path(__file__).resolve().parents[2] / "conf", *(Path(p) / SHARE for p in dict.fromkeys(prefixes) if p)]
+    return [REPO_ROOT / "conf", *(Path(p) / SHARE for p in dict.fromkeys(prefixes) if p)]
 
 
 def find_conf_dir() -> Path:

@@ -19,6 +19,7 @@ from osediff_lab import resolvers  # registers ${run_id:...} before Hydra compos
 from osediff_lab.checks import validate_config
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
+from osediff_lab.errors import USER_ERRORS, user_errors
 from osediff_lab.export import export_lora
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
@@ -240,6 +241,7 @@ def _print_outputs(summary: dict) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@user_errors
 def main(cfg: DictConfig) -> dict:
     """The CLI: a failure is logged with its traceback (into the job's own log, not only the sweep's) and
     recorded in the run directory's failure.json for ``report``, then raised (non-zero exit). Returns the
@@ -248,7 +250,8 @@ def main(cfg: DictConfig) -> dict:
     try:
         summary = train(cfg)
     except Exception as exc:
-        log.exception("training failed: %s: %s", type(exc).__name__, exc)
+        if not isinstance(exc, USER_ERRORS):  # those name their fix: logged once, without traceback, by user_errors
+            log.exception("training failed: %s: %s", type(exc).__name__, exc)
         record_failure(run_dir, exc)
         raise
     clear_failure(run_dir)

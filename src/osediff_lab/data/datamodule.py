@@ -21,9 +21,9 @@ from osediff_lab.data.images import list_images
 from osediff_lab.data.paired import PairedImageDataset
 from osediff_lab.data.sampling import ResumableRandomSampler, ShardSampler
 from osediff_lab.errors import ConfigError
+from osediff_lab.paths import resolve_dir
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[3]
 HINT = "To try the framework without a dataset use model=tiny data=demo."
 
 
@@ -37,15 +37,6 @@ def demo_files(names: list[str]) -> list[Path]:
     if missing:
         raise ConfigError(f"data.images: not found in scikit-image's bundled data: {missing}")
     return files
-
-
-def resolve_dir(path: str | Path) -> Path:
-    """A configured directory: ``~`` expanded; a relative path is taken from the working directory when it
-    exists there, else from the repository root (so ../shared/... works from anywhere)."""
-    p = Path(os.path.expanduser(str(path)))
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p
 
 
 def resolve_root(cfg: DictConfig, key: str = "data") -> Path:

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.data.realesrgan import describe
+from osediff_lab.errors import user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.paths import CONF_DIR
 
@@ -68,6 +69,7 @@ def run_preview(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@user_errors
 def main(cfg: DictConfig) -> None:
     out = run_preview(cfg)
     print(out)

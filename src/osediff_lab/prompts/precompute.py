@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from osediff_lab.data.datamodule import source_files
 from osediff_lab.dtypes import resolve_device
-from osediff_lab.errors import ConfigError
+from osediff_lab.errors import ConfigError, user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts import build_prompt_provider
@@ -40,6 +40,7 @@ def precompute(cfg: DictConfig, device: str | None = None, progress: bool = True
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@user_errors
 def main(cfg: DictConfig) -> None:
     stats = precompute(cfg)
     print(f"prompt cache {stats['cache']}: {stats['files']} files, {stats['cached_before']} already cached, "

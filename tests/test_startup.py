@@ -1,0 +1,89 @@
+"""Start-up: the inference and evaluation CLIs import nothing of training, heavy libraries load when a run
+needs them, and conf/ is found without importing training (osediff_lab.paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from osediff_lab import paths
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+TRAINING = ("pytorch_lightning", "lightning", "osediff_lab.train", "osediff_lab.lit", "wandb", "lpips", "pyiqa")
+# Printed at exit: which of these the process had imported, whatever path the run took.
+PROBE = (
+    "import atexit, json, runpy, sys\n"
+    "names = json.loads(sys.argv[1])\n"
+    "atexit.register(lambda: print('LOADED ' + json.dumps([n for n in names if n in sys.modules])))\n"
+    "sys.argv = ['osediff_lab.infer', *sys.argv[2:]]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
+
+
+def loaded_after(code: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` are in sys.modules after ``code`` runs in a fresh interpreter."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([n for n in {list(names)!r} if n in sys.modules]))"
+    proc = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_cli_modules_loads_no_training_and_no_model_libraries():
+    heavy = (*TRAINING, "diffusers", "transformers", "peft", "torchmetrics", "timm")
+    assert loaded_after("import osediff_lab.infer, osediff_lab.evaluate", heavy) == []
+    assert "pytorch_lightning" in loaded_after("import osediff_lab.train", ("pytorch_lightning",))  # the probe sees imports
+
+
+@pytest.mark.slow
+def test_an_infer_run_never_imports_training(tmp_path: Path):
+    """The real CLI on one image with a tiny checkpoint; the probe lists training modules loaded at exit."""
+    from helpers import TINY, compose_config
+    from osediff_lab.export import export_lora
+    from osediff_lab.models.components import build_components
+    from osediff_lab.models.osediff import build_generator
+
+    cfg = compose_config(TINY)
+    generator, targets = build_generator(build_components(cfg.model), cfg.generator)
+    state = {n: p for n, p in generator.named_parameters() if p.requires_grad}
+    lora = export_lora(state, cfg, targets, tmp_path / "lora.safetensors")[0]
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    args = [f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'out'}", f"ckpt={lora}", "pipeline.process_size=32",
+            "prompt=fixed", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps([*TRAINING, "diffusers"]), *args], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "a.png").is_file()
+    loaded = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("LOADED "))[7:])
+    assert loaded == ["diffusers"]  # the model libraries load for the run itself, nothing of training
+
+
+def test_conf_dir_is_the_checkout_and_follows_the_environment_variable(tmp_path: Path, monkeypatch):
+    assert Path(__file__).resolve().parents[1] / "conf" == paths.CONF_DIR
+    assert "osediff_lab.train" not in loaded_after("import osediff_lab.paths", ("osediff_lab.train",))
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "train.yaml").write_text("seed: 0\n")
+    monkeypatch.setenv(paths.CONF_ENV, str(tmp_path / "conf"))
+    assert paths.find_conf_dir() == tmp_path / "conf"
+    monkeypatch.setenv(paths.CONF_ENV, str(tmp_path))  # set but wrong: an error naming it, no silent fallback
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        paths.find_conf_dir()
+
+
+def test_conf_dir_falls_back_to_the_installed_copy(tmp_path: Path, monkeypatch):
+    """Without the checkout's conf/ (a non-editable install), the copy under <prefix>/share/osediff_lab/conf."""
+    share = tmp_path / paths.SHARE
+    share.mkdir(parents=True)
+    (share / "train.yaml").write_text("seed: 0\n")
+    monkeypatch.delenv(paths.CONF_ENV, raising=False)
+    monkeypatch.setattr(paths.sys, "prefix", str(tmp_path))
+    checkout, *installed = paths.conf_candidates()
+    assert share in installed
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "site-packages")  # where an installed package sits: no conf/
+    assert paths.find_conf_dir() == share
