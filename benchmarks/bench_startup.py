@@ -43,8 +43,8 @@ def tiny_checkpoint(out: Path) -> Path:
     """A tiny generator exported in the project's format (trained-looking LoRA weights)."""
     import torch
     from common import compose_config
-    from helpers import TINY
 
+    from helpers import TINY
     from osediff_lab.export import export_lora
     from osediff_lab.models.components import build_components
     from osediff_lab.models.osediff import build_generator
@@ -74,7 +74,7 @@ def bench_infer(tmp: Path, repeats: int, size: int) -> dict[str, float]:
     ckpt = tiny_checkpoint(tmp)
     image = tmp / "one.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(image)
-    probe = "import sys, osediff_lab.infer; print(' '.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    probe = f"import sys, osediff_lab.infer; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
     runs, imports = [], []
     for i in range(repeats):  # alternating, so both see the same load
         runs.append(run_child(infer_args(image, ckpt, tmp / f"out{i}")))
