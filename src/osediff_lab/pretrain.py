@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,12 +266,20 @@ def write_folder(components: Components, folder: Path, parts: tuple[str, ...]) -
         getattr(components, name).save_pretrained(folder / name)
 
 
+def _command() -> str | None:
+    """The CLI command of this Hydra job (None when called from Python)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return " ".join(["python -m osediff_lab.pretrain", *HydraConfig.get().overrides.task])
+
+
 def update_report(out: Path, stage: str, stats: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
     """Merge one stage's stats (and the command and config that produced them) into report.json."""
     path = out / "report.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report[stage] = stats | {"command": " ".join(["python -m osediff_lab.pretrain", *sys.argv[1:]]),
-                             "config": OmegaConf.to_container(cfg, resolve=True)}
+    report[stage] = stats | {"command": _command(), "config": OmegaConf.to_container(cfg, resolve=True)}
     atomic_write_text(path, json.dumps(report, indent=2))
     return report
 

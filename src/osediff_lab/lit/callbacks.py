@@ -1,4 +1,4 @@
-"""Callbacks: sample grids (LQ | output | HQ), atomic checkpoint writing, step progress."""
+"""Callbacks: sample grids (LQ | bicubic | output | HQ), atomic checkpoint writing, step progress."""
 
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ class StepProgress(ProgressBar):
 
 
 class SampleGrid(pl.Callback):
-    """Every ``every_n_steps`` (and at the end) save a PNG grid: rows of LQ-upsampled | SR | HQ.
+    """Every ``every_n_steps`` (and at the end) save a PNG grid: rows of LQ (nearest, to show its pixels) |
+    bicubic upsampling | SR | HQ.
 
     Uses the first training batch seen, so grids over time show the same images; SR comes from the
     module's inference pipeline, i.e. what ``infer`` would produce with the weights of that step.
@@ -150,8 +151,9 @@ class SampleGrid(pl.Callback):
             return
         f = {k: (v + 1) / 2 for k, v in self.fixed.items()}  # [-1, 1] -> [0, 1]
         sr = pl_module.inference_pipeline().enhance(f["lq"])[0]
-        rows = torch.stack([f["lq_up"].clamp(0, 1), sr.to(f["hq"].device), f["hq"]], dim=1).flatten(0, 1)
-        grid = make_grid(rows.cpu(), nrow=3, padding=2)
+        lq_px = torch.nn.functional.interpolate(f["lq"], size=f["hq"].shape[-2:], mode="nearest").clamp(0, 1)
+        rows = torch.stack([lq_px, f["lq_up"].clamp(0, 1), sr.to(f["hq"].device), f["hq"]], dim=1).flatten(0, 1)
+        grid = make_grid(rows.cpu(), nrow=4, padding=2)
         path = self.out_dir / f"step_{step:06d}.png"
         try:
             atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
