@@ -36,3 +36,7 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slurm: sweeps on a running Slurm cluster (skipped without one; .ci/run starts it)")

@@ -152,13 +152,28 @@ def plot_tradeoff(runs: list[dict], path: Path, x: str = PLOT_AXES[0], y: str = 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("source", help="a sweep/run directory with summary.json files, or a W&B group name")
+    parser.add_argument("source", nargs="?", help="a sweep/run directory with summary.json files, or a W&B group name")
+    parser.add_argument("--wandb-workspace", metavar="EXPERIMENT",
+                        help="instead: write the W&B workspace definition of a study (conf/experiment/EXPERIMENT.yaml) "
+                             "as JSON to --out (or stdout)")
     parser.add_argument("--project", default="osediff-lab", help="W&B project (when source is a group)")
     parser.add_argument("--out", type=Path, help="write the markdown table here (e.g. experiments/vsd/results.md)")
     parser.add_argument("--plot", type=Path, help="write the perception-distortion plot here (PNG)")
     parser.add_argument("--x", default=PLOT_AXES[0], help="plot x metric (default %(default)s)")
     parser.add_argument("--y", default=PLOT_AXES[1], help="plot y metric (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.wandb_workspace:
+        from osediff_lab.dashboard import workspace_definition
+
+        text = json.dumps(workspace_definition(args.wandb_workspace), indent=2) + "\n"
+        if args.out:
+            atomic_write_text(args.out, text)
+            print(f"workspace definition written to {args.out}")
+        else:
+            print(text)
+        return
+    if args.source is None:
+        parser.error("give a sweep directory or W&B group (or --wandb-workspace EXPERIMENT)")
     source = Path(args.source)
     runs = load_local(source) if source.exists() else load_wandb(args.source, args.project)
     unfinished = unfinished_runs(source) if source.exists() else []

@@ -17,7 +17,6 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
 from osediff_lab.errors import ConfigError
@@ -85,7 +84,7 @@ def request_problems(params: dict[str, Any], nodes: list[Node], default: str | N
     if partition not in known:
         return [f"hydra.launcher.partition={partition}: no such partition (sinfo lists {known})"]
     members = [n for n in nodes if partition in n.partitions]
-    tasks = int(params.get("tasks_per_node") or 1)
+    tasks = int(1 if params.get("tasks_per_node") is None else params["tasks_per_node"])
     cpus = int(params.get("cpus_per_task") or 1) * tasks
     mem_mb = int(float(params.get("mem_gb") or 0) * 1024)
     gpus = int(params.get("gpus_per_node") or 0) or parse_gpus(str(params.get("gres") or ""))
@@ -153,19 +152,32 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 def failure_reason(exc: BaseException) -> str:
     """The last line of a job's traceback (``ConfigError: loss.vsd_weight=-1 ...``), not submitit's framing."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
-    trace_end = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", ln)]
-    return (trace_end or lines or [type(exc).__name__])[-1][:300]
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    starts = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", ln)]
+    if not starts:
+        return next((ln for ln in lines if ln), type(exc).__name__)[:300]
+    message = []
+    for ln in lines[starts[-1]:]:  # the exception line and its message's further lines, up to submitit's framing
+        if set(ln) <= {"-"} and ln or ln.startswith("You can check full logs"):
+            break
+        message.append(ln)
+    return " ".join(m for m in message if m)[:300]
 
 
 def jobs_table(records: list[JobRecord]) -> str:
-    """Markdown table of the sweep's jobs."""
+    """Markdown table of the sweep's jobs: the overrides that differ between them, the result (finished /
+    failed, and how often the job was preempted and requeued), attempts of the run, reason of a failure."""
+    seen: dict[str, set[str]] = {}
+    for r in records:
+        for o in filter_overrides(r.overrides):
+            seen.setdefault(o.partition("=")[0], set()).add(o)
+    varying = {k for k, v in seen.items() if len(v) > 1 or len(records) == 1}
     lines = ["| # | job | overrides | result | attempts | reason |", "|---|---|---|---|---|---|"]
     for r in records:
+        shown = [o for o in filter_overrides(r.overrides) if o.partition("=")[0] in varying]
         attempts = r.summary.get("attempts", r.restarts + 1)
         result = r.result + (f", preempted and requeued {r.restarts}x" if r.restarts else "")
-        lines.append(f"| {r.num} | {r.job_id} | {' '.join(filter_overrides(r.overrides))} | {result} | {attempts} | "
-                     f"{r.reason.replace('|', '/')} |")
+        lines.append(f"| {r.num} | {r.job_id} | {' '.join(shown)} | {result} | {attempts} | {r.reason.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +185,9 @@ class FailedSweepJob(RuntimeError):
     """A job of the sweep failed; the message is its reason."""
 
 
-class _Checked:
-    """What both launchers add to hydra-submitit's: failures raised inside the job, jobs followed to the end."""
+class CheckedSweep:
+    """What our launchers (``hydra_plugins.osediff_lab_launcher``) add to hydra-submitit's: failures raised
+    inside the job, the request checked before submitting, jobs followed to the end and tabled."""
 
     params: dict[str, Any]
     config: Any
@@ -219,7 +232,9 @@ class _Checked:
         return returns
 
     def check_before_submit(self) -> None:
-        """Nothing to check for local processes."""
+        """Stop before submitting a request the cluster cannot run (Slurm: checked with sinfo)."""
+        if self.executor_name == "slurm":
+            check_request(self.params)
 
     def follow(self, jobs: list[Any], records: list[JobRecord], sweep_dir: Path) -> list[JobReturn]:
         """Wait for every job, reporting state changes, requeues and failures as they happen."""
@@ -263,7 +278,7 @@ class _Checked:
         try:
             ret = job.results()[0]
         except Exception as exc:
-            return _Checked._fail(rec, failure_reason(exc), exc)
+            return CheckedSweep._fail(rec, failure_reason(exc), exc)
         rec.result = "finished"
         rec.summary = ret.return_value if isinstance(ret.return_value, dict) else {}
         log.info("job %s (#%d) finished", rec.job_id, rec.num)
@@ -277,16 +292,3 @@ class _Checked:
         ret.return_value = FailedSweepJob(f"job {rec.job_id} ({' '.join(rec.overrides)}) failed: {reason}"
                                           + (f"\n{exc}" if exc is not None else ""))
         return ret
-
-
-class SlurmLauncher(_Checked, submitit_launcher.SlurmLauncher):
-    """``hydra/launcher=slurm_cpu|slurm_gpu``: checks the request with sinfo, then submits and follows."""
-
-    executor_name = "slurm"
-
-    def check_before_submit(self) -> None:
-        check_request(self.params)
-
-
-class LocalLauncher(_Checked, submitit_launcher.LocalLauncher):
-    """``hydra/launcher=local``: local processes, the same code path and job table as Slurm."""
