@@ -19,13 +19,14 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 def test_every_experiment_composes(name, tmp_path):
     cfg = compose_config([f"+experiment={name}"], tmp_path)
     assert cfg.task_name
-    assert cfg.model.name in ("tiny", "sd21_base", "sd21_shape")
+    assert cfg.model.name in ("tiny", "nano", "sd21_base", "sd21_shape")
 
 
 def test_demo_experiment_is_runnable_here(tmp_path):
     cfg = compose_config(["+experiment=demo"], tmp_path)
     assert config_problems(cfg) == []
-    assert cfg.model.name == "tiny" and cfg.data.name == "demo" and not cfg.loss.lpips.pretrained
+    assert cfg.model.name == "nano" and cfg.data.name == "demo" and cfg.val.name == "demo"
+    assert cfg.loss.lpips_weight == 0  # no random perceptual network in the demo: a real one or none
 
 
 def test_ablate_vsd_declares_its_sweep(tmp_path):

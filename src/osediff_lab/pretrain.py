@@ -1,4 +1,4 @@
-"""`python -m osediff_lab.pretrain stage=vae|unet|samples`: pretrain a small Stable-Diffusion-style base model.
+"""`python -m osediff_lab.pretrain stage=vae|unet|samples|ship`: pretrain a small Stable-Diffusion-style base model.
 
 Stage ``vae`` trains an AutoencoderKL (L1 + L2 + image-gradient reconstruction, a small KL term) and sets
 its ``scaling_factor`` to 1 / std of its latents, as SD's 0.18215 was chosen. Stage ``unet`` trains an
@@ -10,7 +10,8 @@ classifier-free guidance stays in distribution). Stage ``samples`` writes a DDIM
 Everything lands in ``out_dir``: ``model/`` is a diffusers-format folder (tokenizer, text_encoder, vae,
 unet, scheduler) that ``model=sd21_base model.pretrained_path=<out_dir>/model`` loads unchanged;
 ``checkpoints/<stage>/last.pt`` resumes a killed stage (re-run the same command); ``report.json``
-holds each stage's steps, wall time, losses and held-out reconstruction PSNR.
+holds each stage's steps, wall time, losses and held-out reconstruction PSNR. Stage ``ship`` copies the
+folder and report into ``ship_dir`` (the package's nano asset) with SHA256SUMS.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from osediff_lab.models.components import Components, build_random, load_pretrai
 from osediff_lab.models.text import encode_prompts
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-STAGES = ("vae", "unet", "samples")
+STAGES = ("vae", "unet", "samples", "ship")
 log = logging.getLogger(__name__)
 
 
@@ -214,6 +215,7 @@ def fit(
     running: dict[str, float] = {}
     start = time.time() - wall
     deadline = start + 60 * float(sc.max_minutes) if sc.get("max_minutes") else math.inf
+    stop_at = int(sc.stop_after) if sc.get("stop_after") else total  # stop early, keeping max_steps' schedule
 
     def checkpoint() -> None:
         save_checkpoint(ckpt, {
@@ -225,7 +227,7 @@ def fit(
     model.train()
     try:
         with tqdm(total=total, initial=step, desc=f"pretrain {stage}", dynamic_ncols=True, disable=not cfg.progress_bar) as bar:
-            while step < total and not stopper.stop and time.time() < deadline:
+            while step < min(total, stop_at) and not stopper.stop and time.time() < deadline:
                 for g in opt.param_groups:
                     g["lr"] = float(sc.lr) * lr_factor(step, int(sc.warmup_steps), total, sc.schedule)
                 terms = loss_fn(model, next(data))
@@ -365,6 +367,24 @@ def stage_samples(cfg: DictConfig) -> dict[str, Any]:
     return {"path": str(path), "steps": int(sc.steps), "num": int(sc.num), "sampler": "DDIM", "eta": float(sc.eta)}
 
 
+def stage_ship(cfg: DictConfig) -> dict[str, Any]:
+    """Copy the finished model folder and its report to ``ship_dir`` and write SHA256SUMS over every file."""
+    import hashlib
+    import shutil
+
+    src, dest = Path(cfg.out_dir) / "model", Path(cfg.ship_dir)
+    load_pretrained(src)  # only a complete, loadable folder is shipped
+    for sub in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"):
+        shutil.rmtree(dest / sub, ignore_errors=True)
+        shutil.copytree(src / sub, dest / sub)
+    report = json.loads((Path(cfg.out_dir) / "report.json").read_text())
+    atomic_write_text(dest / "pretrain_report.json", json.dumps(report, indent=2))
+    files = sorted(p for p in dest.rglob("*") if p.is_file() and p.name not in ("SHA256SUMS", "README.md"))
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(dest).as_posix()}" for p in files]
+    atomic_write_text(dest / "SHA256SUMS", "\n".join(lines) + "\n")
+    return {"ship_dir": str(dest), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.stage``; returns the updated report (also written to ``out_dir/report.json``)."""
     if cfg.stage not in STAGES:
@@ -372,7 +392,10 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats = {"vae": stage_vae, "unet": stage_unet, "samples": stage_samples}[cfg.stage](cfg)
+    stats = {"vae": stage_vae, "unet": stage_unet, "samples": stage_samples, "ship": stage_ship}[cfg.stage](cfg)
+    if cfg.stage == "ship":
+        print(f"\nosediff-lab pretrain: shipped {stats['files']} files ({stats['bytes'] / 2**20:.1f} MB) to {stats['ship_dir']}")
+        return stats
     report = update_report(out, cfg.stage, stats, cfg)
     shown = {k: v for k, v in stats.items() if k not in ("history",)}
     print(f"\nosediff-lab pretrain: stage {cfg.stage} done -> {out}\n" + json.dumps(shown, indent=2))
