@@ -34,11 +34,18 @@ NOT_HERE = {
     "make demo > log": "the demo with its output in a file: the run below is piped, not a terminal",
     "python -m osediff_lab.weights fetch sd21_base metrics lpips_vgg": "downloads: needs the network",
     "python -m osediff_lab.train +experiment=osediff_paper": "needs SD2.1-base weights (and 4 GPUs)",
+    "python -m osediff_lab.train +experiment=osediff_release": "needs SD2.1-base weights and LSDIR",
     "python -m osediff_lab.train +experiment=osediff_paper generator.frozen_dtype=bf16 trainer.precision=bf16-mixed "
     "generator.gradient_checkpointing=true": "needs SD2.1-base weights",
     "python -m osediff_lab.train +experiment=ablate_vsd": "the paper's recipe on LSDIR: needs SD2.1-base and LSDIR",
-    "python -m osediff_lab.train -m +experiment=ablate_rank hydra/launcher=slurm hydra.launcher.partition=gpu "
-    "hydra.launcher.account=myproj": "needs a Slurm cluster and SD2.1-base",
+    "python -m osediff_lab.train -m +experiment=ablate_rank trainer=slurm hydra/launcher=slurm_gpu "
+    "hydra.launcher.account=myproj": "needs a Slurm cluster with GPUs and SD2.1-base",
+    "python -m osediff_lab.train -m loss.vsd_weight=0,1 trainer=ddp_cpu hydra/launcher=slurm_cpu": "needs the Slurm "
+    "cluster that ../shared/tools/slurm/up.sh starts (tests/test_preemption.py and the Slurm tests use it)",
+    "bash ../shared/tools/slurm/up.sh": "starts the shared Slurm test cluster (outside this repository)",
+    "python -m osediff_lab.report --wandb-workspace ablate_rank --out experiments/rank/workspace.json": "reads the "
+    "W&B runs of the ablate_rank sweep (SD2.1-base)",
+    "python -m osediff_lab.weights fetch lpips_vgg": "downloads: needs the network",
     "python -m osediff_lab.infer input=img.png output=sr/ ckpt=osediff.pkl prompt=dape": "needs the official "
     "OSEDiff release file and the RAM/DAPE weights",
     "python -m osediff_lab.prompts.precompute data=lsdir prompt=llava": "needs LSDIR and the LLaVA-1.5 weights",
@@ -51,8 +58,8 @@ DEMO = "python -m osediff_lab.train +experiment=demo"
 RUN = (
     "python -m osediff_lab.weights check",
     DEMO,
-    "python -m osediff_lab.train model=tiny data=folder data.root=~/photos data.crop_size=256 trainer=cpu",
-    "python -m osediff_lab.train -m loss.vsd_weight=0,1 hydra/launcher=local",
+    "python -m osediff_lab.train model=tiny data=folder data.root=$HOME/photos data.crop_size=256 trainer=cpu loss.lpips_weight=0",
+    "python -m osediff_lab.train -m model=tiny loss.lpips_weight=0 loss.vsd_weight=0,1 hydra/launcher=local",
     "python -m osediff_lab.report multirun-dir/ --out experiments/rank/results.md --plot experiments/rank/tradeoff.png",
     "python -m osediff_lab.evaluate sr_dir=results/sr gt_dir=../shared/data/realsr/HR",
     "python -m osediff_lab.evaluate checkpoint=outputs/.../lora/osediff_lora.safetensors val=realsr",
@@ -102,7 +109,7 @@ class Shell:
         (root / "home").mkdir(parents=True, exist_ok=True)
 
     def __call__(self, command: str, *extra: str, rc: int = 0, timeout: int = 900) -> str:
-        words = command.split()
+        words = [w.replace("$HOME", self.env["HOME"]) for w in command.split()]  # as the shell would
         argv = [sys.executable, *words[1:], *extra] if words[0] == "python" else [*words, *extra]
         proc = subprocess.run(argv, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
