@@ -19,7 +19,7 @@ from PIL import Image
 
 from osediff_lab.evaluate import evaluate_folders
 from osediff_lab.metrics import metric_defs
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.weights import MANIFEST, expected_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

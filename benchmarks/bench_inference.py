@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from osediff_lab.models.components import build_components
 from osediff_lab.models.osediff import build_generator
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.pipeline import OSEDiffPipeline, color_fix
 from osediff_lab.prompts import NullPrompt
-from osediff_lab.train import CONF_DIR
 
 # Forces tiling of the 64 x 64 latent of a 512 px output: 3 x 3 UNet tiles, 2 x 2 VAE tiles.
 TILED = {"latent_tiling": {"tile": 32, "overlap": 16}, "vae_tiling": {"encoder_tile": 32, "decoder_tile": 32}}

@@ -4,6 +4,10 @@
 #   2. inference at 512x512, batch 1 and 8: plain fp32 vs merged LoRA + SDPA + bf16 (+ torch.compile),
 #   3. training step time and peak CUDA memory at 512x512, batch 1, per memory option (compare with the
 #      prediction `python benchmarks/bench_memory.py --batches 1` prints on any machine).
+#   4. Real-ESRGAN degradation on CUDA, 8 x 512x512: batched (grouped per sample, no shared canvas) vs one
+#      sample at a time, and the batch's agreement with its samples processed alone,
+#   5. generator.compile=true (inductor) in training, tiny preset at 256 px: compile time (first step) and
+#      steady-state step time against eager.
 # Needs only torch, pytorch-lightning, transformers, peft, diffusers (+ hydra-core, omegaconf, lpips, timm,
 # which our package imports) and this package: carry .venv (or install `pip install -e .` with those wheels);
 # bitsandbytes is optional (the 8-bit AdamW rows are skipped without it).
@@ -23,3 +27,7 @@ timeout 200 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches
   | tee "$OUT/inference.txt" || echo "inference: timed out or failed"
 timeout 240 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
   --train-cases "${TRAIN_CASES[@]}" 2>&1 | grep -v -i warn | tee "$OUT/training.txt" || echo "training: timed out or failed"
+timeout 60 $PY benchmarks/bench_degradation.py --device cuda --repeats 5 --threads 0 2>&1 | grep -v -i warn \
+  | tee "$OUT/degradation.txt" || echo "degradation: timed out or failed"
+timeout 150 $PY benchmarks/bench_release.py --device cuda --rows train --compile --repeats 10 --threads 0 2>&1 \
+  | grep -v -i warn | tee "$OUT/compile.txt" || echo "compile: timed out or failed"

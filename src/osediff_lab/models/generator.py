@@ -57,3 +57,10 @@ class OSEDiffGenerator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         z_h = self.denoise(self.encode(x_l, generator), prompt_embeds)
         return self.decode(z_h), z_h
+
+
+def compile_generator(generator: OSEDiffGenerator, backend: str = "inductor", mode: str = "default") -> None:
+    """``torch.compile`` the UNet, VAE encoder and VAE decoder in place (``nn.Module.compile``: parameter
+    names, state dicts and LoRA layers unchanged); each compiles at its first call."""
+    for module in (generator.unet, generator.vae.encoder, generator.vae.decoder):
+        module.compile(backend=backend, mode=None if mode == "default" else mode)

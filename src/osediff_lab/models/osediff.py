@@ -16,7 +16,7 @@ from torch import nn
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import Components
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OSEDiffGenerator, compile_generator
 from osediff_lab.models.lora import add_lora, lora_layers, select_targets, split_unet_targets
 
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
@@ -79,6 +79,8 @@ def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
       the release never calls ``set_adapter`` on this UNet; the other two keep lora_B = 0 for the whole run.
     """
     generator, targets = build_generator(components, gen_cfg)
+    if gen_cfg.get("compile", False):  # training only: inference has pipeline.fast.compile
+        compile_generator(generator, gen_cfg.get("compile_backend", "inductor"), gen_cfg.get("compile_mode", "default"))
     lora = gen_cfg.lora
     reg_unet = components.unet
     reg_names = select_targets(reg_unet, lora.unet_targets)
