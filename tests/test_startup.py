@@ -87,3 +87,12 @@ def test_conf_dir_falls_back_to_the_installed_copy(tmp_path: Path, monkeypatch):
     assert share in installed
     monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "site-packages")  # where an installed package sits: no conf/
     assert paths.find_conf_dir() == share
+
+
+def test_every_conf_folder_ships_with_the_package():
+    """pyproject's data-files list every folder of conf/ holding YAML (a wheel installs them under share/)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    folders = {p.parent.relative_to(root).as_posix() for p in (root / "conf").rglob("*.yaml")}
+    assert {f"share/osediff_lab/{f}": [f"{f}/*.yaml"] for f in sorted(folders)} == data_files
