@@ -421,3 +421,16 @@ def test_a_config_error_is_one_message_without_traceback_and_exit_status_2(tmp_p
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out
     assert out.count(f"sr_dir={tmp_path / 'nope'} is not a directory") == 1
+
+
+@pytest.mark.slow
+def test_train_cli_exit_status_says_images_were_skipped(tmp_path, photo_folder):
+    args = [*TRAIN, f"data.root={photo_folder}", "trainer.max_steps=1", "callbacks.checkpoint.every_n_train_steps=0",
+            f"paths.output_root={tmp_path / 'out'}"]
+    proc = subprocess.run([sys.executable, "-m", "osediff_lab.train", *args], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "SKIPPED image" in out and "zero.png: empty file (0 bytes)" in out and "exit status 1" in out
+    (run,) = (tmp_path / "out" / "train" / "runs").iterdir()
+    assert (run / "lora" / "osediff_lora.safetensors").is_file()  # the run itself finished and was exported

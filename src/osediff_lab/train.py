@@ -245,7 +245,7 @@ def _print_outputs(summary: dict) -> None:
 def main(cfg: DictConfig) -> dict:
     """The CLI: a failure is logged with its traceback (into the job's own log, not only the sweep's) and
     recorded in the run directory's failure.json for ``report``, then raised (non-zero exit). Returns the
-    summary (a sweep's job table reads it)."""
+    summary (a sweep's job table reads it). A single run that skipped unreadable images exits with 1."""
     run_dir = Path(cfg.paths.output_dir)
     try:
         summary = train(cfg)
@@ -255,7 +255,19 @@ def main(cfg: DictConfig) -> dict:
         record_failure(run_dir, exc)
         raise
     clear_failure(run_dir)
+    skipped = summary.get("skipped_images", [])
+    if skipped and not _multirun():  # a sweep's jobs report through their summaries instead
+        log.warning("%d training image(s) were unreadable and skipped (listed above and in summary.json): exit status 1",
+                    len(skipped))
+        raise SystemExit(1)
     return summary
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":
