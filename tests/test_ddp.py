@@ -142,3 +142,15 @@ def test_ddp_validation_is_sharded_and_its_means_equal_one_process(tmp_path, rea
         assert float(results[name]["val_info/num_images"]) == 3, f"{name}: images scored != 3 (not sharded?)"
     for metric in ("val/psnr", "val/ssim"):
         assert float(results["ddp"][metric]) == pytest.approx(float(results["single"][metric]), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_unsynced_regularizer_trains_per_rank_while_the_generator_stays_shared(tmp_path):
+    """optim.sync_regularizer_grads=false (the public release): ranks end with different regularizers;
+    with the default they agree (tests/test_distributed.py)."""
+    run_dir = tmp_path / "run"
+    finish(train_cli([*CLI, "trainer=ddp_cpu", "trainer.max_steps=1", "optim.sync_regularizer_grads=false",
+                      f"hydra.run.dir={run_dir}"], tmp_path))
+    ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["generator_sha256"] == ranks[1]["generator_sha256"]
+    assert ranks[0]["regularizer_sha256"] != ranks[1]["regularizer_sha256"]

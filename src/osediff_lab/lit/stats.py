@@ -109,10 +109,16 @@ class RankReport(pl.Callback):
         import hashlib
         import json
 
-        digest = hashlib.sha256()
-        for name, tensor in sorted(pl_module.trained_state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        def sha256(tensors: dict) -> str:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(tensors.items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            return digest.hexdigest()
+
         report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "paths": self.paths,
-                  "trained_sha256": digest.hexdigest(), "global_step": trainer.global_step}
+                  "trained_sha256": sha256(pl_module.trained_state_dict()),
+                  "generator_sha256": sha256(pl_module.generator_state_dict()),
+                  "regularizer_sha256": sha256(pl_module.regularizer_state_dict()),
+                  "global_step": trainer.global_step}
         atomic_write_text(self.out_dir / f"rank{trainer.global_rank}.json", json.dumps(report, indent=1))
