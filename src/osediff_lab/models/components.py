@@ -83,9 +83,9 @@ def write_tiny_tokenizer(directory: str | Path, merges: list[str]) -> Path:
 
 
 def _build_tokenizer(cfg: DictConfig) -> CLIPTokenizer:
-    directory = Path(tempfile.mkdtemp(prefix="osediff_tokenizer_"))
-    write_tiny_tokenizer(directory, list(cfg.tokenizer.merges))
-    return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="osediff_tokenizer_") as tmp:  # read into memory, then removed
+        directory = write_tiny_tokenizer(Path(tmp), list(cfg.tokenizer.merges))
+        return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
 def build_random(cfg: DictConfig) -> Components:

@@ -118,9 +118,7 @@ def write_tiny_llava(directory: str | Path, seed: int = 0) -> Path:
 
 
 def resolve_model_dir(cfg: DictConfig) -> Path:
-    """The checkpoint directory: ``prompt.model_dir``, or a freshly written toy model when ``prompt.weights=random``."""
-    if cfg.weights == "random":
-        return write_tiny_llava(tempfile.mkdtemp(prefix="osediff_llava_"), int(cfg.seed))
+    """The local checkpoint directory ``prompt.model_dir`` (``prompt.weights=pretrained``), checked."""
     if cfg.weights != "pretrained":
         raise ConfigError(f"prompt.weights must be 'pretrained' or 'random', got '{cfg.weights}'")
     path = Path(os.path.expanduser(str(cfg.model_dir)))
@@ -137,7 +135,13 @@ def build_llava(cfg: DictConfig) -> LlavaPrompt:
     """The LLaVA provider for ``cfg`` (the ``prompt`` config group); loads offline only."""
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"prompt.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
-    path = resolve_model_dir(cfg)
+    if cfg.weights == "random":  # a toy model, written to a temporary folder and loaded through the same path
+        with tempfile.TemporaryDirectory(prefix="osediff_llava_") as tmp:
+            return _load_llava(cfg, write_tiny_llava(tmp, int(cfg.seed)))
+    return _load_llava(cfg, resolve_model_dir(cfg))
+
+
+def _load_llava(cfg: DictConfig, path: Path) -> LlavaPrompt:
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=DTYPES[cfg.dtype])
     return LlavaPrompt(model, processor, str(cfg.instruction), str(cfg.template), int(cfg.max_new_tokens), int(cfg.batch_size))
