@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from osediff_lab.errors import ConfigError
@@ -36,7 +37,8 @@ def _lora_unet(unet: UNet2DConditionModel, lora: DictConfig) -> dict[str, list[s
     for group, names in groups.items():
         if names:
             add_lora(unet, names, lora.unet_rank, lora.unet_alpha, UNET_ADAPTERS[group], lora.init)
-    unet.conv_in.base_layer.requires_grad_(True)
+    conv_in = unet.conv_in  # trained in full, whether or not it also carries LoRA (unet_targets)
+    (conv_in.get_base_layer() if isinstance(conv_in, BaseTunerLayer) else conv_in).requires_grad_(True)
     return {f"unet.{UNET_ADAPTERS[g]}": names for g, names in groups.items()}
 
 
