@@ -183,9 +183,3 @@ def test_pillow_upsampler_equals_pillow_exactly_on_the_realsr_lr_images(realsr):
         psnrs.append(10 * np.log10(1 / mse))
     assert 40 < float(np.mean(psnrs)) < 60, np.mean(psnrs)  # close, but not the same input (48.5 dB measured)
 
-
-def test_conv_in_is_trained_in_full_also_without_its_lora(tmp_path):
-    targets = "[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,conv_out,proj_in,proj_out,ff.net.0.proj,ff.net.2]"
-    module = module_for([f"generator.lora.unet_targets={targets}"], tmp_path)
-    names = module.trained_names
-    assert "generator.unet.conv_in.weight" in names and not any("conv_in.lora_" in n and "unet" in n for n in names)

@@ -72,6 +72,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(DTYPES)}")
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
+    if cfg.degradation.name == "none":
+        problems.append(
+            "degradation=none needs training batches that carry their LQ, and every data group gives HQ crops "
+            "only; choose degradation=realesrgan or degradation=bicubic"
+        )
     problems.extend(release_switch_problems(gen))
     problems.extend(optim_problems(cfg.optim))
     problems.extend(step_problems(cfg.trainer))
