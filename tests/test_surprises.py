@@ -37,3 +37,19 @@ def test_conv_in_is_trained_in_full_also_without_its_lora(tmp_path):
 def test_degradation_none_is_rejected_before_building(tmp_path):
     text = " ".join(config_problems(compose_config([*TINY, "degradation=none"], tmp_path)))
     assert "degradation=none" in text and "degradation=realesrgan" in text
+
+
+def test_auto_resume_refuses_a_run_whose_config_changed(tmp_path):
+    import pytest
+
+    from osediff_lab.errors import ConfigError
+    from osediff_lab.lit.resume import config_changes
+    from osediff_lab.train import run
+
+    fast = [*TINY, "data.crop_size=32", "trainer.max_steps=1", "callbacks.samples.every_n_steps=0",
+            "callbacks.checkpoint.every_n_train_steps=1", "trainer.enable_progress_bar=false"]
+    run(compose_config(fast, tmp_path))
+    with pytest.raises(ConfigError, match=r"loss.vsd_weight: 1.0 -> 0.5(.|\n)*resume=false"):
+        run(compose_config([*fast, "trainer.max_steps=2", "loss.vsd_weight=0.5"], tmp_path))
+    assert config_changes({"trainer": {"max_steps": 1}, "a": 1, "old": 2}, {"trainer": {"max_steps": 9}, "a": 1}) == []
+    assert config_changes({"optim": {"lr": 1e-4}}, {"optim": {"lr": 5e-5}}) == ["optim.lr: 0.0001 -> 5e-05"]

@@ -19,7 +19,7 @@ from osediff_lab import resolvers  # registers ${run_id:...} before Hydra compos
 from osediff_lab.checks import validate_config
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
-from osediff_lab.errors import USER_ERRORS, user_errors
+from osediff_lab.errors import USER_ERRORS, ConfigError, user_errors
 from osediff_lab.export import export_lora
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
@@ -30,6 +30,8 @@ from osediff_lab.lit.resume import (
     DataPosition,
     Preemption,
     RNGState,
+    checkpoint_config,
+    config_changes,
     find_resume_checkpoint,
 )
 from osediff_lab.lit.stats import RankReport, RunStats
@@ -92,9 +94,19 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, announce: bool = True) -> 
     if not cfg.get("resume", True):
         return None
     found = find_resume_checkpoint(run_dir / "checkpoints")
-    if found is not None and announce:
+    if found is None:
+        return None
+    saved = checkpoint_config(found)
+    changes = config_changes(saved, OmegaConf.to_container(cfg, resolve=True)) if saved is not None else []
+    if changes:
+        raise ConfigError(
+            f"{run_dir} holds a run trained with another config, so it is not resumed automatically:\n  - "
+            + "\n  - ".join(changes[:20])
+            + f"\nresume=false starts this run over; ckpt_path={found} resumes it with the new config deliberately"
+        )
+    if announce:
         log.warning("resuming automatically from %s (resume=false starts over)", found)
-    return str(found) if found else None
+    return str(found)
 
 
 def train(cfg: DictConfig) -> dict:

@@ -217,3 +217,31 @@ def slurm_job_id() -> str | None:
     if array and task:
         return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+# Keys that may differ between the attempts of one run: stop rule, machine, output and logging settings.
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.enable_progress_bar",
+                     "trainer.log_every_n_steps", "paths", "resume", "ckpt_path", "logger", "callbacks.samples",
+                     "data.num_workers", "val.every_n_steps")
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every value that differs between two resolved configs, leaving out
+    ``RESUMABLE_CHANGES`` and keys the saved config does not have (settings added to the lab since)."""
+    changes = []
+    for key, old in saved.items():
+        name = f"{prefix}{key}"
+        if name in RESUMABLE_CHANGES or key not in current:
+            continue
+        new = current[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_changes(old, new, name + ".")
+        elif old != new:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
+def checkpoint_config(path: Path) -> dict | None:
+    """The resolved config a training checkpoint was written with (None for checkpoints without one)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return (ckpt.get("hyper_parameters") or {}).get("config")
