@@ -19,7 +19,8 @@ def test_workspace_of_a_study_has_its_group_arms_val_curves_and_tables(tmp_path)
     sections = {s["name"]: s["panels"] for s in ws["sections"]}
     val = sections["validation"]
     assert {p["y"][0] for p in val} == {"val/psnr", "val/ssim"} and all(p["x"] == "trainer/global_step" for p in val)
-    assert all(p["group_by"] == ["config.generator.lora.vae_rank", "config.generator.lora.unet_rank"] for p in val)
+    assert all(p["group_by"] == ["config.overrides.generator/lora/vae_rank", "config.overrides.generator/lora/unet_rank"]
+               for p in val)
     (table,) = sections["validation images"]
     assert table["key"] == "val/images" and table["columns"][2:5] == ["LQ", "SR", "HQ"]
     assert "train/loss_vsd" in {p["y"][0] for p in sections["training"]}

@@ -46,7 +46,7 @@ def workspace_definition(experiment: str) -> dict[str, Any]:
     """The workspace of one study: see the module docstring."""
     cfg = experiment_config(experiment)
     arms = sweep_arms(cfg)
-    group_by = [f"config.{k}" for k in arms]
+    group_by = [f"config.overrides.{k.replace('.', '/')}" for k in arms]  # where the logger records each job's overrides
     val_metrics = list(OmegaConf.select(cfg, "val.metrics") or [])
     defs = cfg.get("metric_defs") or {}
     sections = []

@@ -51,7 +51,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
             id=_wandb_run_id(run_dir),
             resume="allow",
             log_model=lc.get("log_model", False),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=OmegaConf.to_container(cfg, resolve=True) | {"overrides": job_overrides()},
         )
         if rank_zero_only.rank == 0:
             logger.start()  # start the run now, so a broken setup falls back here, not mid-training
@@ -59,6 +59,18 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
     except Exception as exc:  # any W&B failure must degrade to local logging
         log.warning("W&B logging unavailable (%s: %s); logging to CSV under %s instead", type(exc).__name__, exc, run_dir)
         return _csv(run_dir)
+
+
+def job_overrides() -> dict[str, str]:
+    """This Hydra job's command-line overrides as {key: value}: a sweep's arms, for grouping runs in W&B
+    (``config.overrides.<key>`` works for group choices such as ``loss=no_vsd`` too). Dots in keys become
+    slashes, as W&B reads dots in config keys as nesting."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    pairs = (o.partition("=") for o in HydraConfig.get().overrides.task)
+    return {k.lstrip("+~").replace(".", "/"): v for k, _, v in pairs if not k.startswith("hydra")}
 
 
 def close_logger(logger: Logger | None) -> None:
