@@ -76,6 +76,11 @@ def test_fit_validates_every_n_steps_and_keeps_best_checkpoint(realsr, tmp_path)
     best = [c for c in trainer.callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.monitor == "val/psnr"]
     assert len(best) == 1 and best[0].best_model_path.endswith(".ckpt")
     assert float(best[0].best_model_score) == pytest.approx(summary["last_metrics"]["val/psnr"])
+    from safetensors.torch import load_file
+
+    exported = load_file(summary["lora_best"])  # the monitored best, exported beside the last step's lora/
+    state = torch.load(best[0].best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+    assert exported and all(torch.equal(v, state["generator." + k].float()) for k, v in exported.items())
 
     # the evaluate command's checkpoint path: super-resolve val's LR with the exported LoRA, then score
     out = tmp_path / "eval"

@@ -20,7 +20,7 @@ from osediff_lab.checks import validate_config
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.errors import USER_ERRORS, ConfigError, user_errors
-from osediff_lab.export import export_lora
+from osediff_lab.export import export_from_checkpoint, export_lora
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
 from osediff_lab.lit.loggers import build_logger, close_logger
@@ -107,6 +107,18 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, announce: bool = True) -> 
     if announce:
         log.warning("resuming automatically from %s (resume=false starts over)", found)
     return str(found)
+
+
+def export_best(trainer: pl.Trainer, out: Path) -> str | None:
+    """With ``callbacks.checkpoint.monitor``: the LoRA export of the best checkpoint by that metric (the
+    plain ``lora/`` export is the last step); None when no checkpoint was monitored."""
+    monitored = [c for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path]
+    if not monitored:
+        return None
+    best = monitored[0]
+    path, _ = export_from_checkpoint(best.best_model_path, out)
+    log.info("best checkpoint by %s (%s) exported to %s", best.monitor, best.best_model_path, path)
+    return str(path)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -206,6 +218,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> tuple[pl.Tra
                 "regularizer_lora": str(save_lora_tensors(
                     module.regularizer_state_dict(), run_dir / "lora" / "regularizer_lora.safetensors", "osediff-lab-reg-lora/1"
                 )),
+                "lora_best": export_best(trainer, run_dir / "lora" / "best" / "osediff_lora.safetensors"),
                 "checkpoint_dir": str(run_dir / "checkpoints"),
                 "samples_dir": str(samples.out_dir),
                 "last_sample_grid": str(samples.last_path) if samples.last_path else None,
