@@ -162,8 +162,11 @@ def noise_each(xs: list[torch.Tensor], p: dict[str, Any], gens: list[torch.Gener
 
 
 def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """JPEG encode/decode per sample quality (IJG tables, 8x8 DCT, 4:2:0 chroma) via kornia; 8-bit output in [0, 1]."""
-    q = quality.to(device=x.device, dtype=torch.float32)
+    """JPEG encode/decode per sample quality (IJG tables, 8x8 DCT, 4:2:0 chroma) via kornia; 8-bit output in [0, 1].
+
+    ``quality`` stays where it is (the CPU, for sampled parameters): kornia reads its range before moving it to
+    the image's device, which on a GPU would otherwise be a device sync per call."""
+    q = quality.to(dtype=torch.float32)
     out = kornia.enhance.jpeg_codec_differentiable(x.float().clamp(0, 1), q)
     return (out.clamp(0, 1) * 255).round() / 255
 
