@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from osediff_lab.data.images import UnreadableImage, load_rgb, pil_to_tensor
 from osediff_lab.errors import ConfigError
-from osediff_lab.prompts import PromptProvider
+from osediff_lab.prompts.provider import PromptProvider
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ class PromptCache:
             return db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]
 
 
-def load_image01(path: str | Path) -> torch.Tensor:
-    """One image file as [1, 3, H, W] in [0, 1]."""
-    return pil_to_tensor(load_rgb(path)).unsqueeze(0)
-
-
 class CachedPrompt:
     """Wraps a provider: cached texts are returned as stored; misses are computed (and stored) or an error."""
 
@@ -161,7 +156,7 @@ class CachedPrompt:
         buckets: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
         for p in dict.fromkeys(paths):
             try:
-                x = load_image01(p)
+                x = pil_to_tensor(load_rgb(p))[None]  # [1, 3, H, W] in [0, 1], as training reads it
             except UnreadableImage as exc:
                 if failed is None:
                     raise
