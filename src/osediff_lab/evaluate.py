@@ -216,7 +216,7 @@ def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path, list[dict]]:
     into ``out/sr`` (each with its prompt as .txt); links the matching HR files into ``out/gt``.
 
     Returns (sr_dir, gt_dir, failed): an LR image that fails is reported there and its HR is not linked."""
-    from osediff_lab.data.datamodule import paired_dataset
+    from osediff_lab.data.paired import paired_dataset
     from osediff_lab.infer import try_super_resolve
     from osediff_lab.pipeline import OSEDiffPipeline
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.images import list_images
-from osediff_lab.data.paired import PairedImageDataset
+from osediff_lab.data.paired import PairedImageDataset, paired_dataset
 from osediff_lab.data.sampling import ResumableRandomSampler, ShardSampler
 from osediff_lab.errors import ConfigError
 from osediff_lab.paths import resolve_dir
@@ -138,16 +138,6 @@ def data_problems(cfg: DictConfig) -> list[str]:
             if where is None or not where.is_dir():
                 problems.append(f"val '{val.name}': val.{key}={where} does not exist; set val.{key}=... or val=none")
     return problems
-
-
-def paired_dataset(val: DictConfig, scale: int) -> PairedImageDataset:
-    """The paired benchmark named by a ``val`` config (LR/HR folders matched by name, optional ``limit``);
-    ``kind: demo`` = held-out crops of scikit-image photographs (``osediff_lab.data.heldout``)."""
-    if val.get("kind") == "demo":
-        from osediff_lab.data.heldout import heldout_dataset
-
-        return heldout_dataset(val, scale)
-    return PairedImageDataset(resolve_dir(val.lr_dir), resolve_dir(val.hr_dir), scale, val.get("limit"))
 
 
 class HQDataModule(pl.LightningDataModule):

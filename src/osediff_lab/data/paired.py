@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from osediff_lab.data.images import image_size, list_images, load_rgb, pil_to_tensor
 from osediff_lab.errors import ConfigError
+from osediff_lab.paths import resolve_dir
 
 
 def match_pairs(lr_dir: str | Path, hr_dir: str | Path, scale: int, limit: int | None = None) -> list[tuple[Path, Path]]:
@@ -49,3 +51,13 @@ class PairedImageDataset(Dataset):
             "hq": pil_to_tensor(load_rgb(hr)) * 2 - 1,
             "name": lr.stem,
         }
+
+
+def paired_dataset(val: DictConfig, scale: int) -> PairedImageDataset:
+    """The paired benchmark named by a ``val`` config (LR/HR folders matched by name, optional ``limit``);
+    ``kind: demo`` = held-out crops of scikit-image photographs (``osediff_lab.data.heldout``)."""
+    if val.get("kind") == "demo":
+        from osediff_lab.data.heldout import heldout_dataset
+
+        return heldout_dataset(val, scale)
+    return PairedImageDataset(resolve_dir(val.lr_dir), resolve_dir(val.hr_dir), scale, val.get("limit"))
