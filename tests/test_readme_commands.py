@@ -52,6 +52,11 @@ NOT_HERE = {
     "python benchmarks/bench_perf.py --model sd21_shape --size 128": "a benchmark (make bench runs it)",
     "python benchmarks/bench_memory.py": "a benchmark (make bench runs it)",
     "bash benchmarks/gpu_check.sh": "needs a CUDA GPU",
+    "python -m osediff_lab.pretrain": "pretrains the nano base (a long CPU run; tests/test_pretrain.py runs it small)",
+    "python -m osediff_lab.pretrain stage=vae": "a nano pretraining stage (tests/test_pretrain.py runs it small)",
+    "python -m osediff_lab.pretrain stage=unet": "a nano pretraining stage (tests/test_pretrain.py runs it small)",
+    "python -m osediff_lab.pretrain stage=samples": "a nano pretraining stage (tests/test_pretrain.py runs it small)",
+    "python -m osediff_lab.pretrain stage=ship ship_dir=my_base/": "needs the pretraining stages' outputs",
 }
 
 DEMO = "python -m osediff_lab.train +experiment=demo"
