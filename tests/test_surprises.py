@@ -53,3 +53,17 @@ def test_auto_resume_refuses_a_run_whose_config_changed(tmp_path):
         run(compose_config([*fast, "trainer.max_steps=2", "loss.vsd_weight=0.5"], tmp_path))
     assert config_changes({"trainer": {"max_steps": 1}, "a": 1, "old": 2}, {"trainer": {"max_steps": 9}, "a": 1}) == []
     assert config_changes({"optim": {"lr": 1e-4}}, {"optim": {"lr": 5e-5}}) == ["optim.lr: 0.0001 -> 5e-05"]
+
+
+def test_resume_with_other_lora_ranks_is_one_clear_error(tmp_path):
+    import pytest
+
+    from osediff_lab.train import run
+
+    fast = [*TINY, "data.crop_size=32", "trainer.max_steps=1", "callbacks.samples.every_n_steps=0",
+            "callbacks.checkpoint.every_n_train_steps=1", "trainer.enable_progress_bar=false"]
+    run(compose_config(fast, tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(RuntimeError, match=r"other LoRA ranks: \d+ tensors differ in shape.*unet_rank=4 \(now 2\)"):
+        run(compose_config([*fast, "trainer.max_steps=2", f"ckpt_path={ckpt}", "generator.lora.unet_rank=2"],
+                           tmp_path / "b"))

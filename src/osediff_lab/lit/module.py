@@ -42,6 +42,9 @@ from osediff_lab.prompts import PromptProvider
 log = logging.getLogger(__name__)
 
 
+RANK_KEYS = ("unet_rank", "vae_rank", "reg_rank")
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimiser steps had a non-finite loss or gradient."""
 
@@ -100,6 +103,7 @@ class OSEDiffModule(pl.LightningModule):
         self.trained_names = [n for n, _ in trainable_parameters(self)]
         self.embedder = PromptEmbedder(self.tokenizer, self.text_encoder, max_cached=4096)
         self._bad_steps = 0
+        self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
         self._grad_norms: dict[int, torch.Tensor] = {}
         self._skipped: set[int] = set()  # ids of optimisers whose last step was skipped (non-finite gradients)
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -336,6 +340,7 @@ class OSEDiffModule(pl.LightningModule):
         self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
         self.log("loss", terms["total"].detach(), prog_bar=True, on_step=True, logger=False)
         self._write_step_metrics(logs)
+        self.batches_trained += 1
         return terms["total"].detach()
 
     def _write_step_metrics(self, logs: dict[str, Any]) -> None:
@@ -344,7 +349,7 @@ class OSEDiffModule(pl.LightningModule):
         logger = self.logger
         if logger is None or self.trainer.sanity_checking:
             return
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # Lightning's own x-axis for step logs
+        step = self.batches_trained  # the x-axis of step logs: training batches done before this one
         if (step + 1) % self.trainer.log_every_n_steps:
             return
         if self.trainer.is_global_zero:
@@ -387,7 +392,8 @@ class OSEDiffModule(pl.LightningModule):
         """Keep only trained tensors (LoRA sets, conv_in): megabytes, not gigabytes."""
         keep = set(self.trained_names)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["osediff"] = {"trained_names": self.trained_names, "lora_targets": self.lora_targets}
+        checkpoint["osediff"] = {"trained_names": self.trained_names, "lora_targets": self.lora_targets,
+                                 "batches_trained": self.batches_trained}
         if hasattr(self.degradation, "state_dict"):  # every rank's random stream continues exactly after a resume
             checkpoint["degradation"] = {"ranks": gather_objects(self.degradation.state_dict())}
 
@@ -405,6 +411,17 @@ class OSEDiffModule(pl.LightningModule):
                 f"checkpoint does not match this model: {len(missing)} missing (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it trained with another model/generator config?"
             )
+        params = dict(self.named_parameters())
+        wrong = [k for k in sorted(want) if tuple(checkpoint["state_dict"][k].shape) != tuple(params[k].shape)]
+        if wrong:
+            saved = ((checkpoint.get("hyper_parameters") or {}).get("config") or {}).get("generator", {}).get("lora", {})
+            ranks = ", ".join(f"{k}={saved.get(k)} (now {self.cfg.generator.lora[k]})" for k in RANK_KEYS if k in saved)
+            raise RuntimeError(
+                f"checkpoint was trained with other LoRA ranks: {len(wrong)} tensors differ in shape (e.g. {wrong[0]}: "
+                f"{tuple(checkpoint['state_dict'][wrong[0]].shape)} saved, {tuple(params[wrong[0]].shape)} now); "
+                f"its generator.lora: {ranks or 'unknown'}. Set the same ranks, or resume=false to start over"
+            )
+        self.batches_trained = int(checkpoint.get("osediff", {}).get("batches_trained", checkpoint.get("global_step", 0)))
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores, by their module names."""
