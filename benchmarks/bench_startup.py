@@ -45,8 +45,8 @@ def tiny_checkpoint(out: Path) -> Path:
     from common import compose_config
 
     from helpers import TINY
-    from osediff_lab.export import export_lora
     from osediff_lab.models.components import build_components
+    from osediff_lab.models.lora_files import export_lora
     from osediff_lab.models.osediff import build_generator
 
     cfg = compose_config(TINY)

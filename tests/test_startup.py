@@ -45,8 +45,8 @@ def test_importing_the_cli_modules_loads_no_training_and_no_model_libraries():
 def test_an_infer_run_never_imports_training(tmp_path: Path):
     """The real CLI on one image with a tiny checkpoint; the probe lists training modules loaded at exit."""
     from helpers import TINY, compose_config
-    from osediff_lab.export import export_lora
     from osediff_lab.models.components import build_components
+    from osediff_lab.models.lora_files import export_lora
     from osediff_lab.models.osediff import build_generator
 
     cfg = compose_config(TINY)

@@ -20,7 +20,6 @@ from osediff_lab.checks import validate_config
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.errors import USER_ERRORS, ConfigError, user_errors
-from osediff_lab.export import export_from_checkpoint, export_lora
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
 from osediff_lab.lit.loggers import build_logger, close_logger
@@ -39,6 +38,7 @@ from osediff_lab.lit.validation import best_checkpoint
 from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
 from osediff_lab.models.components import build_components
 from osediff_lab.models.lora import save_lora_tensors
+from osediff_lab.models.lora_files import export_from_checkpoint, export_lora
 from osediff_lab.models.osediff import build_osediff
 from osediff_lab.models.perceptual import build_lpips
 from osediff_lab.paths import CONF_DIR

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from osediff_lab.errors import ConfigError, MissingWeightsError
-from osediff_lab.export import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.components import (
     Components,
     build_components,
@@ -27,6 +26,7 @@ from osediff_lab.models.components import (
 )
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import add_lora
+from osediff_lab.models.lora_files import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.osediff import UNET_ADAPTERS, build_generator
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,103 @@
+"""The LoRA file format: a safetensors file of the generator's trained tensors + a JSON sidecar, written
+at the end of training or from a training checkpoint (whose state_dict holds only trained tensors and
+whose hyper_parameters hold the config); read by the inference pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.io import atomic_write, atomic_write_text
+
+GENERATOR_PREFIX = "generator."
+# Plain numeric numpy arrays (Lightning's RNG-state callbacks store them): data, not code.
+NUMPY_ARRAYS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
+    type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)
+]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config (hydra section excluded), to tie weights to the run that made them."""
+    text = OmegaConf.to_yaml(cfg, resolve=False, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
+    """What a loader needs besides the tensors: base model, ranks, targets, prompt mode, scale, timestep,
+    and the seed (random-init presets such as tiny rebuild their base weights from it)."""
+    gen = cfg.generator
+    prompt = cfg.get("prompt")
+    return {
+        "format": "osediff-lab-lora/1",
+        "base_model": {"name": cfg.model.name, "pretrained_path": cfg.model.get("pretrained_path")},
+        "model_arch": OmegaConf.to_container(cfg.model, resolve=True),
+        "lora": OmegaConf.to_container(gen.lora, resolve=True),
+        "target_modules": {k: v for k, v in targets.items() if not k.startswith("reg_unet")},
+        "timestep": gen.timestep,
+        "train_vae_encoder": gen.train_vae_encoder,
+        "train_vae_decoder": gen.train_vae_decoder,
+        "prompt": OmegaConf.to_container(prompt, resolve=True) if prompt is not None else {"name": "null"},
+        "scale": cfg.scale,
+        "seed": cfg.get("seed"),
+        "config_hash": config_hash(cfg),
+    }
+
+
+def export_lora(generator_state: dict, cfg: DictConfig, targets: dict[str, list[str]], path: str | Path) -> tuple[Path, Path]:
+    """Write ``path`` (safetensors, keys relative to the generator: ``unet.*``, ``vae.*``) and ``path``.json."""
+    path = Path(path)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in generator_state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "osediff-lab-lora/1"}))
+    sidecar = path.with_suffix(".json")
+    atomic_write_text(sidecar, json.dumps(lora_sidecar(cfg, targets), indent=2))
+    return path, sidecar
+
+
+def load_torch_weights(path: str | Path) -> object:
+    """``torch.load`` in weights-only mode: tensors, numeric arrays, containers and plain values, never
+    arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAYS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{path} holds objects other than tensors and plain values, so it is not loaded (weights-only "
+            f"loading refuses to unpickle code): {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def training_checkpoint_parts(checkpoint: dict, source: str) -> tuple[dict, DictConfig, dict[str, list[str]]]:
+    """(generator tensors keyed ``unet.*``/``vae.*``, the run's config, LoRA targets) of a Lightning checkpoint."""
+    try:
+        cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+        targets = checkpoint["osediff"]["lora_targets"]
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{source}: not an osediff-lab training checkpoint (needs hyper_parameters['config'] and "
+            f"osediff['lora_targets'], missing {exc})"
+        ) from exc
+    state = {k[len(GENERATOR_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(GENERATOR_PREFIX)}
+    if not state:
+        raise ConfigError(f"{source}: its state_dict has no '{GENERATOR_PREFIX}*' tensors")
+    return state, cfg, targets
+
+
+def export_from_checkpoint(ckpt: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Write the LoRA-only safetensors + sidecar for a Lightning training checkpoint.
+
+    The config hash is of the checkpoint's resolved config, so it can differ from the end-of-training
+    export's hash (taken before interpolations were resolved).
+    """
+    state, cfg, targets = training_checkpoint_parts(load_torch_weights(ckpt), str(ckpt))
+    return export_lora(state, cfg, targets, out)
