@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from helpers import TINY, compose_config
-from osediff_lab.data.degradation import upsample_input, upsample_to
+from osediff_lab.data.resize import upsample_input, upsample_to
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.lora import lora_layers, merge_and_unload, save_lora_tensors
 from osediff_lab.models.vsd import add_noise, classifier_free_guidance, x0_from_eps

@@ -8,7 +8,7 @@ import torch
 
 from helpers import TINY, compose_config
 from osediff_lab.data.datamodule import HQDataModule, paired_dataset
-from osediff_lab.data.degradation import upsample_to
+from osediff_lab.data.resize import upsample_to
 from osediff_lab.errors import ConfigError
 from osediff_lab.evaluate import evaluate
 from osediff_lab.lit.validation import Validator, table_rows, to_unit, trainer_kwargs

@@ -143,7 +143,7 @@ def psnr_y(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def heldout_reconstruction(vae: AutoencoderKL, cfg: DictConfig) -> dict[str, float]:
     """Mean Y-PSNR of VAE reconstructions (posterior mode, 8-bit) and of bicubic x scale on the held-out crops."""
-    from osediff_lab.data.degradation import upsample_to
+    from osediff_lab.data.resize import upsample_to
 
     ds = heldout_dataset(cfg.val, int(cfg.scale))
     hq = torch.stack([ds[i]["hq"] for i in range(len(ds))])

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from osediff_lab.data.degradation import resize
 from osediff_lab.data.kernels import KERNEL_TYPES, KernelSpec, describe_kernel, sample_kernels
+from osediff_lab.data.resize import resize
 from osediff_lab.errors import ConfigError
 
 RESIZE_DIRECTIONS = ("up", "down", "keep")

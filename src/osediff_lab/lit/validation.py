@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
-from osediff_lab.data.degradation import upsample_to
+from osediff_lab.data.resize import upsample_to
 from osediff_lab.errors import ConfigError
 from osediff_lab.metrics import MetricSuite, metric_defs
 

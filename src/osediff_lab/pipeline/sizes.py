@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from osediff_lab.data.degradation import resize
+from osediff_lab.data.resize import resize
 
 
 @dataclass(frozen=True)
