@@ -57,6 +57,8 @@ NOT_HERE = {
     "python -m osediff_lab.pretrain stage=unet": "a nano pretraining stage (tests/test_pretrain.py runs it small)",
     "python -m osediff_lab.pretrain stage=samples": "a nano pretraining stage (tests/test_pretrain.py runs it small)",
     "python -m osediff_lab.pretrain stage=ship ship_dir=my_base/": "needs the pretraining stages' outputs",
+    "python -m osediff_lab.pretrain stage=vae data=folder data.root=$HOME/photos out_dir=outputs/pretrain/mine":
+        "needs a folder of your photographs",
 }
 
 DEMO = "python -m osediff_lab.train +experiment=demo"

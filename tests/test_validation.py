@@ -44,7 +44,7 @@ def test_validate_on_4_realsr_pairs_matches_pyiqa(realsr, tmp_path):
     keep = KeepOutputs()
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[keep])
     logged = trainer.validate(module, datamodule=dm)[0]
-    assert set(logged) == {"val/psnr", "val/ssim"}
+    assert set(logged) == {"val/psnr", "val/ssim", "val_info/num_images"} and logged["val_info/num_images"] == 4
     assert [b["name"][0] for _, b in keep.seen] == data_names(cfg)
     assert len(keep.seen) == 4
 
