@@ -67,3 +67,15 @@ def test_resume_with_other_lora_ranks_is_one_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"other LoRA ranks: \d+ tensors differ in shape.*unet_rank=4 \(now 2\)"):
         run(compose_config([*fast, "trainer.max_steps=2", f"ckpt_path={ckpt}", "generator.lora.unet_rank=2"],
                            tmp_path / "b"))
+
+
+def test_memory_options_train_and_draw_their_sample_grid(tmp_path):
+    """The README's memory options on the tiny model (frozen weights in bf16 beside fp32 LoRA): the step and
+    the live pipeline behind the end-of-run sample grid both run (the grid crashed with a dtype mismatch)."""
+    from osediff_lab.train import run
+
+    cfg = compose_config([*TINY, "data.crop_size=32", "trainer.max_steps=1", "generator.frozen_dtype=bf16",
+                          "trainer.precision=bf16-mixed", "generator.gradient_checkpointing=true",
+                          "callbacks.samples.every_n_steps=0", "trainer.enable_progress_bar=false"], tmp_path)
+    _, _, summary = run(cfg)
+    assert summary["steps"] == 1 and summary["last_sample_grid"].endswith("step_000001.png")

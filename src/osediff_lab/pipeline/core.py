@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +58,11 @@ class OSEDiffPipeline:
         if live:
             self.device = generator.vae.decoder.conv_in.weight.device
             self.dtype = self.decode_dtype = generator.vae.decoder.conv_in.weight.dtype
+            # frozen weights stored in bf16/fp16 beside fp32 LoRA (memory options): run as training does, autocast
+            self.autocast = self.dtype != torch.float32
         else:
             self._prepare()
+            self.autocast = False
         self.prompts = prompts
         self.embedder = PromptEmbedder(tokenizer, text_encoder, EMBED_CACHE_SIZE)
 
@@ -138,7 +142,8 @@ class OSEDiffPipeline:
     def generate(self, x_l: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """x_L in [-1, 1] (sides multiples of the VAE factor) -> x_H in [-1, 1]: encode, tiled UNet step, decode."""
         o, gen = self.options, self.generator
-        with self._eval():
+        mixed = torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext()
+        with self._eval(), mixed:
             gen.latent = o.latent
             rng = torch.Generator(self.device).manual_seed(o.seed) if o.latent == "sample" else None
             with self._vae_tiling(o.vae_tiling.encoder_tile):
