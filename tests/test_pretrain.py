@@ -98,7 +98,7 @@ def test_heldout_crops_are_fixed_and_not_training_images():
     cfg = compose_config(["val=demo"])
     assert not set(cfg.val.images) & set(cfg.data.images)
     assert tile_corners(300, 128, 2) == [0, 172] and tile_corners(300, 128, 1) == [86]
-    from osediff_lab.data.datamodule import demo_files
+    from osediff_lab.data.demo_images import demo_files
 
     ds = HeldOutCrops(demo_files(list(cfg.val.images)), 128, 2, 4)
     assert len(ds) == 8

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from osediff_lab.data.datasets import HQCropDataset
+from osediff_lab.data.demo_images import demo_files
 from osediff_lab.data.images import list_images
 from osediff_lab.data.paired import PairedImageDataset, paired_dataset
 from osediff_lab.data.sampling import ResumableRandomSampler, ShardSampler
@@ -25,18 +26,6 @@ from osediff_lab.paths import resolve_dir
 
 log = logging.getLogger(__name__)
 HINT = "To try the framework without a dataset use model=tiny data=demo."
-
-
-def demo_files(names: list[str]) -> list[Path]:
-    """Photographs that ship inside scikit-image (no download)."""
-    import skimage
-
-    root = Path(skimage.__file__).parent / "data"
-    files = [root / n for n in names]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ConfigError(f"data.images: not found in scikit-image's bundled data: {missing}")
-    return files
 
 
 def resolve_root(cfg: DictConfig, key: str = "data") -> Path:

@@ -54,6 +54,6 @@ class HeldOutCrops(Dataset):
 
 def heldout_dataset(val: DictConfig, scale: int) -> HeldOutCrops:
     """The held-out crops a ``kind: demo`` val config names (scikit-image's bundled photographs)."""
-    from osediff_lab.data.datamodule import demo_files
+    from osediff_lab.data.demo_images import demo_files
 
     return HeldOutCrops(demo_files(list(val.images)), int(val.crop_size), int(val.grid), scale, val.get("limit"))
