@@ -357,6 +357,31 @@ def test_training_skips_bad_images_reports_them_prints_progress_lines_and_leaves
     assert "at step 4, not below trainer.max_steps=2: nothing to train" in capsys.readouterr().out
 
 
+def test_images_found_unreadable_in_a_data_worker_reach_the_summary(tmp_path, monkeypatch):
+    """A file that passes the scan and then fails to load in a worker process (here: made to fail there):
+    the worker's finding travels with the batch to the trainer, so summary.json still names it."""
+    import osediff_lab.data.datasets as datasets
+    from osediff_lab.train import run
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(noise(40, 48, seed=i)).save(d / f"good{i}.png")
+    Image.fromarray(noise(40, 48, seed=9)).save(d / "late.png")
+    real_load = datasets.load_rgb
+
+    def fails_in_the_worker(path):
+        if Path(path).name == "late.png" and torch.utils.data.get_worker_info() is not None:
+            raise UnreadableImage(path, "went bad after the scan")
+        return real_load(path)
+
+    monkeypatch.setattr(datasets, "load_rgb", fails_in_the_worker)  # inherited by the forked worker
+    cfg = compose_config([*TRAIN, f"data.root={d}", "trainer.max_steps=2", "data.num_workers=1",
+                          "data.batch_size=4", "trainer.enable_progress_bar=false"], tmp_path / "run")
+    _, _, summary = run(cfg)
+    assert [(Path(s["path"]).name, s["reason"]) for s in summary["skipped_images"]] == [("late.png", "went bad after the scan")]
+
+
 @pytest.mark.slow
 def test_full_disk_while_checkpointing_says_so_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from osediff_lab.lit.callbacks import DiskFullError

@@ -204,7 +204,9 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> tuple[pl.Tra
             "overrides": _overrides(),
             "steps": trainer.global_step,
             # unreadable training images (skipped at the scan, or in this process during training)
-            "skipped_images": [{"path": p, "reason": r} for p, r in datamodule.train_set.reasons.items()],
+            "skipped_images": [
+                {"path": p, "reason": r} for p, r in (datamodule.train_set.reasons | module.unreadable).items()
+            ],
         } | stats.summary()
         if trainer.is_global_zero:
             lora, sidecar = export_lora(

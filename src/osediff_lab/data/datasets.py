@@ -101,15 +101,18 @@ class HQCropDataset(Dataset):
         skipped for the next one, remembered, and counted in ``skipped`` (per worker process)."""
         g = sample_generator(self.seed, index) if self.seed is not None else None
         index %= len(self.files)
+        found: list[str] = []  # "path<TAB>reason" of files found unreadable by this call
         for attempt in range(len(self.files)):
             path = self.files[(index + attempt) % len(self.files)]
             if str(path) in self._bad:
                 continue
             try:
-                return {"hq": self._crop(load_rgb(path), g), "path": str(path)}
+                # ``unreadable`` carries what a worker process found back to the trainer (its summary)
+                return {"hq": self._crop(load_rgb(path), g), "path": str(path), "unreadable": "\n".join(found)}
             except UnreadableImage as exc:
                 self._bad.add(str(path))
                 self.skipped.append(str(path))
                 self.reasons[str(path)] = exc.reason
+                found.append(f"{path}\t{exc.reason}")
                 log.warning("skipping unreadable image during training (%d skipped so far): %s", len(self.skipped), exc)
         raise RuntimeError(f"every image in the dataset became unreadable ({len(self.skipped)} skipped, e.g. {self.skipped[:3]})")

@@ -105,6 +105,7 @@ class OSEDiffModule(pl.LightningModule):
         self.embedder = PromptEmbedder(self.tokenizer, self.text_encoder, max_cached=4096)
         self._bad_steps = 0
         self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
+        self.unreadable: dict[str, str] = {}  # training images data workers found unreadable (path -> reason)
         self._grad_norms: dict[int, torch.Tensor] = {}
         self._skipped: set[int] = set()  # ids of optimisers whose last step was skipped (non-finite gradients)
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -124,6 +125,10 @@ class OSEDiffModule(pl.LightningModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Degrade on the training device (batched) unless the batch is already paired; add x_L except for
         validation batches (the inference pipeline upsamples those itself)."""
+        for report in batch.pop("unreadable", []):  # files a data worker skipped, with the reason
+            for line in filter(None, report.split("\n")):
+                path, _, reason = line.partition("\t")
+                self.unreadable[path] = reason
         if "lq" not in batch:
             batch["lq"] = self.degradation(batch["hq"])
         if self._trainer is None or not self.trainer.evaluating:
