@@ -85,7 +85,7 @@ def main() -> None:
     shared_cfg.resize_per_sample = False
     shared = RealESRGANDegradation(shared_cfg, 4)
     shared(hq)
-    t_shared, t_single2, ratio_shared = paired(
+    t_shared, _, ratio_shared = paired(
         lambda: shared(hq), lambda: [single(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device
     )
     print(f"batched, one resize per batch (resize_per_sample=false): {args.batch / t_shared:7.2f} pairs/s  "

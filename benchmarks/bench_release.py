@@ -17,12 +17,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from bench_degradation import paired
-from bench_startup import bench_infer, bench_train, run_child
+from bench_degradation import paired, seconds
+from bench_startup import TRAIN, bench_infer, bench_train, run_child
 from common import compose_config
 
 from osediff_lab.data.realesrgan import RealESRGANDegradation
@@ -40,8 +39,6 @@ RELEASE = {
     "evaluation, 100 RealSR pairs, PSNR + SSIM": "0.96 throughput (pyiqa loop as baseline)",
 }
 RELEASE_INFER_CPU_S = 4.9  # the release's whole-process CPU seconds for one image (goal: ours within 1.2x)
-TRAIN = ["model=tiny", "data=demo", "logger=csv", "val=none", "degradation=realesrgan", "data.crop_size=256",
-         "data.batch_size=2", "loss.lpips_weight=0"]
 # What any OSEDiff inference script imports (the plain floor of a whole-process run).
 FLOOR = ("import torch, peft; from diffusers import AutoencoderKL, UNet2DConditionModel; "
          "from transformers import CLIPTextModel, CLIPTokenizer")
@@ -57,16 +54,8 @@ def step_seconds(overrides: list[str], device: str, repeats: int) -> tuple[float
     module = build_module(compose_config([*TRAIN, *overrides])).to(device).train()
     hq = torch.rand(2, 3, 256, 256, device=device) * 2 - 1
     step = training_step(module, hq)
-    times = []
-    for _ in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+    first = seconds(step, device)
+    return first, statistics.median(seconds(step, device) for _ in range(repeats))
 
 
 def train_rows(device: str, repeats: int, compile_too: bool) -> None:

@@ -23,6 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
        "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "tests")])}
+# The tiny training run every start-up and step measurement uses (bench_release's rows too).
+TRAIN = ["model=tiny", "data=demo", "logger=csv", "val=none", "degradation=realesrgan", "data.crop_size=256",
+         "data.batch_size=2", "loss.lpips_weight=0"]
 HEAVY = ("pytorch_lightning", "lightning", "wandb", "lpips", "pyiqa", "timm", "torchmetrics", "kornia")
 
 
@@ -145,9 +148,8 @@ print("PHASES " + json.dumps(marks))
 
 def bench_train(tmp: Path, repeats: int, steps: int) -> dict[str, float]:
     """Start-up phases of `train` (tiny preset, 256 px, batch 2, Real-ESRGAN, L2 + VSD + regularizer)."""
-    overrides = ["model=tiny", "data=demo", "logger=csv", "val=none", "degradation=realesrgan", "data.crop_size=256",
-                 "data.batch_size=2", "loss.lpips_weight=0", "trainer=cpu", f"trainer.max_steps={steps}",
-                 "callbacks.checkpoint.every_n_train_steps=0", "callbacks.samples.every_n_steps=0", "resume=false"]
+    overrides = [*TRAIN, "trainer=cpu", f"trainer.max_steps={steps}", "callbacks.checkpoint.every_n_train_steps=0",
+                 "callbacks.samples.every_n_steps=0", "resume=false"]
     runs = []
     for i in range(repeats):
         script = tmp / "train_child.py"

@@ -377,9 +377,8 @@ class RealESRGANDegradation:
         xs = self._stage(xs, params["sizes2"], p2, gens)
         first = pf["jpeg_first"].tolist()
         xs = jpeg_each(xs, p2["quality"], where=first)
-        x = torch.stack(resize_each(xs, [lq_size] * b, pf["mode"], bool(cfg.antialias)))
-        x = filter_each(x, pf["kernels"], cfg.border).clamp(0, 1)
-        x = torch.stack(jpeg_each(list(x.unbind(0)), p2["quality"], where=[not f for f in first]))
+        xs = blur_each(resize_each(xs, [lq_size] * b, pf["mode"], bool(cfg.antialias)), pf["kernels"], cfg.border)
+        x = torch.stack(jpeg_each([x.clamp(0, 1) for x in xs], p2["quality"], where=[not f for f in first]))
         return (x * 2 - 1).to(hq.dtype)
 
     def _stage(self, xs: list[torch.Tensor], out_sizes, p: dict[str, Any], gens: list[torch.Generator]) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic", antial
 
 def upsample_to(lq: torch.Tensor, size) -> torch.Tensor:
     """Bicubic upsampling of an LQ batch in [-1, 1] to ``size`` (the generator's x_L), clamped to [-1, 1]."""
-    return resize(lq, tuple(size), "bicubic").clamp(-1, 1)
+    return upsample_input(lq, size, ["bicubic"])
 
 
 def upsample_input(lq: torch.Tensor, size, modes: list[str], quantize_8bit: bool = False) -> torch.Tensor:
