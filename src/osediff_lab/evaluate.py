@@ -135,7 +135,8 @@ def score_pairs(
             failed.append({"name": name, "sr": str(sr_path), "gt": str(gt_path), "reason": reason})
             tqdm.write(f"evaluate: not scored {name}: {reason}")
             continue
-        cropped += [name] if was_cropped else []
+        if was_cropped:
+            cropped.append(name)
         h, w = sr.shape[-2:]
         rows.append({"name": name, "sr": str(sr_path), "gt": str(gt_path), "height": h, "width": w} | {k: v[0] for k, v in scores.items()})
     return rows, failed, cropped

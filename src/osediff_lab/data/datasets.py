@@ -44,8 +44,7 @@ class HQCropDataset(Dataset):
         self.flip = flip
         self.seed = seed
         self.policy = small_image_policy
-        self.skipped: list[str] = []
-        self.reasons: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}  # unreadable file -> why; its keys are ``skipped``
         self.small: list[str] = []
         usable: dict[Path, bool] = {}  # each distinct file's header is read once, however often it is listed
         for f in dict.fromkeys(Path(f) for f in files):
@@ -53,7 +52,6 @@ class HQCropDataset(Dataset):
                 w, h = image_size(f)
             except UnreadableImage as exc:
                 log.warning("skipping unreadable image %s", exc)
-                self.skipped.append(str(f))
                 self.reasons[str(f)] = exc.reason
                 usable[f] = False
                 continue
@@ -77,7 +75,11 @@ class HQCropDataset(Dataset):
         if not kept:
             raise ConfigError(f"no usable images (of {len(files)} files; {len(self.skipped)} unreadable, {len(self.small)} too small)")
         self.files = kept * max(1, int(repeat))
-        self._bad: set[str] = set()
+
+    @property
+    def skipped(self) -> list[str]:
+        """The unreadable files, in the order they were found."""
+        return list(self.reasons)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -104,14 +106,12 @@ class HQCropDataset(Dataset):
         found: list[str] = []  # "path<TAB>reason" of files found unreadable by this call
         for attempt in range(len(self.files)):
             path = self.files[(index + attempt) % len(self.files)]
-            if str(path) in self._bad:
+            if str(path) in self.reasons:
                 continue
             try:
                 # ``unreadable`` carries what a worker process found back to the trainer (its summary)
                 return {"hq": self._crop(load_rgb(path), g), "path": str(path), "unreadable": "\n".join(found)}
             except UnreadableImage as exc:
-                self._bad.add(str(path))
-                self.skipped.append(str(path))
                 self.reasons[str(path)] = exc.reason
                 found.append(f"{path}\t{exc.reason}")
                 log.warning("skipping unreadable image during training (%d skipped so far): %s", len(self.skipped), exc)

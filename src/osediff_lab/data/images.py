@@ -181,13 +181,7 @@ def load_image01(path: str | Path) -> torch.Tensor:
     with open_image(path) as im:
         if not is_16bit(im):
             return pil_to_tensor(_upright_rgb(path, im))
-        try:
-            turn = orientation(im)
-            arr = _read_16bit(path, im)
-        except UnreadableImage:
-            raise
-        except Exception as exc:
-            raise UnreadableImage(path, _reason(exc)) from exc
+        turn, arr = orientation(im), _read_16bit(path, im)  # failures become UnreadableImage in open_image
     if turn != 1:
         arr = ORIENT[turn](arr)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()

@@ -51,12 +51,15 @@ def preview_grid(hq: torch.Tensor, lq: torch.Tensor, captions: list[list[str]]) 
     return grid
 
 
-def run_preview(cfg: DictConfig) -> Path:
-    """Degrade one batch of the configured data with the configured degradation; write and return the grid."""
+def write_preview(cfg: DictConfig) -> tuple[Path, list[dict[str, str]]]:
+    """Degrade one batch of the configured data with the configured degradation; write the grid and its JSON.
+
+    Returns the grid's path and the skipped images ({path, reason}), also those a data worker found."""
     torch.manual_seed(int(cfg.seed))
     dm = HQDataModule(cfg.data)
     dm.setup("fit")
-    hq = next(iter(dm.train_dataloader()))["hq"]
+    batch = next(iter(dm.train_dataloader()))
+    hq = batch["hq"]
     degradation = build_degradation(cfg.degradation, cfg.scale)
     lq = degradation(hq)
     records = getattr(degradation, "last_params", None)
@@ -64,17 +67,26 @@ def run_preview(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir) / "preview" / f"degradation_{cfg.degradation.name}_seed{cfg.seed}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     preview_grid(hq, lq, captions).save(out)
-    skipped = [{"path": p, "reason": r} for p, r in dm.train_set.reasons.items()]
+    reasons = dict(dm.train_set.reasons)  # with worker processes, what they found travels in the batch
+    for report in batch.get("unreadable", []):
+        for line in report.splitlines():
+            path, _, reason = line.partition("\t")
+            reasons.setdefault(path, reason)
+    skipped = [{"path": p, "reason": r} for p, r in reasons.items()]
     atomic_write_text(out.with_suffix(".json"), json.dumps({"grid": str(out), "skipped_images": skipped}, indent=2))
-    return out
+    return out, skipped
+
+
+def run_preview(cfg: DictConfig) -> Path:
+    """``write_preview``, returning the grid's path."""
+    return write_preview(cfg)[0]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @user_errors
 def main(cfg: DictConfig) -> None:
-    out = run_preview(cfg)
+    out, skipped = write_preview(cfg)
     print(out)
-    skipped = json.loads(out.with_suffix(".json").read_text())["skipped_images"]
     for item in skipped:
         print(f"  SKIPPED {item['path']}: {item['reason']}")
     if skipped:

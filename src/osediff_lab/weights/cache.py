@@ -39,8 +39,8 @@ def shared_weights_dirs() -> list[Path]:
     """``paths.weights_shared_dirs`` (os.pathsep-separated; relative to the repository root), existing ones only."""
     cfg = OmegaConf.load(PATHS_CONF)
     root = CONF_DIR.parent
-    dirs = [Path(d).expanduser() for d in str(cfg.get("weights_shared_dirs") or "").split(os.pathsep) if d.strip()]
-    return [d if d.is_absolute() else root / d for d in dirs if (d if d.is_absolute() else root / d).is_dir()]
+    dirs = [root / Path(d).expanduser() for d in str(cfg.get("weights_shared_dirs") or "").split(os.pathsep) if d.strip()]
+    return [d for d in dirs if d.is_dir()]  # root / an absolute path is that path
 
 
 def fetch_command(names: list[str]) -> str:
