@@ -29,7 +29,7 @@ from osediff_lab.lit.resume import (
     DataPosition,
     Preemption,
     RNGState,
-    checkpoint_config,
+    checkpoint_meta,
     config_changes,
     find_resume_checkpoint,
 )
@@ -37,8 +37,7 @@ from osediff_lab.lit.stats import RankReport, RunStats
 from osediff_lab.lit.validation import best_checkpoint
 from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
 from osediff_lab.models.components import build_components
-from osediff_lab.models.lora import save_lora_tensors
-from osediff_lab.models.lora_files import export_from_checkpoint, export_lora
+from osediff_lab.models.lora_files import export_from_checkpoint, export_lora, save_lora_tensors
 from osediff_lab.models.osediff import build_osediff
 from osediff_lab.models.perceptual import build_lpips
 from osediff_lab.paths import CONF_DIR
@@ -87,16 +86,17 @@ def fp16_precision(trainer_cfg: dict, scaler_cfg: DictConfig) -> MixedPrecision 
     return MixedPrecision("16-mixed", device, scaler=scaler)
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path, announce: bool = True) -> str | None:
-    """``ckpt_path`` if given; else, with ``resume=true``, the newest good checkpoint of this run directory."""
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
+    """(checkpoint to resume, its global step): ``ckpt_path`` if given; else, with ``resume=true``, the
+    newest good checkpoint of this run directory, refused when it was trained with another config."""
     if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
+        return str(cfg.ckpt_path), checkpoint_meta(cfg.ckpt_path)[1]
     if not cfg.get("resume", True):
-        return None
+        return None, 0
     found = find_resume_checkpoint(run_dir / "checkpoints")
     if found is None:
-        return None
-    saved = checkpoint_config(found)
+        return None, 0
+    saved, step = checkpoint_meta(found)
     changes = config_changes(saved, OmegaConf.to_container(cfg, resolve=True)) if saved is not None else []
     if changes:
         raise ConfigError(
@@ -104,9 +104,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, announce: bool = True) -> 
             + "\n  - ".join(changes[:20])
             + f"\nresume=false starts this run over; ckpt_path={found} resumes it with the new config deliberately"
         )
-    if announce:
-        log.warning("resuming automatically from %s (resume=false starts over)", found)
-    return str(found)
+    return str(found), step
 
 
 def export_best(trainer: pl.Trainer, out: Path) -> str | None:
@@ -126,14 +124,10 @@ def train(cfg: DictConfig) -> dict:
     return run(cfg)[2]
 
 
-def already_trained(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The existing summary when the checkpoint a run would resume from is at or past ``trainer.max_steps``
+def already_trained(cfg: DictConfig, run_dir: Path, ckpt: str | None, step: int) -> dict | None:
+    """The existing summary when ``ckpt``, the checkpoint the run resumes from, is at or past ``trainer.max_steps``
     (re-running a finished command must not overwrite it); None when there is training left to do."""
-    ckpt = resume_checkpoint(cfg, run_dir, announce=False)
-    if ckpt is None:
-        return None
-    step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-    if step < cfg.trainer.max_steps:
+    if ckpt is None or step < cfg.trainer.max_steps:
         return None
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"run_dir": str(run_dir), "steps": step}
@@ -152,13 +146,16 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer | None, OSEDiffModule | None, dict]
     attempt that reaches ``max_steps`` writes them, with wall time and metrics of every attempt."""
     validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    done = already_trained(cfg, run_dir)
+    ckpt, step = resume_checkpoint(cfg, run_dir)
+    done = already_trained(cfg, run_dir, ckpt, step)
     if done is not None:  # nothing to fit: no trainer or module is built
         return None, None, done
+    if ckpt is not None and not cfg.get("ckpt_path"):
+        log.warning("resuming automatically from %s (resume=false starts over)", ckpt)
     preemption = Preemption(run_dir / "checkpoints" / "last.ckpt")
     preemption.install()  # a signal while the model is built still stops the run after its first step
     try:
-        trainer, module, summary = _fit(cfg, run_dir, preemption)
+        trainer, module, summary = _fit(cfg, run_dir, preemption, ckpt)
     finally:
         preemption.release()
     if preemption.preempted:
@@ -169,7 +166,7 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer | None, OSEDiffModule | None, dict]
     return trainer, module, summary
 
 
-def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> tuple[pl.Trainer, OSEDiffModule, dict]:
+def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | None) -> tuple[pl.Trainer, OSEDiffModule, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
@@ -192,7 +189,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> tuple[pl.Tra
     summary: dict = {}
     try:
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         except SIGTERMException:  # Lightning's own SIGTERM path (a signal before our handlers took over)
             preemption.preempted = True
         if preemption.preempted:

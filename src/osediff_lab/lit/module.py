@@ -26,7 +26,8 @@ from osediff_lab.data.resize import upsample_input
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
 from osediff_lab.lit.validation import build_validator
-from osediff_lab.models.lora import adapters_disabled, frozen_base_copy, load_lora_tensors
+from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
+from osediff_lab.models.lora_files import load_lora_tensors
 from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
 from osediff_lab.models.text import PromptEmbedder, encode_prompts
 from osediff_lab.models.vsd import (
@@ -163,12 +164,13 @@ class OSEDiffModule(pl.LightningModule):
         unet = self.reg_unet if unet is None else unet
         return unet(z_t, t, encoder_hidden_states=embeds.to(z_t.dtype)).sample
 
-    def fp32_outside_autocast(self):
-        """With ``loss.release_score_precision``: leave autocast, as the release calls the fake score and the
-        regularizer loss outside it (they then run in fp32); otherwise a no-op."""
+    def fake_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The fake score's epsilon (regularizer UNet with its LoRA). With ``loss.release_score_precision`` it
+        runs outside autocast in fp32, as the release calls the fake score and the regularizer loss."""
         if not self.loss_cfg.release_score_precision:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, enabled=False)
+            return self.unet_eps(z_t, t, embeds)
+        with torch.autocast(self.device.type, enabled=False):
+            return self.unet_eps(z_t.float(), t, embeds)
 
     @torch.no_grad()
     def vsd_targets(
@@ -181,8 +183,7 @@ class OSEDiffModule(pl.LightningModule):
         t = sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, z_h.device) if t is None else t.to(z_h.device)
         noise = torch.randn_like(z_h) if noise is None else noise
         z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
-        with self.fp32_outside_autocast():
-            eps_fake = self.unet_eps(z_t.float() if lc.release_score_precision else z_t, t, embeds).to(z_t.dtype)
+        eps_fake = self.fake_eps(z_t, t, embeds).to(z_t.dtype)
         neg = self.negative_embedding().expand(b, -1, -1)
         z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
         if self.real_unet is not None:  # the release: a separate frozen UNet, run in pure fp16
@@ -230,9 +231,7 @@ class OSEDiffModule(pl.LightningModule):
         t = sample_timesteps(z0.shape[0], lc.reg_t_min, lc.reg_t_max, z0.device) if t is None else t.to(z0.device)
         noise = torch.randn_like(z0) if noise is None else noise
         z_t = add_noise(z0, noise, t, self.alphas_cumprod)
-        with self.fp32_outside_autocast():
-            z_in = z_t.float() if lc.release_score_precision else z_t
-            return diffusion_loss(self.unet_eps(z_in, t, embeds.detach()), noise)
+        return diffusion_loss(self.fake_eps(z_t, t, embeds.detach()), noise)
 
     # ---- optimisation -------------------------------------------------------------------------
     def _ddp_no_sync(self):
@@ -437,12 +436,13 @@ class OSEDiffModule(pl.LightningModule):
     def regularizer_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained regularizer (fake score) LoRA tensors keyed relative to its UNet: study and warm starts
         (``generator.lora.reg_init_from``)."""
-        prefix = "reg_unet."
-        return {n[len(prefix):]: p for n, p in self.trained_state_dict().items() if n.startswith(prefix)}
+        return self._trained_under("reg_unet.")
 
     def generator_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained generator tensors keyed relative to the generator (``unet.*``, ``vae.*``): the LoRA export."""
-        prefix = "generator."
+        return self._trained_under("generator.")
+
+    def _trained_under(self, prefix: str) -> dict[str, torch.Tensor]:
         return {n[len(prefix):]: p for n, p in self.trained_state_dict().items() if n.startswith(prefix)}
 
     def inference_pipeline(self) -> OSEDiffPipeline:

@@ -241,7 +241,7 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-def checkpoint_config(path: Path) -> dict | None:
-    """The resolved config a training checkpoint was written with (None for checkpoints without one)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return (ckpt.get("hyper_parameters") or {}).get("config")
+def checkpoint_meta(path: str | Path) -> tuple[dict | None, int]:
+    """(the resolved config a training checkpoint was written with, or None; its global step), in one read."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return (ckpt.get("hyper_parameters") or {}).get("config"), int(ckpt.get("global_step", 0))

@@ -11,15 +11,11 @@ import copy
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
-
-from osediff_lab.io import atomic_write
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 
@@ -126,37 +122,6 @@ def frozen_base_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     base = copy.deepcopy(model)
     unload_adapters(base)
     return base.to(dtype).requires_grad_(False).eval()
-
-
-def save_lora_tensors(state: dict[str, torch.Tensor], path: str | Path, kind: str) -> Path:
-    """Write LoRA tensors (keys relative to their model) as safetensors, atomically, tagged with ``kind``."""
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": kind}))
-
-
-def load_lora_tensors(model: nn.Module, path: str | Path, key: str) -> int:
-    """Copy the tensors of a ``save_lora_tensors`` file into ``model``'s parameters of the same names.
-
-    Every file tensor must name a parameter of ``model`` with the same shape (else a ConfigError naming
-    ``key`` and the file); returns how many were loaded."""
-    from osediff_lab.errors import ConfigError
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{key}: {path} does not exist")
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    unknown = sorted(k for k in tensors if k not in params)
-    wrong = sorted(k for k in tensors if k in params and params[k].shape != tensors[k].shape)
-    if unknown or wrong:
-        raise ConfigError(
-            f"{key}: {path} does not fit this model: {len(unknown)} unknown tensors (e.g. {unknown[:2]}), "
-            f"{len(wrong)} of another shape (e.g. {wrong[:2]}); was it saved with other LoRA ranks or targets?"
-        )
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v.to(params[k].dtype))
-    return len(tensors)
 
 
 def count_parameters(params: Iterable[torch.Tensor]) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.io import atomic_write, atomic_write_text
@@ -53,12 +54,39 @@ def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
 
 def export_lora(generator_state: dict, cfg: DictConfig, targets: dict[str, list[str]], path: str | Path) -> tuple[Path, Path]:
     """Write ``path`` (safetensors, keys relative to the generator: ``unet.*``, ``vae.*``) and ``path``.json."""
-    path = Path(path)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in generator_state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "osediff-lab-lora/1"}))
+    path = save_lora_tensors(generator_state, path, "osediff-lab-lora/1")
     sidecar = path.with_suffix(".json")
     atomic_write_text(sidecar, json.dumps(lora_sidecar(cfg, targets), indent=2))
     return path, sidecar
+
+
+def save_lora_tensors(state: dict[str, torch.Tensor], path: str | Path, kind: str) -> Path:
+    """Write LoRA tensors (keys relative to their model) as safetensors, atomically, tagged with ``kind``."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": kind}))
+
+
+def load_lora_tensors(model: nn.Module, path: str | Path, key: str) -> int:
+    """Copy the tensors of a ``save_lora_tensors`` file into ``model``'s parameters of the same names.
+
+    Every file tensor must name a parameter of ``model`` with the same shape (else a ConfigError naming
+    ``key`` and the file); returns how many were loaded."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist")
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    unknown = sorted(k for k in tensors if k not in params)
+    wrong = sorted(k for k in tensors if k in params and params[k].shape != tensors[k].shape)
+    if unknown or wrong:
+        raise ConfigError(
+            f"{key}: {path} does not fit this model: {len(unknown)} unknown tensors (e.g. {unknown[:2]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:2]}); was it saved with other LoRA ranks or targets?"
+        )
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v.to(params[k].dtype))
+    return len(tensors)
 
 
 def load_torch_weights(path: str | Path) -> object:
