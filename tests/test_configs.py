@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from helpers import TINY, compose_config
 from osediff_lab.checks import config_problems, validate_config
 from osediff_lab.errors import ConfigError
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

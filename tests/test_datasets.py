@@ -20,7 +20,7 @@ from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.images import UnreadableImage, load_rgb
 from osediff_lab.data.paired import match_pairs
 from osediff_lab.errors import ConfigError
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 
 
 def write_png16_rgb(path: Path, rgb: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from helpers import SHARED
 from osediff_lab.errors import ConfigError
 from osediff_lab.evaluate import evaluate
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.weights import MANIFEST, expected_path
 
 NIQE_MAT = SHARED / "weights" / "niqe_modelparameters.mat"

@@ -21,7 +21,7 @@ from osediff_lab.infer import collect_inputs, run_inference
 from osediff_lab.models.components import build_components
 from osediff_lab.models.lora_files import export_lora
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 from test_bad_input import ENV, noise, with_orientation
 from test_pipeline import perturb_trained
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.metrics import MetricSuite, center_crop, load_image01, metric_defs
-from osediff_lab.train import CONF_DIR
+from osediff_lab.paths import CONF_DIR
 
 DEFS = OmegaConf.load(CONF_DIR / "metric_defs" / "paper.yaml")
 

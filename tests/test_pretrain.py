@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from helpers import compose_config
 from osediff_lab.data.heldout import HeldOutCrops, tile_corners
 from osediff_lab.models.components import build_components, load_pretrained
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.pretrain import StepSampler, lr_factor, pretrain
 from osediff_lab.resolvers import asset
-from osediff_lab.train import CONF_DIR
 
 NANO = Path(asset("nano"))
 # A micro architecture so each stage takes seconds: the same classes and code path as the nano config.

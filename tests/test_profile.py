@@ -62,7 +62,7 @@ def compose_profile_section():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from osediff_lab.train import CONF_DIR
+    from osediff_lab.paths import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -42,8 +42,8 @@ from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.models.components import Components, build_random, load_pretrained
 from osediff_lab.models.text import encode_prompts
+from osediff_lab.paths import CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 STAGES = ("vae", "unet", "samples", "ship")
 log = logging.getLogger(__name__)
 
