@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from osediff_lab.lit.loggers import STEP_KEY
+from osediff_lab.lit.loggers import STEP_KEY, override_key
 
 LOSS_TERMS = ("total", "l2", "lpips", "vsd", "reg")
 
@@ -46,7 +46,7 @@ def workspace_definition(experiment: str) -> dict[str, Any]:
     """The workspace of one study: see the module docstring."""
     cfg = experiment_config(experiment)
     arms = sweep_arms(cfg)
-    group_by = [f"config.overrides.{k.replace('.', '/')}" for k in arms]  # where the logger records each job's overrides
+    group_by = [f"config.overrides.{override_key(k)}" for k in arms]  # where the logger records each job's overrides
     val_metrics = list(OmegaConf.select(cfg, "val.metrics") or [])
     defs = cfg.get("metric_defs") or {}
     sections = []

@@ -17,7 +17,7 @@ FAILURE_FILE = "failure.json"
 
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """Write ``failure.json`` (error, traceback, Slurm job) into a run directory, for ``report``."""
-    info = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+    info = {"error": f"{type(exc).__name__}: {exc}", "traceback": "".join(traceback.format_exception(exc)),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_text(Path(run_dir) / FAILURE_FILE, json.dumps(info, indent=2))
 

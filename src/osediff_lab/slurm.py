@@ -48,9 +48,9 @@ def parse_gpus(gres: str) -> int:
     """GPU count in a GRES string such as ``gpu:4``, ``gpu:a100:8(S:0-1)`` or ``(null)``."""
     total = 0
     for part in gres.split(","):
-        fields = re.sub(r"\(.*?\)", "", part).split(":")
-        if fields[0] == "gpu" and len(fields) > 1 and fields[-1].isdigit():
-            total += int(fields[-1])
+        gres_parts = re.sub(r"\(.*?\)", "", part).split(":")
+        if gres_parts[0] == "gpu" and len(gres_parts) > 1 and gres_parts[-1].isdigit():
+            total += int(gres_parts[-1])
     return total
 
 
@@ -143,10 +143,10 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
         except (FileNotFoundError, subprocess.TimeoutExpired):
             return {}
         for line in text.splitlines():
-            fields = dict(re.findall(r"(\w+)=(\S*)", line))
-            task = fields.get("ArrayTaskId", "")
-            key = f"{fields.get('ArrayJobId')}_{task}" if task.isdigit() else fields.get("JobId", "")
-            out[key] = fields
+            info = dict(re.findall(r"(\w+)=(\S*)", line))
+            task = info.get("ArrayTaskId", "")
+            key = f"{info.get('ArrayJobId')}_{task}" if task.isdigit() else info.get("JobId", "")
+            out[key] = info
     return out
 
 
@@ -245,32 +245,33 @@ class CheckedSweep:
             for i, (job, rec) in enumerate(zip(jobs, records, strict=True)):
                 if i in returns:
                     continue
-                self._observe(rec, states.get(rec.job_id))
+                info = states.get(rec.job_id) or {}  # {} when scontrol did not answer this poll
+                self._observe(rec, info)
                 if job.done():
                     returns[i] = self._collect(job, rec)
                 elif rec.state in ENDED:
                     first = ended_without_result.setdefault(i, time.monotonic())
                     if time.monotonic() - first > 3 * POLL_S:  # give the result file time to appear
-                        returns[i] = self._fail(rec, f"Slurm says {rec.state} (exit {states[rec.job_id].get('ExitCode')}) "
+                        returns[i] = self._fail(rec, f"Slurm says {rec.state} (exit {info.get('ExitCode', '?')}) "
                                                      "and the job left no result")
-                elif rec.state == "PENDING" and states[rec.job_id].get("Reason") in HOPELESS:
+                elif rec.state == "PENDING" and info.get("Reason") in HOPELESS:
                     subprocess.run(["scancel", rec.job_id], check=False, timeout=60)
-                    returns[i] = self._fail(rec, f"cancelled: pending with reason {states[rec.job_id]['Reason']}, "
+                    returns[i] = self._fail(rec, f"cancelled: pending with reason {info['Reason']}, "
                                                  "which waiting does not resolve")
             if len(returns) < len(jobs):
                 time.sleep(POLL_S)
         return [returns[i] for i in range(len(jobs))]
 
     @staticmethod
-    def _observe(rec: JobRecord, fields: dict[str, str] | None) -> None:
-        if not fields:
+    def _observe(rec: JobRecord, info: dict[str, str] | None) -> None:
+        if not info:
             return
-        state, restarts = fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", "0") or 0)
+        state, restarts = info.get("JobState", "UNKNOWN"), int(info.get("Restarts", "0") or 0)
         if restarts > rec.restarts:
             log.warning("job %s (#%d) was preempted and requeued (attempt %d)", rec.job_id, rec.num, restarts + 1)
         if state != rec.state:
             log.info("job %s (#%d): %s%s", rec.job_id, rec.num, state,
-                     f" ({fields.get('Reason')})" if fields.get("Reason") not in (None, "None") else "")
+                     f" ({info.get('Reason')})" if info.get("Reason") not in (None, "None") else "")
         rec.state, rec.restarts = state, max(rec.restarts, restarts)
 
     @staticmethod

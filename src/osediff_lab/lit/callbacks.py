@@ -40,8 +40,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            kept = sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-            last = f"the last good checkpoint is kept: {kept[-1]}" if kept else "no earlier checkpoint exists"
+            kept = max(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+            last = f"the last good checkpoint is kept: {kept}" if kept else "no earlier checkpoint exists"
             raise DiskFullError(
                 exc.errno,
                 f"No space left on {path.parent}: {path} not written ({buf.getbuffer().nbytes / 2**20:.1f} MiB); {last}. "

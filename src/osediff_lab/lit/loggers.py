@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import struct
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -70,7 +71,12 @@ def job_overrides() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     pairs = (o.partition("=") for o in HydraConfig.get().overrides.task)
-    return {k.lstrip("+~").replace(".", "/"): v for k, _, v in pairs if not k.startswith("hydra")}
+    return {override_key(k): v for k, _, v in pairs if not k.startswith("hydra")}
+
+
+def override_key(key: str) -> str:
+    """An override's key as the logger records it under ``config.overrides`` (``+a.b`` -> ``a/b``)."""
+    return key.lstrip("+~").replace(".", "/")
 
 
 def close_logger(logger: Logger | None) -> None:
@@ -117,7 +123,6 @@ class JournaledWandbLogger(WandbLogger):
             self._send(row, step)
         if missing:
             self.held_through = missing[-1][0]
-        if missing:
             log.warning("sent W&B %d rows (steps %d-%d) an earlier attempt could not deliver", len(missing),
                         missing[0][0], missing[-1][0])
 
@@ -128,7 +133,7 @@ class JournaledWandbLogger(WandbLogger):
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         step = self.last_step if step is None else step
         self.last_step = max(self.last_step, step)
-        scalars = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
+        scalars = {k: x for k, v in metrics.items() if (x := _scalar(v)) is not None}
         if scalars:
             self.journal.log_metrics(scalars, step)
             self.journal.save()
@@ -213,6 +218,7 @@ def _wandb_run_id(run_dir: Path) -> str:
             text = path.read_text().strip()
             if text:
                 return text
+            time.sleep(0.05)
         raise RuntimeError(f"{path} is empty: delete it to start a new W&B run for {run_dir}") from None
     run_id = uuid.uuid4().hex[:8]
     with os.fdopen(fd, "w") as f:
