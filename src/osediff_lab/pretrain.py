@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
@@ -38,6 +38,7 @@ from osediff_lab import resolvers  # noqa: F401  (registers the resolvers the co
 from osediff_lab.data.datamodule import source_files
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.heldout import heldout_dataset
+from osediff_lab.data.loader import WatchedDataLoader
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.models.components import Components, build_random, load_pretrained
@@ -72,7 +73,7 @@ def batches(cfg: DictConfig, batch_size: int, crop: int, seed: int, start_step: 
     ds = HQCropDataset(source_files(d), crop, d.flip, d.small_image_policy, 1, seed=seed)
     sampler = StepSampler(len(ds), seed, start_step * batch_size)
     # its own generator: the loader must not draw from the global RNG, or a resumed stage would diverge
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=int(d.num_workers),
+    loader = WatchedDataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=int(d.num_workers),
                         generator=torch.Generator().manual_seed(seed))
     for batch in loader:
         yield batch["hq"]

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.demo_images import demo_files
 from osediff_lab.data.images import list_images
+from osediff_lab.data.loader import WatchedDataLoader
 from osediff_lab.data.paired import PairedImageDataset, paired_dataset
 from osediff_lab.data.sampling import ResumableRandomSampler, ShardSampler
 from osediff_lab.errors import ConfigError
@@ -162,7 +162,7 @@ class HQDataModule(pl.LightningDataModule):
             raise RuntimeError("exact mid-epoch resume needs HQDataModule(seed=...) (the resumable sampler)")
         self._resume = (epoch, batches)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> WatchedDataLoader:
         workers = int(self.cfg.num_workers)
         extra = {"prefetch_factor": int(self.cfg.prefetch_factor)} if workers > 0 and self.cfg.get("prefetch_factor") else {}
         if self.seed is not None and self.sampler is None:
@@ -176,7 +176,7 @@ class HQDataModule(pl.LightningDataModule):
                     epoch, done = epoch + 1, 0
                 self.sampler.set_epoch(epoch)
                 self.sampler.skip_next(done)
-        return DataLoader(
+        return WatchedDataLoader(
             self.train_set,
             batch_size=self.cfg.batch_size,
             shuffle=self.sampler is None,
@@ -189,7 +189,7 @@ class HQDataModule(pl.LightningDataModule):
             **extra,
         )
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> WatchedDataLoader | list:
         """This rank's share of the paired benchmark of ``val`` (file-name order), or none when validation is off."""
         if self.val_cfg is None:
             return []
@@ -197,7 +197,7 @@ class HQDataModule(pl.LightningDataModule):
             self.val_set = paired_dataset(self.val_cfg, self.scale)
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(
+        return WatchedDataLoader(
             self.val_set,
             batch_size=int(self.val_cfg.batch_size),
             sampler=ShardSampler(len(self.val_set), rank, world),  # each rank scores its own share
