@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2  # pytest-xdist processes (one torch thread each); whole test files go to one worker
 
 .PHONY: install demo test bench lint clean
 
@@ -19,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m osediff_lab.train +experiment=demo resume=false
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,4 +40,6 @@ def single_thread():
 
 
 def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "slurm: sweeps on a running Slurm cluster (skipped without one; .ci/run starts it)")
