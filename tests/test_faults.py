@@ -158,7 +158,11 @@ def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.WARNING):
         trainer, module, _ = run(compose_config(FAST, tmp_path))
     assert "non-finite lpips, total in the generator step" in caplog.text
-    assert trainer.global_step == 4 and calls["n"] == 5  # the skipped step does not count
+    # a skipped generator step is a step (as in the release, max_steps counts batches), logged as skipped
+    assert trainer.global_step == 4 and calls["n"] == 4
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        skipped = [float(r["train/skipped_generator"]) for r in csv.DictReader(f) if r.get("train/skipped_generator")]
+    assert skipped == [0.0, 1.0, 0.0, 0.0]
     assert all(torch.isfinite(p).all() for p in module.trained_state_dict().values())
 
 
@@ -174,11 +178,12 @@ def test_too_many_bad_steps_stop_with_clear_error_keeping_last_good_checkpoint(t
         return terms, x_h, z_h
 
     monkeypatch.setattr(OSEDiffModule, "generator_losses", nan_from_third)
-    cfg = compose_config([*FAST, "optim.max_consecutive_bad_steps=3"], tmp_path)
+    cfg = compose_config([*FAST, "trainer.max_steps=6", "optim.max_consecutive_bad_steps=3"], tmp_path)
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
         run(cfg)
+    assert calls["n"] == 5  # two good steps, then the third bad one in a row stops the run
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 2
+    assert last["global_step"] == 4  # the skipped steps 3 and 4 left the weights of step 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 

@@ -55,6 +55,33 @@ def test_fake_replay_predicts_the_real_steps_peak():
     assert predicted.activations > 0
 
 
+def test_predicted_and_benchmarked_step_is_the_training_step():
+    """memory and the benchmarks replay OSEDiffModule.train_step: its regularizer steps per generator step,
+    its clipping and its non-finite skip, not a copy of the step without them."""
+    torch.manual_seed(0)
+    module = build_module(tiny_cfg("loss.reg_steps_per_gen_step=2", "optim.grad_clip=1e-6")).train()
+    built = []
+    build = module.build_optimizers
+    module.build_optimizers = lambda: built.extend(build()) or tuple(built)
+    step = training_step(module, torch.rand(2, 3, 64, 64) * 2 - 1)
+    step()
+    opt_g, opt_r = built
+    assert {int(s["step"]) for s in opt_g.state.values()} == {1} and {int(s["step"]) for s in opt_r.state.values()} == {2}
+    after_clip = [p.grad.norm() for p in module.gen_params if p.grad is not None]
+    assert torch.stack(after_clip).norm() <= 1e-6 * 1.01  # clipped by optim.grad_clip
+    before = {n: p.detach().clone() for n, p in module.trained_state_dict().items()}
+    module.generator_losses = lambda batch, embeds: _nan_terms(build_losses(batch, embeds))
+    build_losses = type(module).generator_losses.__get__(module)
+    step()
+    moved = [n for n, p in module.trained_state_dict().items() if n.startswith("generator.") and not torch.equal(p, before[n])]
+    assert moved == [], "a NaN generator loss must skip the generator update"
+
+
+def _nan_terms(out):
+    terms, x_h, z_h = out
+    return terms | {"total": terms["total"] * float("nan")}, x_h, z_h
+
+
 def test_memory_options_shrink_the_sd21_prediction():
     """At SD2.1 size on fake tensors (seconds, no memory): 384 px keeps the test quick."""
     base = ["model=sd21_shape", "data.crop_size=384", "data.batch_size=1", "loss.lpips.pretrained=false"]

@@ -125,7 +125,7 @@ def step_problems(trainer: DictConfig) -> list[str]:
     """A run must have a positive number of generator steps (0 would export an untrained LoRA)."""
     steps = trainer.get("max_steps")
     if steps is None or steps < 1:
-        return [f"trainer.max_steps={steps} must be >= 1: it counts the generator updates to train (0 trains nothing)"]
+        return [f"trainer.max_steps={steps} must be >= 1: it counts the generator steps to train (0 trains nothing)"]
     return []
 
 

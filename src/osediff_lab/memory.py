@@ -7,12 +7,14 @@ is tracked at the dispatcher and its free is seen through a storage weak referen
 bytes held by tensors, which is what ``torch.cuda.max_memory_allocated`` reports. Not included: the CUDA
 context (about 0.5 GiB), the caching allocator's rounding and fragmentation, and library workspaces.
 Kernels are the CPU ones (autocast's CPU op list), so a GPU run may differ by a few percent.
+FakeTensorMode and TorchDispatchMode come from the modules torch documents them in (``torch._subclasses``,
+``torch.utils._python_dispatch``): they have no other import path.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
@@ -54,18 +55,26 @@ class PeakTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ref = StorageWeakRef(storage)
-                if ref.cdata not in self.live and ref.cdata not in self.existing:
-                    self.live[ref.cdata] = (ref, storage.nbytes())
-                    self.now += storage.nbytes()
+        for t in tensors_in(out):
+            storage = t.untyped_storage()
+            ref = StorageWeakRef(storage)
+            if ref.cdata not in self.live and ref.cdata not in self.existing:
+                self.live[ref.cdata] = (ref, storage.nbytes())
+                self.now += storage.nbytes()
         if self.now > self.peak:
             for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
                 self.now -= self.live.pop(key)[1]
             self.peak = max(self.peak, self.now)
         return out
+
+
+def tensors_in(out: Any) -> Iterator[torch.Tensor]:
+    """The tensors an op returned: one, or those in its (nested) tuple or list."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, tuple | list):
+        for item in out:
+            yield from tensors_in(item)
 
 
 def make_fake(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> dict[int, torch.Tensor]:
@@ -82,37 +91,25 @@ def make_fake(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> d
         return fakes[id(t)]
 
     for m in module.modules():
-        for store in (m._parameters, m._buffers):
-            for key, t in store.items():
-                if t is not None:
-                    store[key] = fake(t)
+        for key, t in [*m.named_parameters(recurse=False, remove_duplicate=False),
+                       *m.named_buffers(recurse=False, remove_duplicate=False)]:
+            setattr(m, key, fake(t))  # nn.Module.__setattr__ replaces the registered parameter or buffer
     return fakes
 
 
 def training_step(module: OSEDiffModule, hq: torch.Tensor) -> Callable[[], None]:
-    """One OSEDiff step without a trainer, with the module's own optimisers and trainer.precision's autocast:
-    degrade, generator loss, backward, step; regularizer loss, backward, step. ``hq`` in [-1, 1]; text is the
-    empty prompt. The benchmarks time this same step."""
-    opt_g, opt_r = module.build_optimizers()
+    """The module's own training step (``OSEDiffModule.train_step``: clipping, non-finite skips,
+    ``loss.reg_steps_per_gen_step``) without a trainer, with its own optimisers and trainer.precision's
+    autocast, on a batch degraded from ``hq`` in [-1, 1]; text is the empty prompt. The benchmarks time it."""
+    optimizers = module.build_optimizers()
     autocast = AUTOCAST.get(str(module.cfg.trainer.precision))
     module.log = lambda *a, **k: None  # Lightning's logging needs a trainer; it is not part of the step
-
-    def amp() -> torch.autocast:
-        return torch.autocast(hq.device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+    module.check_finite = not any(isinstance(p, FakeTensor) for p in module.gen_params[:1])  # fakes hold no values
 
     def step() -> None:
         batch = module.on_after_batch_transfer({"hq": hq}, 0)
-        embeds = module.encode_text([""] * hq.shape[0])
-        with amp():
-            terms, _, z_h = module.generator_losses(batch, embeds)
-        opt_g.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt_g.step()
-        with amp():
-            loss_r = module.regularizer_loss(z_h, embeds)
-        opt_r.zero_grad(set_to_none=True)
-        loss_r.backward()
-        opt_r.step()
+        with torch.autocast(hq.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            module.train_step(batch, optimizers, prompts=[""] * hq.shape[0])
 
     return step
 

@@ -109,6 +109,7 @@ class OSEDiffModule(pl.LightningModule):
         self.unreadable: dict[str, str] = {}  # training images data workers found unreadable (path -> reason)
         self._grad_norms: dict[int, torch.Tensor] = {}
         self._skipped: set[int] = set()  # ids of optimisers whose last step was skipped (non-finite gradients)
+        self.check_finite = True  # off only for the memory predictor's replay on fake tensors, which hold no values
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self._pipeline: OSEDiffPipeline | None = None
         self._negative: torch.Tensor | None = None
@@ -132,7 +133,8 @@ class OSEDiffModule(pl.LightningModule):
                 self.unreadable[path] = reason
         if "lq" not in batch:
             batch["lq"] = self.degradation(batch["hq"])
-        if self._trainer is None or not self.trainer.evaluating:
+        trainer = self.attached_trainer()
+        if trainer is None or not trainer.evaluating:
             g = self.cfg.generator
             batch["lq_up"] = upsample_input(
                 batch["lq"], batch["hq"].shape[-2:], list(g.input_upsample_modes), g.input_quantize_8bit
@@ -234,13 +236,21 @@ class OSEDiffModule(pl.LightningModule):
         return diffusion_loss(self.fake_eps(z_t, t, embeds.detach()), noise)
 
     # ---- optimisation -------------------------------------------------------------------------
+    def attached_trainer(self) -> pl.Trainer | None:
+        """The trainer this module runs under, or None (the memory predictor and benchmarks run it bare)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning: "... is not attached to a `Trainer`"
+            return None
+
     def _ddp_no_sync(self):
         """Keep DDP's reducer out of our backward passes: each optimiser syncs its own grads instead."""
-        model = self.trainer.strategy.model if self._trainer is not None else None
+        trainer = self.attached_trainer()
+        model = trainer.strategy.model if trainer is not None else None
         return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
     def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter], terms: dict[str, torch.Tensor]) -> bool:
-        """Backward, average over ranks, step; a step whose gradients are not finite is skipped and counted.
+        """Backward, average over ranks, clip, step; a step whose gradients are not finite is skipped and counted.
 
         Without a loss scaler the skip is decided in ``on_before_optimizer_step`` by one fused check (the
         clipping norm). Under fp16 the GradScaler decides: it unscales, finds the overflow, skips the step
@@ -249,50 +259,60 @@ class OSEDiffModule(pl.LightningModule):
         """
         opt.zero_grad(set_to_none=True)
         with self._ddp_no_sync():
-            self.manual_backward(loss)
+            self.backward_loss(loss)
         poison_if_nonfinite(loss, params)
         if name != "regularizer" or self.optim_cfg.sync_regularizer_grads:
             average_gradients(params)
         scaler = self.grad_scaler()
         scale_before = scaler.get_scale() if scaler is not None else None
-        self._skipped.discard(id(opt.optimizer))
-        opt.step()
-        if scaler is not None:
-            skipped = scaler.get_scale() < scale_before
+        raw = getattr(opt, "optimizer", opt)  # Lightning wraps each optimiser; the bare step gets plain ones
+        self._skipped.discard(id(raw))
+        if name == "generator" and self.attached_trainer() is not None:
+            opt.step()  # through Lightning: its precision plugin steps the scaler, and global_step counts it
         else:
-            skipped = id(opt.optimizer) in self._skipped
-        if name == "regularizer" or skipped:  # global_step counts generator updates that happened
-            self._uncount_optimizer_step()
+            self.uncounted_step(raw)
+        skipped = scaler.get_scale() < scale_before if scaler is not None else id(raw) in self._skipped
         if not skipped:
             return True
         bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["gradient"]
         self._bad_steps += 1
-        log.warning("step %d: non-finite %s in the %s step; optimiser step skipped", self.global_step, ", ".join(bad), name)
+        log.warning("step %d: non-finite %s in the %s step; optimiser step skipped", self.batches_trained, ", ".join(bad), name)
         opt.zero_grad(set_to_none=True)
         limit = self.optim_cfg.max_consecutive_bad_steps
         if self._bad_steps >= limit:
             raise NonFiniteLossError(
                 f"{self._bad_steps} consecutive non-finite steps (last: {name}, {', '.join(bad)}) at step "
-                f"{self.global_step}; the last good checkpoint is kept. Lower the learning rate or raise "
+                f"{self.batches_trained}; the last good checkpoint is kept. Lower the learning rate or raise "
                 "optim.max_consecutive_bad_steps"
             )
         return False
 
+    def backward_loss(self, loss: torch.Tensor) -> None:
+        """Lightning's backward (loss scaling, strategy hooks) under a trainer, plain autograd without one."""
+        if self.attached_trainer() is not None:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
+
+    def uncounted_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimiser step that Lightning does not count, so ``global_step`` counts generator steps whatever
+        ``loss.reg_steps_per_gen_step``: what Lightning's precision plugin does for a step (unscale, clip,
+        step, update the scale), with torch's public GradScaler API."""
+        scaler = self.grad_scaler()
+        if scaler is None:
+            self.on_before_optimizer_step(optimizer)
+            optimizer.step()
+            return
+        scaler.unscale_(optimizer)
+        self.on_before_optimizer_step(optimizer)
+        scaler.step(optimizer)  # skips the update when unscale_ found an inf or NaN
+        scaler.update()
+
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """The fp16 loss scaler of the trainer's precision plugin (None for fp32/bf16 or without a trainer)."""
-        if self._trainer is None:
-            return None
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        trainer = self.attached_trainer()
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
         return scaler if scaler is not None and scaler.is_enabled() else None
-
-    def _uncount_optimizer_step(self) -> None:
-        """Make ``global_step`` count generator updates: Lightning counts every optimiser's step, so
-        without this ``trainer.max_steps``, logging and checkpoint intervals would shift with
-        ``loss.reg_steps_per_gen_step``."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        for tracker in (progress.total, progress.current):
-            tracker.ready -= 1
-            tracker.completed -= 1
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip after AMP unscaling (Lightning calls this between unscale and step) and record the norm.
@@ -305,15 +325,20 @@ class OSEDiffModule(pl.LightningModule):
         clip = self.optim_cfg.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
         self._grad_norms[id(optimizer)] = norm.detach()
-        if self.grad_scaler() is None and not bool(torch.isfinite(norm)):
+        if self.grad_scaler() is None and self.check_finite and not bool(torch.isfinite(norm)):
             for p in params:
                 p.grad = None
             self._skipped.add(id(optimizer))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        opt_g, opt_r = self.optimizers()
-        sch_g, sch_r = self.lr_schedulers()
-        embeds = self.encode_text(self.batch_prompts(batch))
+    def train_step(
+        self, batch: dict[str, Any], optimizers: tuple, schedulers: tuple = (), prompts: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The training step (used by Lightning, the memory predictor and the benchmarks alike): one generator
+        update, then ``loss.reg_steps_per_gen_step`` regularizer updates on its detached latents. ``batch`` has
+        ``hq`` and ``lq_up`` in [-1, 1]; ``prompts`` default to the prompt provider's. Returns the step's
+        metrics (``train/*``)."""
+        opt_g, opt_r = optimizers
+        embeds = self.encode_text(self.batch_prompts(batch) if prompts is None else prompts)
 
         terms, _, z_h = self.generator_losses(batch, embeds)
         ok_g = self._step("generator", opt_g, terms["total"], self.gen_params, terms)
@@ -325,36 +350,38 @@ class OSEDiffModule(pl.LightningModule):
             reg_losses.append(loss_r.detach())
         if ok_g and not reg_skipped:
             self._bad_steps = 0
-        skipped = {"train/skipped_generator": float(not ok_g), "train/skipped_regularizer": float(reg_skipped)}
-        sch_g.step()
-        sch_r.step()
+        for scheduler in schedulers:
+            scheduler.step()
 
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
         logs["train/loss_reg"] = torch.stack(reg_losses).mean()
-        logs |= skipped
+        logs |= {"train/skipped_generator": float(not ok_g), "train/skipped_regularizer": float(reg_skipped)}
         logs["train/lr_generator"] = opt_g.param_groups[0]["lr"]
         logs["train/lr_regularizer"] = opt_r.param_groups[0]["lr"]
         scaler = self.grad_scaler()
         if scaler is not None:
             logs["train/loss_scale"] = scaler.get_scale()
-        opt_g_inner, opt_r_inner = opt_g.optimizer, opt_r.optimizer
-        if id(opt_g_inner) in self._grad_norms:
-            logs["train/grad_norm_generator"] = self._grad_norms[id(opt_g_inner)]
-        if id(opt_r_inner) in self._grad_norms:
-            logs["train/grad_norm_regularizer"] = self._grad_norms[id(opt_r_inner)]
-        self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
-        self.log("loss", terms["total"].detach(), prog_bar=True, on_step=True, logger=False)
-        self._write_step_metrics(logs)
+        for name, opt in (("generator", opt_g), ("regularizer", opt_r)):
+            norm = self._grad_norms.get(id(getattr(opt, "optimizer", opt)))
+            if norm is not None:
+                logs[f"train/grad_norm_{name}"] = norm
         self.batches_trained += 1
-        return terms["total"].detach()
+        return logs
 
-    def _write_step_metrics(self, logs: dict[str, Any]) -> None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        step = self.batches_trained  # the x-axis of step logs: training batches done before this one
+        logs = self.train_step(batch, self.optimizers(), self.lr_schedulers())
+        self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
+        self.log("loss", logs["train/loss_total"], prog_bar=True, on_step=True, logger=False)
+        self._write_step_metrics(logs, step)
+        return logs["train/loss_total"]
+
+    def _write_step_metrics(self, logs: dict[str, Any], step: int) -> None:
         """Send this step's training metrics to the logger now, not after the batch as Lightning does:
         a checkpoint is written in between, so a kill right after it would lose the step's row."""
         logger = self.logger
         if logger is None or self.trainer.sanity_checking:
             return
-        step = self.batches_trained  # the x-axis of step logs: training batches done before this one
         if (step + 1) % self.trainer.log_every_n_steps:
             return
         if self.trainer.is_global_zero:
