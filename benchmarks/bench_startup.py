@@ -103,7 +103,7 @@ marks = {"python start": time.time() - start}
 t = time.perf_counter()
 import osediff_lab.train as train
 from osediff_lab.data.datamodule import HQDataModule
-from osediff_lab.lit.module import OSEDiffModule
+from osediff_lab.lit.module import SRModule
 marks["imports"] = time.perf_counter() - t
 from common import compose_config
 t = time.perf_counter()
@@ -119,7 +119,7 @@ def timed(name, fn):
     return wrapper
 
 clock = {}
-setup, build, resume, step = HQDataModule.setup, train.build_module, train.resume_checkpoint, OSEDiffModule.training_step
+setup, build, resume, step = HQDataModule.setup, train.build_module, train.resume_checkpoint, SRModule.training_step
 HQDataModule.setup = timed("data set-up", setup)
 train.build_module = timed("model build", build)
 def resume_probe(*args, **kwargs):
@@ -133,7 +133,7 @@ def step_probe(self, *args, **kwargs):
     out = step(self, *args, **kwargs)
     steps.append(time.perf_counter() - t0)
     return out
-OSEDiffModule.training_step = step_probe
+SRModule.training_step = step_probe
 t = time.perf_counter()
 train.run(cfg)
 end = time.perf_counter()

@@ -96,7 +96,7 @@ def tiny_module(overrides: list[str]):
     torch.manual_seed(0)
     module = build_module(cfg)
     with torch.no_grad():
-        for p in module.gen_params:  # trained-looking LoRA (B starts at 0)
+        for p in module.groups["generator"]:  # trained-looking LoRA (B starts at 0)
             p.add_(torch.randn_like(p) * 0.05)
     return module.train()
 
@@ -109,9 +109,9 @@ def batch(module, size: int = 32) -> dict:
 
 def generator_grads(module, b: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The generator loss (L2 + LPIPS; VSD is off in ``tiny_module``) and its trainable tensors' gradients."""
-    terms, _, _ = module.generator_losses(b, module.encode_text([""] * b["hq"].shape[0]))
-    grads = torch.autograd.grad(terms["total"], module.gen_params, allow_unused=True)
-    return terms["total"].detach(), [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, module.gen_params, strict=True)]
+    terms, _ = module.method.generator_losses(b, module.encode_text([""] * b["hq"].shape[0]))
+    grads = torch.autograd.grad(terms["total"], module.groups["generator"], allow_unused=True)
+    return terms["total"].detach(), [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, module.groups["generator"], strict=True)]
 
 
 def saved_bytes(module, b: dict) -> int:
@@ -147,20 +147,20 @@ def test_frozen_bf16_losses_match_fp32():
     assert lo.generator.vae.decoder.conv_in.weight.dtype == torch.bfloat16
     b = batch(ref)
     torch.manual_seed(5)
-    terms_ref, _, _ = ref.generator_losses(b, ref.encode_text(["", ""]))
+    terms_ref, _ = ref.method.generator_losses(b, ref.encode_text(["", ""]))
     torch.manual_seed(5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms_lo, _, _ = lo.generator_losses(b, lo.encode_text(["", ""]))
+        terms_lo, _ = lo.method.generator_losses(b, lo.encode_text(["", ""]))
     for key in ("l2", "lpips", "vsd", "total"):
         assert abs(terms_lo[key].float() - terms_ref[key]) <= 5e-2 * terms_ref[key].abs(), key
     terms_lo["total"].backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lo.gen_params if p.grad is not None)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lo.groups["generator"] if p.grad is not None)
 
 
 def test_bf16_lpips_matches_fp32_and_passes_gradients():
     ref = tiny_module([])
     lo = tiny_module(["loss.lpips.dtype=bf16"])
-    assert next(lo.lpips.parameters()).dtype == torch.bfloat16
+    assert next(lo.method.lpips.parameters()).dtype == torch.bfloat16
     b = batch(ref)
     loss_ref, grads_ref = generator_grads(ref, b)
     loss_lo, grads_lo = generator_grads(lo, b)

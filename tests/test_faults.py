@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 
 from helpers import TINY, compose_config
 from osediff_lab.lit.callbacks import AtomicCheckpointIO
-from osediff_lab.lit.module import NonFiniteLossError, OSEDiffModule
+from osediff_lab.lit.module import NonFiniteLossError
 from osediff_lab.lit.resume import PREEMPTED_EXIT_CODE, find_resume_checkpoint
+from osediff_lab.methods.osediff import OSEDiff
 from osediff_lab.train import run
 
 CLI = ["logger=csv", "loss.lpips.pretrained=false", "loss.lpips.net=alex", "data.crop_size=64", "data.batch_size=2",
@@ -143,18 +144,18 @@ FAST = [*TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=1", "callbacks.
 
 
 def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, monkeypatch, caplog):
-    original = OSEDiffModule.generator_losses
+    original = OSEDiff.generator_losses
     calls = {"n": 0}
 
     def nan_on_second_call(self, batch, embeds):
-        terms, x_h, z_h = original(self, batch, embeds)
+        terms, z_h = original(self, batch, embeds)
         calls["n"] += 1
         if calls["n"] == 2:
             terms["lpips"] = terms["lpips"] * float("nan")
             terms["total"] = terms["total"] + terms["lpips"]
-        return terms, x_h, z_h
+        return terms, z_h
 
-    monkeypatch.setattr(OSEDiffModule, "generator_losses", nan_on_second_call)
+    monkeypatch.setattr(OSEDiff, "generator_losses", nan_on_second_call)
     with caplog.at_level(logging.WARNING):
         trainer, module, _ = run(compose_config(FAST, tmp_path))
     assert "non-finite lpips, total in the generator step" in caplog.text
@@ -167,17 +168,17 @@ def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, monkeypatch, capl
 
 
 def test_too_many_bad_steps_stop_with_clear_error_keeping_last_good_checkpoint(tmp_path, monkeypatch):
-    original = OSEDiffModule.generator_losses
+    original = OSEDiff.generator_losses
     calls = {"n": 0}
 
     def nan_from_third(self, batch, embeds):
-        terms, x_h, z_h = original(self, batch, embeds)
+        terms, z_h = original(self, batch, embeds)
         calls["n"] += 1
         if calls["n"] >= 3:
             terms["total"] = terms["total"] * float("inf")
-        return terms, x_h, z_h
+        return terms, z_h
 
-    monkeypatch.setattr(OSEDiffModule, "generator_losses", nan_from_third)
+    monkeypatch.setattr(OSEDiff, "generator_losses", nan_from_third)
     cfg = compose_config([*FAST, "trainer.max_steps=6", "optim.max_consecutive_bad_steps=3"], tmp_path)
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps"):
         run(cfg)

@@ -56,30 +56,30 @@ def test_fake_replay_predicts_the_real_steps_peak():
 
 
 def test_predicted_and_benchmarked_step_is_the_training_step():
-    """memory and the benchmarks replay OSEDiffModule.train_step: its regularizer steps per generator step,
+    """memory and the benchmarks replay SRModule.train_step: its regularizer steps per generator step,
     its clipping and its non-finite skip, not a copy of the step without them."""
     torch.manual_seed(0)
     module = build_module(tiny_cfg("loss.reg_steps_per_gen_step=2", "optim.grad_clip=1e-6")).train()
     built = []
     build = module.build_optimizers
-    module.build_optimizers = lambda: built.extend(build()) or tuple(built)
+    module.build_optimizers = lambda: built.append(build()) or built[0]
     step = training_step(module, torch.rand(2, 3, 64, 64) * 2 - 1)
     step()
-    opt_g, opt_r = built
+    opt_g, opt_r = built[0]["generator"], built[0]["regularizer"]
     assert {int(s["step"]) for s in opt_g.state.values()} == {1} and {int(s["step"]) for s in opt_r.state.values()} == {2}
-    after_clip = [p.grad.norm() for p in module.gen_params if p.grad is not None]
+    after_clip = [p.grad.norm() for p in module.groups["generator"] if p.grad is not None]
     assert torch.stack(after_clip).norm() <= 1e-6 * 1.01  # clipped by optim.grad_clip
     before = {n: p.detach().clone() for n, p in module.trained_state_dict().items()}
-    module.generator_losses = lambda batch, embeds: _nan_terms(build_losses(batch, embeds))
-    build_losses = type(module).generator_losses.__get__(module)
+    build_losses = module.method.generator_losses
+    module.method.generator_losses = lambda batch, embeds: _nan_terms(build_losses(batch, embeds))
     step()
-    moved = [n for n, p in module.trained_state_dict().items() if n.startswith("generator.") and not torch.equal(p, before[n])]
+    moved = [n for n, p in module.trained_state_dict().items() if n.startswith("method.generator.") and not torch.equal(p, before[n])]
     assert moved == [], "a NaN generator loss must skip the generator update"
 
 
 def _nan_terms(out):
-    terms, x_h, z_h = out
-    return terms | {"total": terms["total"] * float("nan")}, x_h, z_h
+    terms, z_h = out
+    return terms | {"total": terms["total"] * float("nan")}, z_h
 
 
 def test_memory_options_shrink_the_sd21_prediction():

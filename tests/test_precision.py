@@ -26,8 +26,8 @@ def test_fp16_overflow_halves_the_loss_scale_skips_and_recovers(tmp_path):
     """Start the GradScaler far too high: every overflowing optimiser step is skipped and halves the scale
     (backoff 0.5), and once the scale fits, the updates go through. max_steps counts generator steps, skipped
     ones included (as the release counts them)."""
-    init = 2.0**17
-    steps = 7
+    init = 2.0**20
+    steps = 9
     cfg = compose_config([*FAST, f"trainer.max_steps={steps}", "trainer.precision=16-mixed",
                           f"optim.grad_scaler.init_scale={init}", "optim.max_consecutive_bad_steps=40"], tmp_path)
     trainer, module, _ = run(cfg)
@@ -37,7 +37,7 @@ def test_fp16_overflow_halves_the_loss_scale_skips_and_recovers(tmp_path):
     for before, after, skipped in zip(scales[:-1], scales[1:], skips, strict=True):
         assert after == before * 0.5**skipped, (before, after, skipped)  # growth_interval 2000: no growth here
     assert sum(skips) >= 2, "the initial scale was meant to overflow"
-    assert rows[0]["train/skipped_generator"] == rows[0]["train/skipped_regularizer"] == 1.0  # both overflow at 2^17
+    assert rows[0]["train/skipped_generator"] == rows[0]["train/skipped_regularizer"] == 1.0  # both overflow at 2^20
     assert len(rows) == steps == trainer.global_step and sum(r["train/skipped_generator"] == 0 for r in rows) >= 2
     assert rows[-1]["train/skipped_generator"] == 0 and scales[-1] < init
     assert module.grad_scaler() is not None and module.grad_scaler().get_scale() == scales[-1]

@@ -28,7 +28,7 @@ def randomise_reg_lora(module) -> None:
     """Give the regularizer's LoRA non-zero lora_B, so the fake score differs from the frozen UNet."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for n, p in module.reg_unet.named_parameters():
+        for n, p in module.method.reg_unet.named_parameters():
             if ".lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
@@ -39,18 +39,13 @@ def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(t
     negative prompt) and a copy of the regularizer with its LoRA merged by PEFT (fake score)."""
     cfg = compose_config([*TINY, f"loss.release_score_precision={str(release_precision).lower()}"], tmp_path)
     from osediff_lab.models.components import build_components
-    from osediff_lab.models.osediff import build_osediff
 
-    components = build_components(cfg.model)
-    pretrained = copy.deepcopy(components.unet).eval()
-    from osediff_lab.lit.module import OSEDiffModule
-    from osediff_lab.models.perceptual import build_lpips
-    from osediff_lab.prompts import NullPrompt
-
-    module = OSEDiffModule(build_osediff(components, cfg.generator), build_lpips(cfg.loss.lpips, cfg.paths.weights_dir),
-                           NullPrompt(), None, cfg).eval()
+    torch.manual_seed(0)
+    pretrained = copy.deepcopy(build_components(cfg.model).unet).eval()
+    torch.manual_seed(0)  # the same random base weights again, now under the method's LoRA
+    module = build_module(cfg).eval()
     randomise_reg_lora(module)
-    merged = copy.deepcopy(module.reg_unet)
+    merged = copy.deepcopy(module.method.reg_unet)
     merge_and_unload(merged)
 
     g = torch.Generator().manual_seed(1)
@@ -58,11 +53,11 @@ def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(t
     noise = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([100, 700])
     embeds = module.encode_text(["a photo", "grass"])
-    x0_real, x0_fake = module.vsd_targets(z_h, embeds, t=t, noise=noise)
+    x0_real, x0_fake = module.method.vsd_targets(z_h, embeds, t=t, noise=noise)
 
-    abar = module.alphas_cumprod
+    abar = module.method.alphas_cumprod
     z_t = add_noise(z_h, noise, t, abar)
-    neg = module.negative_embedding().expand(2, -1, -1)
+    neg = module.method.negative_embedding().expand(2, -1, -1)
     with torch.no_grad():
         eps_u = pretrained(z_t, t, encoder_hidden_states=neg).sample
         eps_c = pretrained(z_t, t, encoder_hidden_states=embeds).sample
@@ -74,20 +69,20 @@ def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(t
     torch.testing.assert_close(x0_fake, expected_fake, atol=1e-4, rtol=1e-4)
     assert (x0_fake - x0_from_eps(z_t, eps_c, t, abar)).abs().max() > 1e-2, "the reg LoRA had no effect"
 
-    loss = module.regularizer_loss(z_h, embeds, t=t, noise=noise)
+    loss = module.method.regularizer_loss(z_h, embeds, t=t, noise=noise)
     assert float(loss) == pytest.approx(float(torch.nn.functional.mse_loss(eps_fake, noise)), rel=1e-5)
 
 
 def test_release_reg_layout_trains_only_the_mid_block_adapter(tmp_path):
     module = module_for(["generator.lora.reg_layout=release_only_others_trains"], tmp_path)
-    layers = list(lora_layers(module.reg_unet))
+    layers = list(lora_layers(module.method.reg_unet))
     with_others = [layer for layer in layers if "default_others" in layer.lora_A]
     assert len(layers) == 73 and len(with_others) == 16  # the release, measured on this model
     assert all(layer.active_adapters == ["default_others"] for layer in layers)
-    reg = [n for n in module.trained_names if n.startswith("reg_unet.")]
-    assert reg and all(".default_others." in n and n.startswith("reg_unet.mid_block.") for n in reg)
+    reg = [n for n in module.trained_names if n.startswith("method.reg_unet.")]
+    assert reg and all(".default_others." in n and n.startswith("method.reg_unet.mid_block.") for n in reg)
     paper = module_for([], tmp_path)
-    assert len([n for n in paper.trained_names if n.startswith("reg_unet.")]) == 2 * 73
+    assert len([n for n in paper.trained_names if n.startswith("method.reg_unet.")]) == 2 * 73
 
 
 def test_release_input_is_resized_with_a_random_mode_and_rounded_to_8_bits():
@@ -111,9 +106,9 @@ def test_release_input_is_resized_with_a_random_mode_and_rounded_to_8_bits():
 def test_regularizer_lora_saves_and_warm_starts(tmp_path):
     source = module_for([], tmp_path)
     randomise_reg_lora(source)
-    path = save_lora_tensors(source.regularizer_state_dict(), tmp_path / "reg.safetensors", "osediff-lab-reg-lora/1")
+    path = save_lora_tensors(source.method.extra_exports()["regularizer_lora"], tmp_path / "reg.safetensors", "osediff-lab-regularizer_lora/1")
     warm = module_for([f"generator.lora.reg_init_from={path}"], tmp_path)
-    a, b = source.regularizer_state_dict(), warm.regularizer_state_dict()
+    a, b = (m.method.extra_exports()["regularizer_lora"] for m in (source, warm))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="generator.lora.reg_init_from.*other LoRA ranks"):
         module_for([f"generator.lora.reg_init_from={path}", "generator.lora.reg_rank=2"], tmp_path)
@@ -148,9 +143,9 @@ def test_one_iteration_release_vs_paper_on_the_tiny_model(tmp_path):
     paper, release = runs["osediff_paper"][1], runs["osediff_release"][1]
     assert release.grad_scaler() is not None and paper.grad_scaler() is not None  # both fp16 (16-mixed)
 
-    reg = {n: p for n, p in release.trained_state_dict().items() if n.startswith("reg_unet.")}
+    reg = {n: p for n, p in release.trained_state_dict().items() if n.startswith("method.reg_unet.")}
     assert reg and all(".default_others." in n for n in reg)
-    untouched = [p for n, p in release.reg_unet.named_parameters() if ".lora_B.default_encoder." in n]
+    untouched = [p for n, p in release.method.reg_unet.named_parameters() if ".lora_B.default_encoder." in n]
     assert untouched and all(p.abs().sum() == 0 for p in untouched), "inactive adapters must keep lora_B = 0"
 
     opt_g = runs["osediff_release"][0].optimizers[0]

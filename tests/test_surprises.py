@@ -31,7 +31,7 @@ def test_conv_in_is_trained_in_full_also_without_its_lora(tmp_path):
     targets = "[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,conv_out,proj_in,proj_out,ff.net.0.proj,ff.net.2]"
     module = build_module(compose_config([*TINY, f"generator.lora.unet_targets={targets}"], tmp_path))
     names = module.trained_names
-    assert "generator.unet.conv_in.weight" in names and not any("conv_in.lora_" in n and "unet" in n for n in names)
+    assert "method.generator.unet.conv_in.weight" in names and not any("conv_in.lora_" in n and "unet" in n for n in names)
 
 
 def test_degradation_none_is_rejected_before_building(tmp_path):

@@ -30,7 +30,7 @@ def test_step_changes_only_trainable_tensors(tmp_path):
     changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed, "nothing was trained"
     assert changed <= trained, f"frozen tensors changed: {sorted(changed - trained)[:5]}"
-    assert any(n.startswith("reg_unet.") for n in changed) and any(n.startswith("generator.") for n in changed)
+    assert any(n.startswith("method.reg_unet.") for n in changed) and any(n.startswith("method.generator.") for n in changed)
     for n, p in module.named_parameters():
         if n not in trained:
             assert p.grad is None, f"frozen {n} received a gradient"

@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write_text
-from osediff_lab.lit.module import OSEDiffModule
+from osediff_lab.lit.module import SRModule
+from osediff_lab.methods.base import GENERATOR
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.train import build_module
 
@@ -97,14 +98,14 @@ def make_fake(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> d
     return fakes
 
 
-def training_step(module: OSEDiffModule, hq: torch.Tensor) -> Callable[[], None]:
-    """The module's own training step (``OSEDiffModule.train_step``: clipping, non-finite skips,
+def training_step(module: SRModule, hq: torch.Tensor) -> Callable[[], None]:
+    """The module's own training step (``SRModule.train_step``: clipping, non-finite skips,
     ``loss.reg_steps_per_gen_step``) without a trainer, with its own optimisers and trainer.precision's
     autocast, on a batch degraded from ``hq`` in [-1, 1]; text is the empty prompt. The benchmarks time it."""
     optimizers = module.build_optimizers()
     autocast = AUTOCAST.get(str(module.cfg.trainer.precision))
     module.log = lambda *a, **k: None  # Lightning's logging needs a trainer; it is not part of the step
-    module.check_finite = not any(isinstance(p, FakeTensor) for p in module.gen_params[:1])  # fakes hold no values
+    module.check_finite = not any(isinstance(p, FakeTensor) for p in module.groups[GENERATOR][:1])  # fakes hold no values
 
     def step() -> None:
         batch = module.on_after_batch_transfer({"hq": hq}, 0)
@@ -140,8 +141,7 @@ def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction
         module = build_module(cfg).train()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = make_fake(module, mode)
-    module.gen_params = [fakes[id(p)] for p in module.gen_params]
-    module.reg_params = [fakes[id(p)] for p in module.reg_params]
+    module.groups = {name: [fakes[id(p)] for p in params] for name, params in module.groups.items()}
     static = sum(t.untyped_storage().nbytes() for t in fakes.values())
     size, batch = int(cfg.data.crop_size), int(cfg.data.batch_size)
     with mode:

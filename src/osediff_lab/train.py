@@ -10,6 +10,8 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
@@ -23,7 +25,7 @@ from osediff_lab.errors import USER_ERRORS, ConfigError, user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
 from osediff_lab.lit.loggers import build_logger, close_logger
-from osediff_lab.lit.module import OSEDiffModule
+from osediff_lab.lit.module import SRModule
 from osediff_lab.lit.resume import (
     PREEMPTED_EXIT_CODE,
     DataPosition,
@@ -38,8 +40,8 @@ from osediff_lab.lit.validation import best_checkpoint
 from osediff_lab.lit.validation import trainer_kwargs as val_trainer_kwargs
 from osediff_lab.models.components import build_components
 from osediff_lab.models.lora_files import export_from_checkpoint, export_lora, save_lora_tensors
-from osediff_lab.models.osediff import build_osediff
 from osediff_lab.models.perceptual import build_lpips
+from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts import build_prompt_provider
 from osediff_lab.report import clear_failure, record_failure
@@ -47,12 +49,21 @@ from osediff_lab.report import clear_failure, record_failure
 log = logging.getLogger(__name__)
 
 
-def build_module(cfg: DictConfig) -> OSEDiffModule:
-    """The LightningModule for a (validated) config."""
-    parts = build_osediff(build_components(cfg.model), cfg.generator)
-    lpips_model = build_lpips(cfg.loss.lpips, cfg.paths.weights_dir) if cfg.loss.lpips_weight > 0 else None
-    return OSEDiffModule(
-        parts, lpips_model, build_prompt_provider(cfg.get("prompt")), build_degradation(cfg.degradation, cfg.scale), cfg
+def build_module(cfg: DictConfig) -> SRModule:
+    """The LightningModule for a (validated) config: the ``method`` built by ``instantiate`` from the base model,
+    the text encoder's cached embeddings and LPIPS (when the method weighs it)."""
+    components = build_components(cfg.model)
+    embedder = PromptEmbedder(components.tokenizer, components.text_encoder, max_cached=4096)
+    lpips_model = build_lpips(cfg.loss.lpips, cfg.paths.weights_dir) if cfg.method.get("lpips_weight", 0) > 0 else None
+    try:
+        method = instantiate(cfg.method, components=components, encode_text=embedder, lpips=lpips_model, _recursive_=False)
+    except InstantiationException as exc:  # Hydra wraps the method's own ConfigError: raise that one
+        if isinstance(exc.__cause__, USER_ERRORS):
+            raise exc.__cause__ from None
+        raise
+    return SRModule(
+        method, components.tokenizer, components.text_encoder, embedder, build_prompt_provider(cfg.get("prompt")),
+        build_degradation(cfg.degradation, cfg.scale), cfg,
     )
 
 
@@ -137,7 +148,7 @@ def already_trained(cfg: DictConfig, run_dir: Path, ckpt: str | None, step: int)
     return summary
 
 
-def run(cfg: DictConfig) -> tuple[pl.Trainer | None, OSEDiffModule | None, dict]:
+def run(cfg: DictConfig) -> tuple[pl.Trainer | None, SRModule | None, dict]:
     """``train`` that also hands back the trainer and the trained module (tests, notebooks); both are None
     when the run is already at ``max_steps`` (``already_trained``).
 
@@ -166,7 +177,7 @@ def run(cfg: DictConfig) -> tuple[pl.Trainer | None, OSEDiffModule | None, dict]
     return trainer, module, summary
 
 
-def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | None) -> tuple[pl.Trainer, OSEDiffModule, dict]:
+def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | None) -> tuple[pl.Trainer, SRModule, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
@@ -214,9 +225,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
                 "last_metrics": summary["last_metrics"] | metrics,  # earlier attempts' values where this one has none
                 "lora": str(lora),
                 "lora_sidecar": str(sidecar),
-                "regularizer_lora": str(save_lora_tensors(
-                    module.regularizer_state_dict(), run_dir / "lora" / "regularizer_lora.safetensors", "osediff-lab-reg-lora/1"
-                )),
+                **{stem: str(save_lora_tensors(tensors, run_dir / "lora" / f"{stem}.safetensors", f"osediff-lab-{stem}/1"))
+                   for stem, tensors in module.method.extra_exports().items()},
                 "lora_best": export_best(trainer, run_dir / "lora" / "best" / "osediff_lora.safetensors"),
                 "checkpoint_dir": str(run_dir / "checkpoints"),
                 "samples_dir": str(samples.out_dir),

@@ -1,8 +1,8 @@
-"""OSEDiffModule: manual optimisation alternating one generator step and N regularizer steps.
+"""SRModule: the training loop for any one-step SR method (``osediff_lab.methods``), manual optimisation.
 
-Owns the generator (LoRA UNet + LoRA VAE encoder), the regularizer UNet (frozen pretrained weights
-for the real score, 'reg' LoRA for the fake score), the frozen text encoder and LPIPS. The math lives
-in ``osediff_lab.models.vsd``; this file only wires it to optimisers, logging and checkpoints.
+Per batch: degrade on device, prompts to text embeddings, the method's generator losses and step, then the
+method's further updates (OSEDiff: its regularizer). Here live only the loop's concerns: backward, DDP sync,
+clipping, fp16 loss scaling and non-finite skips, logging, optimisers, validation and checkpoint contents.
 """
 
 from __future__ import annotations
@@ -15,29 +15,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.data.degradation import Degradation
 from osediff_lab.data.resize import upsample_input
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
 from osediff_lab.lit.validation import build_validator
-from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
-from osediff_lab.models.lora_files import load_lora_tensors
-from osediff_lab.models.osediff import OSEDiffParts, cast_frozen, trainable_parameters
-from osediff_lab.models.text import PromptEmbedder, encode_prompts
-from osediff_lab.models.vsd import (
-    add_noise,
-    classifier_free_guidance,
-    diffusion_loss,
-    sample_timesteps,
-    vsd_loss,
-    x0_from_eps,
-)
+from osediff_lab.methods.base import GENERATOR, Method
+from osediff_lab.models.osediff import cast_frozen, trainable_parameters
+from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import PromptProvider
 
@@ -60,50 +51,37 @@ def poison_if_nonfinite(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
     target.grad.add_(torch.where(torch.isfinite(loss.detach()), 0.0, float("nan")).to(target.grad.dtype))
 
 
-class OSEDiffModule(pl.LightningModule):
-    """Training system for OSEDiff. Batches carry ``hq`` in [-1, 1]; ``lq`` is made on device if absent."""
+class SRModule(pl.LightningModule):
+    """Trains ``method``. Batches carry ``hq`` in [-1, 1]; ``lq`` is made on device if absent."""
 
     def __init__(
         self,
-        parts: OSEDiffParts,
-        lpips_model: nn.Module | None,
+        method: Method,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        embedder: PromptEmbedder,
         prompts: PromptProvider,
         degradation: Degradation,
         cfg: DictConfig,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.loss_cfg = cfg.loss
         self.optim_cfg = cfg.optim
         self.automatic_optimization = False
         self.strict_loading = False
-        self.tokenizer = parts.components.tokenizer
-        self.text_encoder = parts.components.text_encoder
-        self.generator = parts.generator
-        self.reg_unet = parts.reg_unet
-        self.lpips = lpips_model
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.method = method
         self.prompts = prompts
         self.degradation = degradation
-        self.lora_targets = parts.targets
-        self.register_buffer("alphas_cumprod", parts.components.scheduler.alphas_cumprod.float().clone(), persistent=False)
-        if cfg.generator.gradient_checkpointing:
-            self.generator.unet.enable_gradient_checkpointing()
-            self.generator.vae.enable_gradient_checkpointing()
         frozen_dtype = DTYPES[cfg.generator.frozen_dtype]
         if frozen_dtype != torch.float32:
-            for module in (self.text_encoder, self.generator, self.reg_unet):
-                cast_frozen(module, frozen_dtype)
-        # The release: a separate frozen copy of the pretrained UNet for the real score, stored in fp16.
-        self.real_unet = frozen_base_copy(self.reg_unet, torch.float16) if cfg.loss.release_score_precision else None
-        if cfg.generator.lora.get("reg_init_from"):
-            n = load_lora_tensors(self.reg_unet, cfg.generator.lora.reg_init_from, "generator.lora.reg_init_from")
-            log.info("regularizer LoRA warm-started from %s (%d tensors)", cfg.generator.lora.reg_init_from, n)
-        self.gen_params = [p for _, p in trainable_parameters(self.generator)]
-        if self.optim_cfg.conv_in_lora_twice:  # the release lists conv_in's LoRA tensors twice
-            self.gen_params += [p for n, p in trainable_parameters(self.generator) if n.startswith("unet.conv_in.lora_")]
-        self.reg_params = [p for _, p in trainable_parameters(self.reg_unet)]
+            cast_frozen(self.text_encoder, frozen_dtype)
+        self.groups = method.param_groups()
+        if next(iter(self.groups)) != GENERATOR:
+            raise ValueError(f"{type(method).__name__}.param_groups() must list '{GENERATOR}' first, got {list(self.groups)}")
         self.trained_names = [n for n, _ in trainable_parameters(self)]
-        self.embedder = PromptEmbedder(self.tokenizer, self.text_encoder, max_cached=4096)
+        self.embedder = embedder
         self._bad_steps = 0
         self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
         self.unreadable: dict[str, str] = {}  # training images data workers found unreadable (path -> reason)
@@ -112,15 +90,22 @@ class OSEDiffModule(pl.LightningModule):
         self.check_finite = True  # off only for the memory predictor's replay on fake tensors, which hold no values
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self._pipeline: OSEDiffPipeline | None = None
-        self._negative: torch.Tensor | None = None
         self.validator = build_validator(cfg)  # metric networks kept outside the module's state
 
-    def train(self, mode: bool = True) -> OSEDiffModule:
+    @property
+    def generator(self) -> nn.Module:
+        """The method's generator: what inference, validation and the sample grids run."""
+        return self.method.generator
+
+    @property
+    def lora_targets(self) -> dict[str, list[str]]:
+        return self.method.lora_targets
+
+    def train(self, mode: bool = True) -> SRModule:
         """Frozen feature extractors stay in eval mode (LPIPS has dropout) whatever Lightning asks."""
         super().train(mode)
         self.text_encoder.eval()
-        if self.lpips is not None:
-            self.lpips.eval()
+        self.method.frozen_eval()
         return self
 
     # ---- inputs -------------------------------------------------------------------------------
@@ -145,12 +130,6 @@ class OSEDiffModule(pl.LightningModule):
         """Text embeddings per prompt on this module's device (cached by string)."""
         return self.embedder(prompts)
 
-    def negative_embedding(self) -> torch.Tensor:
-        """The real score's negative prompt, encoded once (kept outside the string cache, which DAPE churns)."""
-        if self._negative is None or self._negative.device != self.device:
-            self._negative = encode_prompts(self.tokenizer, self.text_encoder, [self.loss_cfg.negative_prompt])
-        return self._negative
-
     def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
         """Prompts for the batch: from the LQ image or, when prompt.source=hq, the HQ image (public release)."""
         lq01 = (batch["lq_up"] + 1) / 2
@@ -159,81 +138,6 @@ class OSEDiffModule(pl.LightningModule):
         if source == "hq":  # the HQ crop comes from a file: cached prompts are keyed by that file's content
             return self.prompts(hq01, hq01, paths=batch.get("path"))
         return self.prompts(lq01, hq01)
-
-    # ---- losses -------------------------------------------------------------------------------
-    def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, unet: nn.Module | None = None) -> torch.Tensor:
-        """Epsilon prediction of ``unet`` (default: the regularizer UNet with its active adapters)."""
-        unet = self.reg_unet if unet is None else unet
-        return unet(z_t, t, encoder_hidden_states=embeds.to(z_t.dtype)).sample
-
-    def fake_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """The fake score's epsilon (regularizer UNet with its LoRA). With ``loss.release_score_precision`` it
-        runs outside autocast in fp32, as the release calls the fake score and the regularizer loss."""
-        if not self.loss_cfg.release_score_precision:
-            return self.unet_eps(z_t, t, embeds)
-        with torch.autocast(self.device.type, enabled=False):
-            return self.unet_eps(z_t.float(), t, embeds)
-
-    @torch.no_grad()
-    def vsd_targets(
-        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score
-        (the regularizer UNet with its LoRA) at timesteps ``t`` with ``noise`` (drawn when not given)."""
-        lc = self.loss_cfg
-        b = z_h.shape[0]
-        t = sample_timesteps(b, lc.vsd_t_min, lc.vsd_t_max, z_h.device) if t is None else t.to(z_h.device)
-        noise = torch.randn_like(z_h) if noise is None else noise
-        z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
-        eps_fake = self.fake_eps(z_t, t, embeds).to(z_t.dtype)
-        neg = self.negative_embedding().expand(b, -1, -1)
-        z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
-        if self.real_unet is not None:  # the release: a separate frozen UNet, run in pure fp16
-            with torch.autocast(self.device.type, enabled=False):
-                eps_both = self.unet_eps(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
-        else:
-            with adapters_disabled(self.reg_unet):
-                eps_both = self.unet_eps(z_both, t_both, c_both)
-        eps_uncond, eps_cond = eps_both.chunk(2)
-        eps_real = classifier_free_guidance(eps_uncond, eps_cond, lc.cfg_scale)
-        return x0_from_eps(z_t, eps_real, t, self.alphas_cumprod), x0_from_eps(z_t, eps_fake, t, self.alphas_cumprod)
-
-    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Weighted generator loss terms, x_H in [-1, 1] and z_H."""
-        lc = self.loss_cfg
-        x_h, z_h = self.generator(batch["lq_up"], embeds)
-        hq = batch["hq"]
-        terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
-        if lc.lpips_weight > 0:
-            lp_dtype = next(self.lpips.parameters()).dtype  # loss.lpips.dtype: LPIPS runs in its own precision
-            terms["lpips"] = self.lpips(x_h.to(lp_dtype), hq.to(lp_dtype)).float().mean()
-        if lc.vsd_weight > 0:
-            z_vsd = z_h if lc.vsd_space == "latent" else self.reencode(x_h)
-            x0_real, x0_fake = self.vsd_targets(z_vsd, embeds)
-            terms["vsd"], w = vsd_loss(z_vsd, x0_real, x0_fake)
-            self.log("train/vsd_weight_factor", w.mean(), on_step=True)
-        weights = {"l2": lc.l2_weight, "lpips": lc.lpips_weight, "vsd": lc.vsd_weight}
-        terms["total"] = sum(weights[k] * v for k, v in terms.items())
-        return terms, x_h, z_h
-
-    def reencode(self, x_h: torch.Tensor) -> torch.Tensor:
-        """Image-space VSD: the pretrained VAE encoder's latent of x_H in [-1, 1] (the generator's
-        encoder LoRA disabled), with gradients flowing back through the decoder to the generator."""
-        vae = self.generator.vae
-        with adapters_disabled(vae):
-            return vae.encode(x_h.to(vae.dtype)).latent_dist.mode() * self.generator.scaling_factor
-
-    def regularizer_loss(
-        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Diffusion loss of the fake-score UNet on detached generator latents at timesteps ``t`` with
-        ``noise`` (drawn when not given)."""
-        lc = self.loss_cfg
-        z0 = z_h.detach()
-        t = sample_timesteps(z0.shape[0], lc.reg_t_min, lc.reg_t_max, z0.device) if t is None else t.to(z0.device)
-        noise = torch.randn_like(z0) if noise is None else noise
-        z_t = add_noise(z0, noise, t, self.alphas_cumprod)
-        return diffusion_loss(self.fake_eps(z_t, t, embeds.detach()), noise)
 
     # ---- optimisation -------------------------------------------------------------------------
     def attached_trainer(self) -> pl.Trainer | None:
@@ -331,37 +235,36 @@ class OSEDiffModule(pl.LightningModule):
             self._skipped.add(id(optimizer))
 
     def train_step(
-        self, batch: dict[str, Any], optimizers: tuple, schedulers: tuple = (), prompts: list[str] | None = None
+        self, batch: dict[str, Any], optimizers: dict[str, Any], schedulers: tuple = (), prompts: list[str] | None = None
     ) -> dict[str, Any]:
-        """The training step (used by Lightning, the memory predictor and the benchmarks alike): one generator
-        update, then ``loss.reg_steps_per_gen_step`` regularizer updates on its detached latents. ``batch`` has
-        ``hq`` and ``lq_up`` in [-1, 1]; ``prompts`` default to the prompt provider's. Returns the step's
-        metrics (``train/*``)."""
-        opt_g, opt_r = optimizers
+        """The training step (used by Lightning, the memory predictor and the benchmarks alike): the method's
+        generator update, then each of its further updates (OSEDiff: ``loss.reg_steps_per_gen_step``
+        regularizer steps). ``batch`` has ``hq`` and ``lq_up`` in [-1, 1]; ``optimizers`` are by parameter
+        group; ``prompts`` default to the prompt provider's. Returns the step's metrics (``train/*``)."""
         embeds = self.encode_text(self.batch_prompts(batch) if prompts is None else prompts)
 
-        terms, _, z_h = self.generator_losses(batch, embeds)
-        ok_g = self._step("generator", opt_g, terms["total"], self.gen_params, terms)
-
-        reg_losses, reg_skipped = [], 0
-        for _ in range(self.loss_cfg.reg_steps_per_gen_step):
-            loss_r = self.regularizer_loss(z_h, embeds)
-            reg_skipped += not self._step("regularizer", opt_r, loss_r, self.reg_params, {"reg": loss_r})
-            reg_losses.append(loss_r.detach())
-        if ok_g and not reg_skipped:
+        terms, state = self.method.generator_losses(batch, embeds)
+        ok_generator = self._step(GENERATOR, optimizers[GENERATOR], terms["total"], self.groups[GENERATOR], terms)
+        losses: dict[str, list[torch.Tensor]] = {}
+        skipped = {name: 0 for name in self.groups}
+        skipped[GENERATOR] = int(not ok_generator)
+        for group, loss in self.method.updates(state, embeds):
+            skipped[group] += not self._step(group, optimizers[group], loss, self.groups[group], {group: loss})
+            losses.setdefault(group, []).append(loss.detach())
+        if not any(skipped.values()):
             self._bad_steps = 0
         for scheduler in schedulers:
             scheduler.step()
 
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
-        logs["train/loss_reg"] = torch.stack(reg_losses).mean()
-        logs |= {"train/skipped_generator": float(not ok_g), "train/skipped_regularizer": float(reg_skipped)}
-        logs["train/lr_generator"] = opt_g.param_groups[0]["lr"]
-        logs["train/lr_regularizer"] = opt_r.param_groups[0]["lr"]
+        logs |= {f"train/loss_{group}": torch.stack(values).mean() for group, values in losses.items()}
+        logs |= {f"train/{k}": v for k, v in getattr(self.method, "metrics", {}).items()}
         scaler = self.grad_scaler()
         if scaler is not None:
             logs["train/loss_scale"] = scaler.get_scale()
-        for name, opt in (("generator", opt_g), ("regularizer", opt_r)):
+        for name, opt in optimizers.items():
+            logs[f"train/skipped_{name}"] = float(skipped[name])
+            logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
             norm = self._grad_norms.get(id(getattr(opt, "optimizer", opt)))
             if norm is not None:
                 logs[f"train/grad_norm_{name}"] = norm
@@ -370,7 +273,10 @@ class OSEDiffModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.batches_trained  # the x-axis of step logs: training batches done before this one
-        logs = self.train_step(batch, self.optimizers(), self.lr_schedulers())
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        logs = self.train_step(batch, dict(zip(self.groups, optimizers, strict=True)), schedulers)
         self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
         self.log("loss", logs["train/loss_total"], prog_bar=True, on_step=True, logger=False)
         self._write_step_metrics(logs, step)
@@ -387,8 +293,9 @@ class OSEDiffModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             logger.log_metrics({k: float(v) for k, v in logs.items()}, step=step)
 
-    def build_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        """The generator's and the regularizer's AdamW (bitsandbytes' AdamW8bit with ``optim.use_8bit``)."""
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One AdamW per parameter group (bitsandbytes' AdamW8bit with ``optim.use_8bit``): the generator at
+        ``optim.lr``, the regularizer at ``optim.reg_lr``."""
         oc = self.optim_cfg
         if oc.use_8bit:
             import bitsandbytes as bnb
@@ -396,17 +303,20 @@ class OSEDiffModule(pl.LightningModule):
             cls = bnb.optim.AdamW8bit
         else:
             cls = torch.optim.AdamW
+        lrs = {GENERATOR: oc.lr, "regularizer": oc.reg_lr}
+        unknown = sorted(set(self.groups) - set(lrs))
+        if unknown:
+            raise ValueError(f"no learning rate for parameter groups {unknown} (known: {sorted(lrs)})")
         with warnings.catch_warnings():  # optim.conv_in_lora_twice lists tensors twice on purpose
             warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
-            opt_g, opt_r = (
-                cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
-                for params, lr in ((self.gen_params, oc.lr), (self.reg_params, oc.reg_lr))
-            )
-        return opt_g, opt_r
+            return {
+                name: cls(params, lr=lrs[name], betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
+                for name, params in self.groups.items()
+            }
 
     def configure_optimizers(self):
         oc = self.optim_cfg
-        optimizers = list(self.build_optimizers())
+        optimizers = list(self.build_optimizers().values())
         steps = max(1, self.trainer.max_steps)
         schedulers = [get_scheduler(oc.scheduler, opt, num_warmup_steps=oc.warmup_steps, num_training_steps=steps) for opt in optimizers]
         return optimizers, schedulers
@@ -460,14 +370,9 @@ class OSEDiffModule(pl.LightningModule):
         params = dict(self.named_parameters())
         return {n: params[n] for n in self.trained_names}
 
-    def regularizer_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trained regularizer (fake score) LoRA tensors keyed relative to its UNet: study and warm starts
-        (``generator.lora.reg_init_from``)."""
-        return self._trained_under("reg_unet.")
-
     def generator_state_dict(self) -> dict[str, torch.Tensor]:
         """Trained generator tensors keyed relative to the generator (``unet.*``, ``vae.*``): the LoRA export."""
-        return self._trained_under("generator.")
+        return self._trained_under("method.generator.")
 
     def _trained_under(self, prefix: str) -> dict[str, torch.Tensor]:
         return {n[len(prefix):]: p for n, p in self.trained_state_dict().items() if n.startswith(prefix)}

@@ -119,6 +119,6 @@ class RankReport(pl.Callback):
         report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "paths": self.paths,
                   "trained_sha256": sha256(pl_module.trained_state_dict()),
                   "generator_sha256": sha256(pl_module.generator_state_dict()),
-                  "regularizer_sha256": sha256(pl_module.regularizer_state_dict()),
                   "global_step": trainer.global_step}
+        report |= {f"{stem}_sha256": sha256(tensors) for stem, tensors in pl_module.method.extra_exports().items()}
         atomic_write_text(self.out_dir / f"rank{trainer.global_rank}.json", json.dumps(report, indent=1))

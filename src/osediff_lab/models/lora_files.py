@@ -18,7 +18,7 @@ from torch import nn
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.io import atomic_write, atomic_write_text
 
-GENERATOR_PREFIX = "generator."
+GENERATOR_PREFIX = "method.generator."
 # Plain numeric numpy arrays (Lightning's RNG-state callbacks store them): data, not code.
 NUMPY_ARRAYS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype] + [  # [0]: the function arrays unpickle with
     type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)

@@ -1,0 +1,1 @@
+"""One-step SR methods behind one interface (``Method``), built from the ``method`` config group."""

@@ -1,0 +1,66 @@
+"""The interface between a one-step SR method and the training loop (``lit/module.py``).
+
+Per batch the loop encodes the prompts, calls ``generator_losses``, steps the ``generator`` parameter group
+on ``terms["total"]``, then steps the group named by each ``(group, loss)`` that ``updates`` yields, in order.
+Backward, gradient sync, clipping, loss scaling and non-finite skips are the loop's; a method holds only its
+networks and its math. Adding a method is one file here and one config in ``conf/method``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+GENERATOR = "generator"
+
+
+class Method(nn.Module):
+    """A one-step SR method as the training loop drives it.
+
+    ``generator`` is what inference runs: ``(x_L in [-1, 1], prompt embeddings) -> (x_H in [-1, 1], z_H)``.
+    ``lora_targets`` maps each generator adapter (``unet.<adapter>``) to the modules it wraps: the LoRA sidecar.
+    ``encode_text`` turns prompt strings into text embeddings on the current device (cached).
+    """
+
+    name: str = "method"
+
+    def __init__(self, generator: nn.Module, lora_targets: dict[str, list[str]], encode_text: Callable[[list[str]], torch.Tensor]) -> None:
+        super().__init__()
+        self.generator = generator
+        self.lora_targets = lora_targets
+        self.encode_text = encode_text
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable tensors per optimiser, the generator's first (``optim.lr``; ``regularizer``: ``optim.reg_lr``)."""
+        return {GENERATOR: [p for p in self.generator.parameters() if p.requires_grad]}
+
+    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        """Weighted loss terms with their sum as ``total`` (``batch``: ``hq``, ``lq_up`` in [-1, 1]), and what
+        ``updates`` needs from this forward pass."""
+        raise NotImplementedError
+
+    def updates(self, state: Any, embeds: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """The updates after the generator's, as (parameter group, loss); each is stepped before the next is drawn."""
+        return iter(())
+
+    def frozen_eval(self) -> None:
+        """Put frozen feature extractors (LPIPS has dropout) back in eval mode after ``train()``."""
+
+    def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Trained tensors beside the generator's to write at the end of a run: {file stem: tensors}."""
+        return {}
+
+    def sidecar(self) -> dict[str, Any]:
+        """What inference needs to rebuild this method's generator, for the LoRA sidecar's ``method`` entry."""
+        return {"name": self.name}
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """``terms`` plus ``total`` = sum of weight x term (every term needs a weight)."""
+    missing = sorted(set(terms) - set(weights))
+    if missing:
+        raise KeyError(f"loss terms without a weight: {missing}")
+    return terms | {"total": sum(weights[k] * v for k, v in terms.items())}

@@ -1,0 +1,187 @@
+"""OSEDiff (Wu et al., NeurIPS 2024): a LoRA generator trained with L2 + LPIPS + variational score distillation
+against a LoRA fake score (the regularizer), which itself learns the generator's latents by diffusion loss.
+
+The math is in ``osediff_lab.models.vsd``; the networks are assembled by ``osediff_lab.models.osediff``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from osediff_lab.dtypes import DTYPES
+from osediff_lab.errors import ConfigError
+from osediff_lab.methods.base import GENERATOR, Method, weighted_total
+from osediff_lab.models.components import Components
+from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
+from osediff_lab.models.lora_files import load_lora_tensors
+from osediff_lab.models.osediff import build_osediff, cast_frozen, trainable_parameters
+from osediff_lab.models.vsd import (
+    add_noise,
+    classifier_free_guidance,
+    diffusion_loss,
+    sample_timesteps,
+    vsd_loss,
+    x0_from_eps,
+)
+
+log = logging.getLogger(__name__)
+REGULARIZER = "regularizer"
+
+
+class OSEDiff(Method):
+    """OSEDiff's generator, regularizer UNet (real score: adapters off; fake score: its 'reg' LoRA) and losses."""
+
+    name = "osediff"
+
+    def __init__(
+        self,
+        components: Components,
+        encode_text: Callable[[list[str]], torch.Tensor],
+        lpips: nn.Module | None,
+        generator: DictConfig,
+        l2_weight: float,
+        lpips_weight: float,
+        vsd_weight: float,
+        vsd_space: str,
+        cfg_scale: float,
+        vsd_t_min: int,
+        vsd_t_max: int,
+        reg_t_min: int,
+        reg_t_max: int,
+        reg_steps_per_gen_step: int,
+        negative_prompt: str,
+        release_score_precision: bool = False,
+        conv_in_lora_twice: bool = False,
+    ) -> None:
+        if vsd_space not in ("latent", "image"):
+            raise ConfigError(f"loss.vsd_space='{vsd_space}' must be 'latent' or 'image'")
+        if lpips_weight > 0 and lpips is None:
+            raise ConfigError("loss.lpips_weight > 0 needs an LPIPS network")
+        parts = build_osediff(components, generator)
+        super().__init__(parts.generator, {k: v for k, v in parts.targets.items() if not k.startswith("reg_unet")}, encode_text)
+        self.reg_unet = parts.reg_unet
+        self.lpips = lpips
+        self.weights = {"l2": l2_weight, "lpips": lpips_weight, "vsd": vsd_weight}
+        self.vsd_space, self.cfg_scale = vsd_space, cfg_scale
+        self.vsd_t, self.reg_t = (vsd_t_min, vsd_t_max), (reg_t_min, reg_t_max)
+        self.reg_steps_per_gen_step = reg_steps_per_gen_step
+        self.negative_prompt = negative_prompt
+        self.release_score_precision = release_score_precision
+        self.conv_in_lora_twice = conv_in_lora_twice
+        self.all_targets = parts.targets
+        self.register_buffer("alphas_cumprod", components.scheduler.alphas_cumprod.float().clone(), persistent=False)
+        if generator.gradient_checkpointing:
+            self.generator.unet.enable_gradient_checkpointing()
+            self.generator.vae.enable_gradient_checkpointing()
+        frozen_dtype = DTYPES[generator.frozen_dtype]
+        if frozen_dtype != torch.float32:
+            for module in (self.generator, self.reg_unet):
+                cast_frozen(module, frozen_dtype)
+        # The release: a separate frozen copy of the pretrained UNet for the real score, stored in fp16.
+        self.real_unet = frozen_base_copy(self.reg_unet, torch.float16) if release_score_precision else None
+        if generator.lora.get("reg_init_from"):
+            n = load_lora_tensors(self.reg_unet, generator.lora.reg_init_from, "generator.lora.reg_init_from")
+            log.info("regularizer LoRA warm-started from %s (%d tensors)", generator.lora.reg_init_from, n)
+        self.metrics: dict[str, torch.Tensor] = {}
+        self._negative: torch.Tensor | None = None
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        gen = [p for _, p in trainable_parameters(self.generator)]
+        if self.conv_in_lora_twice:  # the release lists conv_in's LoRA tensors twice
+            gen += [p for n, p in trainable_parameters(self.generator) if n.startswith("unet.conv_in.lora_")]
+        return {GENERATOR: gen, REGULARIZER: [p for _, p in trainable_parameters(self.reg_unet)]}
+
+    def frozen_eval(self) -> None:
+        if self.lpips is not None:
+            self.lpips.eval()
+
+    def negative_embedding(self) -> torch.Tensor:
+        """The real score's negative prompt, encoded once (kept outside the string cache, which DAPE churns)."""
+        device = self.alphas_cumprod.device
+        if self._negative is None or self._negative.device != device:
+            self._negative = self.encode_text([self.negative_prompt])
+        return self._negative
+
+    def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, unet: nn.Module | None = None) -> torch.Tensor:
+        """Epsilon prediction of ``unet`` (default: the regularizer UNet with its active adapters)."""
+        unet = self.reg_unet if unet is None else unet
+        return unet(z_t, t, encoder_hidden_states=embeds.to(z_t.dtype)).sample
+
+    def fake_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The fake score's epsilon (regularizer UNet with its LoRA). With ``loss.release_score_precision`` it
+        runs outside autocast in fp32, as the release calls the fake score and the regularizer loss."""
+        if not self.release_score_precision:
+            return self.unet_eps(z_t, t, embeds)
+        with torch.autocast(z_t.device.type, enabled=False):
+            return self.unet_eps(z_t.float(), t, embeds)
+
+    @torch.no_grad()
+    def vsd_targets(
+        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score
+        (the regularizer UNet with its LoRA) at timesteps ``t`` with ``noise`` (drawn when not given)."""
+        b = z_h.shape[0]
+        t = sample_timesteps(b, *self.vsd_t, z_h.device) if t is None else t.to(z_h.device)
+        noise = torch.randn_like(z_h) if noise is None else noise
+        z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
+        eps_fake = self.fake_eps(z_t, t, embeds).to(z_t.dtype)
+        neg = self.negative_embedding().expand(b, -1, -1)
+        z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
+        if self.real_unet is not None:  # the release: a separate frozen UNet, run in pure fp16
+            with torch.autocast(z_t.device.type, enabled=False):
+                eps_both = self.unet_eps(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
+        else:
+            with adapters_disabled(self.reg_unet):
+                eps_both = self.unet_eps(z_both, t_both, c_both)
+        eps_uncond, eps_cond = eps_both.chunk(2)
+        eps_real = classifier_free_guidance(eps_uncond, eps_cond, self.cfg_scale)
+        return x0_from_eps(z_t, eps_real, t, self.alphas_cumprod), x0_from_eps(z_t, eps_fake, t, self.alphas_cumprod)
+
+    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Weighted L2, LPIPS and VSD terms (and ``total``); the state for the regularizer is z_H."""
+        x_h, z_h = self.generator(batch["lq_up"], embeds)
+        hq = batch["hq"]
+        terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
+        if self.weights["lpips"] > 0:
+            lp_dtype = next(self.lpips.parameters()).dtype  # loss.lpips.dtype: LPIPS runs in its own precision
+            terms["lpips"] = self.lpips(x_h.to(lp_dtype), hq.to(lp_dtype)).float().mean()
+        if self.weights["vsd"] > 0:
+            z_vsd = z_h if self.vsd_space == "latent" else self.reencode(x_h)
+            x0_real, x0_fake = self.vsd_targets(z_vsd, embeds)
+            terms["vsd"], w = vsd_loss(z_vsd, x0_real, x0_fake)
+            self.metrics = {"vsd_weight_factor": w.mean().detach()}
+        return weighted_total(terms, self.weights), z_h
+
+    def reencode(self, x_h: torch.Tensor) -> torch.Tensor:
+        """Image-space VSD: the pretrained VAE encoder's latent of x_H in [-1, 1] (the generator's
+        encoder LoRA disabled), with gradients flowing back through the decoder to the generator."""
+        vae = self.generator.vae
+        with adapters_disabled(vae):
+            return vae.encode(x_h.to(vae.dtype)).latent_dist.mode() * self.generator.scaling_factor
+
+    def regularizer_loss(
+        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Diffusion loss of the fake-score UNet on detached generator latents at timesteps ``t`` with
+        ``noise`` (drawn when not given)."""
+        z0 = z_h.detach()
+        t = sample_timesteps(z0.shape[0], *self.reg_t, z0.device) if t is None else t.to(z0.device)
+        noise = torch.randn_like(z0) if noise is None else noise
+        z_t = add_noise(z0, noise, t, self.alphas_cumprod)
+        return diffusion_loss(self.fake_eps(z_t, t, embeds.detach()), noise)
+
+    def updates(self, state: torch.Tensor, embeds: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        for _ in range(self.reg_steps_per_gen_step):
+            yield REGULARIZER, self.regularizer_loss(state, embeds)
+
+    def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The trained fake-score LoRA, keyed relative to its UNet (study, ``generator.lora.reg_init_from``)."""
+        return {"regularizer_lora": {n: p for n, p in trainable_parameters(self.reg_unet)}}
