@@ -77,6 +77,9 @@ RUN = (
     "python -m osediff_lab.memory model=sd21_shape data.crop_size=512 data.batch_size=1 generator.gradient_checkpointing=true "
     "generator.frozen_dtype=bf16 trainer.precision=bf16-mixed",
     "python -m osediff_lab.data.preview degradation=realesrgan data=demo",
+    "python -m osediff_lab.train method=pisasr_pixel",
+    "python -m osediff_lab.train method=pisasr_semantic method.pixel_lora_from=outputs/.../lora/osediff_lora.safetensors",
+    "python -m osediff_lab.infer input=lq_folder/ output=sr/ ckpt=outputs/.../lora/osediff_lora.safetensors pipeline.lambda_sem=0.5",
 )
 
 
@@ -229,3 +232,27 @@ def test_profile_memory_and_preview(shell):
     assert "GiB" in shell(RUN[11])
     out = shell(RUN[12])
     assert ".png" in out and "SKIPPED" not in out
+
+
+@pytest.mark.slow
+def test_pisa_sr_two_stages_then_infer(shell):
+    short = ("trainer.max_steps=2", "loss.lpips.pretrained=false", "loss.lpips.net=alex")  # no VGG weights here
+    shell(RUN[13], *short)
+    pixel = run_dir_with(shell, "method=pisasr_pixel")
+    lora = pixel / "lora" / "osediff_lora.safetensors"
+    shell(RUN[14].replace("outputs/.../lora/osediff_lora.safetensors", quoted(lora)), *short)
+    semantic = run_dir_with(shell, "method=pisasr_semantic")
+    lq = shell.root / "lq_folder"
+    lq.mkdir(exist_ok=True)
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(lq / "p.png")
+    out = shell(RUN[15].replace("outputs/.../lora/osediff_lora.safetensors", quoted(semantic / "lora" / "osediff_lora.safetensors")),
+                "pipeline.process_size=64")
+    assert "images written" in out and (shell.root / "sr" / "p.png").is_file()
+
+
+def run_dir_with(shell: Shell, override: str) -> Path:
+    """The one training run directory whose command had ``override`` (long names are shortened on disk)."""
+    runs = [d for d in (shell.root / "outputs" / "train" / "runs").iterdir()
+            if override in (d / ".hydra" / "overrides.yaml").read_text()]
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from diffusers.optimization import SchedulerType
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from osediff_lab.data.datamodule import data_problems
@@ -60,7 +61,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
             resolve_pretrained_path(cfg.model)
         except MissingWeightsError as exc:
             problems.append(str(exc))
-    if loss.lpips_weight > 0:
+    if cfg.method.get("lpips_weight", 0) > 0:
         if loss.lpips.net not in BACKBONE_FILES:
             problems.append(f"loss.lpips.net='{loss.lpips.net}' must be one of {sorted(BACKBONE_FILES)}")
         elif loss.lpips.pretrained:
@@ -77,12 +78,22 @@ def config_problems(cfg: DictConfig) -> list[str]:
             "degradation=none needs training batches that carry their LQ, and every data group gives HQ crops "
             "only; choose degradation=realesrgan or degradation=bicubic"
         )
+    problems.extend(method_problems(cfg.method))
     problems.extend(release_switch_problems(gen))
     problems.extend(optim_problems(cfg.optim))
     problems.extend(step_problems(cfg.trainer))
     problems.extend(data_problems(cfg))
     problems.extend(prompt_weight_problems(cfg.get("prompt")))
     return problems
+
+
+def method_problems(method: DictConfig) -> list[str]:
+    """The method's own checks of its ``method.*`` arguments (``Method.argument_problems``)."""
+    try:
+        cls = get_class(str(method._target_))
+    except (ImportError, AttributeError, ValueError) as exc:
+        return [f"method._target_={method.get('_target_')} is not an importable class ({exc})"]
+    return cls.argument_problems(method)
 
 
 def release_switch_problems(gen: DictConfig) -> list[str]:

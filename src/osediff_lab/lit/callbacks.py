@@ -136,6 +136,8 @@ class SampleGrid(pl.Callback):
         self.last_path: Path | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.num <= 0:  # callbacks.samples.num_images=0: no grids at all
+            return
         if self.fixed is None:
             self.fixed = {k: batch[k][: self.num].detach().float().clone() for k in ("lq", "lq_up", "hq")}
         step = trainer.global_step

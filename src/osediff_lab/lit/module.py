@@ -81,6 +81,9 @@ class SRModule(pl.LightningModule):
         if next(iter(self.groups)) != GENERATOR:
             raise ValueError(f"{type(method).__name__}.param_groups() must list '{GENERATOR}' first, got {list(self.groups)}")
         self.trained_names = [n for n, _ in trainable_parameters(self)]
+        exported = [f"method.generator.{k}" for k in method.export_state_dict()]
+        # what a checkpoint stores: the trained tensors and the exported ones (PiSA-SR's frozen pixel LoRA)
+        self.saved_names = self.trained_names + [n for n in exported if n not in set(self.trained_names)]
         self.embedder = embedder
         self._bad_steps = 0
         self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
@@ -332,7 +335,7 @@ class SRModule(pl.LightningModule):
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trained tensors (LoRA sets, conv_in): megabytes, not gigabytes."""
-        keep = set(self.trained_names)
+        keep = set(self.saved_names)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["osediff"] = {"trained_names": self.trained_names, "lora_targets": self.lora_targets,
                                  "batches_trained": self.batches_trained}
@@ -346,7 +349,7 @@ class SRModule(pl.LightningModule):
             if state is not None:
                 self.degradation.load_state_dict(state)
         have = set(checkpoint["state_dict"])
-        want = set(self.trained_names)
+        want = set(self.saved_names)
         missing, unexpected = sorted(want - have), sorted(have - want)
         if missing or unexpected:
             raise RuntimeError(
@@ -368,14 +371,11 @@ class SRModule(pl.LightningModule):
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores, by their module names."""
         params = dict(self.named_parameters())
-        return {n: params[n] for n in self.trained_names}
+        return {n: params[n] for n in self.saved_names}
 
     def generator_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trained generator tensors keyed relative to the generator (``unet.*``, ``vae.*``): the LoRA export."""
-        return self._trained_under("method.generator.")
-
-    def _trained_under(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {n[len(prefix):]: p for n, p in self.trained_state_dict().items() if n.startswith(prefix)}
+        """The generator tensors of the LoRA export, keyed relative to the generator (``unet.*``, ``vae.*``)."""
+        return self.method.export_state_dict()
 
     def inference_pipeline(self) -> OSEDiffPipeline:
         """The inference pipeline over the live model (``infer``'s size rule, colour fix and prompts),

@@ -21,11 +21,19 @@ class Method(nn.Module):
     """A one-step SR method as the training loop drives it.
 
     ``generator`` is what inference runs: ``(x_L in [-1, 1], prompt embeddings) -> (x_H in [-1, 1], z_H)``.
+    Validation, the sample grids and ``infer`` run it through the inference pipeline, which needs a latent
+    generator (an ``OSEDiffGenerator``: ``encode``, ``denoise``, ``decode``); a method with another kind of
+    generator trains with ``val=none callbacks.samples.num_images=0``.
     ``lora_targets`` maps each generator adapter (``unet.<adapter>``) to the modules it wraps: the LoRA sidecar.
     ``encode_text`` turns prompt strings into text embeddings on the current device (cached).
     """
 
     name: str = "method"
+
+    @classmethod
+    def argument_problems(cls, args: Any) -> list[str]:
+        """Problems with this method's config (``method.*``) found before anything is built, each naming its key."""
+        return []
 
     def __init__(self, generator: nn.Module, lora_targets: dict[str, list[str]], encode_text: Callable[[list[str]], torch.Tensor]) -> None:
         super().__init__()
@@ -48,6 +56,10 @@ class Method(nn.Module):
 
     def frozen_eval(self) -> None:
         """Put frozen feature extractors (LPIPS has dropout) back in eval mode after ``train()``."""
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator tensors inference loads, keyed relative to the generator: by default the trained ones."""
+        return {n: p for n, p in self.generator.named_parameters() if p.requires_grad}
 
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
         """Trained tensors beside the generator's to write at the end of a run: {file stem: tensors}."""

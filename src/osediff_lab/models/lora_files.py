@@ -49,6 +49,8 @@ def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
         "scale": cfg.scale,
         "seed": cfg.get("seed"),
         "config_hash": config_hash(cfg),
+        # the method (its _target_ and arguments): inference rebuilds a PiSA-SR generator from it; absent = OSEDiff
+        "method": OmegaConf.to_container(cfg.method, resolve=True) if cfg.get("method") is not None else None,
     }
 
 
@@ -66,15 +68,16 @@ def save_lora_tensors(state: dict[str, torch.Tensor], path: str | Path, kind: st
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": kind}))
 
 
-def load_lora_tensors(model: nn.Module, path: str | Path, key: str) -> int:
-    """Copy the tensors of a ``save_lora_tensors`` file into ``model``'s parameters of the same names.
+def load_lora_tensors(model: nn.Module, path: str | Path, key: str, only: str = "") -> int:
+    """Copy the tensors of a ``save_lora_tensors`` file (those whose name contains ``only``) into ``model``'s
+    parameters of the same names.
 
-    Every file tensor must name a parameter of ``model`` with the same shape (else a ConfigError naming
+    Every such tensor must name a parameter of ``model`` with the same shape (else a ConfigError naming
     ``key`` and the file); returns how many were loaded."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{key}: {path} does not exist")
-    tensors = load_file(str(path))
+    tensors = {k: v for k, v in load_file(str(path)).items() if only in k}
     params = dict(model.named_parameters())
     unknown = sorted(k for k in tensors if k not in params)
     wrong = sorted(k for k in tensors if k in params and params[k].shape != tensors[k].shape)

@@ -28,6 +28,7 @@ from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import add_lora
 from osediff_lab.models.lora_files import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.osediff import UNET_ADAPTERS, build_generator
+from osediff_lab.models.pisasr import build_pisa_generator
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,10 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, official: D
                 _check_names_exist(model, names, ckpt.path, part)
                 rank = ckpt.meta["rank_unet"] if part == "unet" else ckpt.meta["rank_vae"]
                 add_lora(model, names, rank, official.lora_alpha, adapter, "gaussian")
+    elif str((ckpt.meta.get("method") or {}).get("_target_", "")).endswith(".PiSASR"):
+        method = ckpt.meta["method"]
+        generator, targets = build_pisa_generator(components, OmegaConf.create(method["lora"]), int(method["timestep"]))
+        _check_targets(targets, ckpt)
     else:
         meta = ckpt.meta
         gen_cfg = OmegaConf.create(
@@ -155,13 +160,17 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, official: D
             }
         )
         generator, targets = build_generator(components, gen_cfg, share_unet=True)
-        if targets != meta["target_modules"]:
-            raise ConfigError(
-                f"{ckpt.path}: its LoRA targets differ from those this base model gives "
-                f"({sorted(targets)} vs {sorted(meta['target_modules'])}); is base the model it was trained on?"
-            )
+        _check_targets(targets, ckpt)
     load_generator_state(generator, ckpt.state, ckpt.path)
     return generator
+
+
+def _check_targets(targets: dict[str, list[str]], ckpt: Checkpoint) -> None:
+    if targets != ckpt.meta["target_modules"]:
+        raise ConfigError(
+            f"{ckpt.path}: its LoRA targets differ from those this base model gives "
+            f"({sorted(targets)} vs {sorted(ckpt.meta['target_modules'])}); is base the model it was trained on?"
+        )
 
 
 def _check_names_exist(model: torch.nn.Module, names: list[str], path: Path, part: str) -> None:

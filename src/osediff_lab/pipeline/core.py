@@ -16,8 +16,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.data.images import pil_to_tensor, tensor_to_pil, to_rgb
 from osediff_lab.dtypes import resolve_device, resolve_dtype
+from osediff_lab.errors import ConfigError
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import merge_and_unload
+from osediff_lab.models.pisasr import PiSAGenerator
 from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.pipeline.checkpoints import build_loaded_generator, load_base, read_checkpoint
 from osediff_lab.pipeline.colorfix import color_fix
@@ -55,6 +57,7 @@ class OSEDiffPipeline:
         # auto: torch's bicubic; from_checkpoint picks Pillow's for the official release (as it was run)
         self.upsampler = "torch" if self.options.upsampler == "auto" else str(self.options.upsampler)
         self.generator, self.tokenizer, self.text_encoder = generator, tokenizer, text_encoder
+        self._apply_lora_weights()
         if live:
             self.device = generator.vae.decoder.conv_in.weight.device
             self.dtype = self.decode_dtype = generator.vae.decoder.conv_in.weight.dtype
@@ -65,6 +68,15 @@ class OSEDiffPipeline:
             self.autocast = False
         self.prompts = prompts
         self.embedder = PromptEmbedder(tokenizer, text_encoder, EMBED_CACHE_SIZE)
+
+    def _apply_lora_weights(self) -> None:
+        """PiSA-SR's lambda_pix / lambda_sem, before any merge; other generators have no such knob."""
+        o = self.options
+        if isinstance(self.generator, PiSAGenerator):
+            self.generator.set_lora_scales(o.lambda_pix, o.lambda_sem)
+        elif (o.lambda_pix, o.lambda_sem) != (1.0, 1.0):
+            raise ConfigError(f"pipeline.lambda_pix={o.lambda_pix} / pipeline.lambda_sem={o.lambda_sem} weigh "
+                              "PiSA-SR's two LoRA sets; this checkpoint is not a PiSA-SR one")
 
     def _prepare(self) -> None:
         """Merge LoRA (when asked), then move to the device and precision; fp16 decoder upcast."""

@@ -1,0 +1,157 @@
+"""PiSA-SR (Sun et al., CVPR 2025, arXiv 2412.03017): SR as the residual between LQ and HQ latents, learnt by two
+LoRA sets on the SD UNet in two stages. Stage ``pixel`` trains the pixel-level LoRA with the L2 loss; stage
+``semantic`` freezes it (loaded from the pixel stage's export) and trains the semantic-level LoRA with LPIPS and
+classifier score distillation (CSD: the pretrained UNet's classifier-free guidance direction, no fake score)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from osediff_lab.dtypes import DTYPES
+from osediff_lab.errors import ConfigError
+from osediff_lab.methods.base import Method, weighted_total
+from osediff_lab.models.components import Components
+from osediff_lab.models.lora import adapters_disabled
+from osediff_lab.models.lora_files import load_lora_tensors
+from osediff_lab.models.osediff import cast_frozen
+from osediff_lab.models.pisasr import PIXEL, SEMANTIC, build_pisa_generator
+from osediff_lab.models.vsd import (
+    add_noise,
+    classifier_free_guidance,
+    sample_timesteps,
+    vsd_loss,
+    x0_from_eps,
+)
+
+STAGES = (PIXEL, SEMANTIC)
+
+
+class PiSASR(Method):
+    """PiSA-SR's generator and one training stage's losses; no regularizer (CSD needs no fake score)."""
+
+    name = "pisasr"
+
+    @classmethod
+    def argument_problems(cls, args: Any) -> list[str]:
+        problems = []
+        if args.stage not in STAGES:
+            problems.append(f"method.stage='{args.stage}' must be one of {list(STAGES)}")
+        init = args.get("pixel_lora_from")
+        if args.stage == SEMANTIC and not init:
+            problems.append("method.stage=semantic trains on a frozen pixel-level LoRA: set method.pixel_lora_from="
+                            "<the pixel stage's lora/osediff_lora.safetensors>")
+        elif init and not Path(str(init)).expanduser().is_file():
+            problems.append(f"method.pixel_lora_from={init} does not exist (the pixel stage's lora/osediff_lora.safetensors)")
+        for key in ("l2_weight", "lpips_weight", "csd_weight"):
+            if args[key] < 0:
+                problems.append(f"method.{key}={args[key]} is negative; loss weights must be >= 0")
+        if args.l2_weight + args.lpips_weight + args.csd_weight <= 0:
+            problems.append("method.l2_weight, method.lpips_weight and method.csd_weight are all 0: nothing to train")
+        if not 0 <= args.csd_t_min < args.csd_t_max <= 1000:
+            problems.append(f"method.csd_t_min={args.csd_t_min} / method.csd_t_max={args.csd_t_max}: need 0 <= min < max <= 1000")
+        if args.lora.rank < 1:
+            problems.append(f"method.lora.rank={args.lora.rank} must be >= 1")
+        if not 0 <= args.timestep < 1000:
+            problems.append(f"method.timestep={args.timestep} must be in [0, 1000)")
+        return problems
+
+    def __init__(
+        self,
+        components: Components,
+        encode_text: Callable[[list[str]], torch.Tensor],
+        lpips: nn.Module | None,
+        stage: str,
+        lora: DictConfig,
+        timestep: int,
+        l2_weight: float,
+        lpips_weight: float,
+        csd_weight: float,
+        cfg_scale: float,
+        csd_t_min: int,
+        csd_t_max: int,
+        negative_prompt: str,
+        pixel_lora_from: str | None = None,
+        frozen_dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        if stage not in STAGES or (stage == SEMANTIC and not pixel_lora_from):
+            raise ConfigError(f"method.stage='{stage}' with method.pixel_lora_from={pixel_lora_from}: see osediff_lab.checks")
+        if lpips_weight > 0 and lpips is None:
+            raise ConfigError("method.lpips_weight > 0 needs an LPIPS network")
+        generator, targets = build_pisa_generator(components, lora, timestep)
+        super().__init__(generator, targets, encode_text)
+        if pixel_lora_from:
+            self.load_pixel_lora(pixel_lora_from)
+        for name, p in generator.unet.named_parameters():
+            p.requires_grad_(f".lora_A.{stage}." in name or f".lora_B.{stage}." in name)
+        if gradient_checkpointing:
+            generator.unet.enable_gradient_checkpointing()
+            generator.vae.enable_gradient_checkpointing()
+        if DTYPES[frozen_dtype] != torch.float32:
+            cast_frozen(generator, DTYPES[frozen_dtype])
+        self.stage, self.lpips = stage, lpips
+        self.weights = {"l2": l2_weight, "lpips": lpips_weight, "csd": csd_weight}
+        self.cfg_scale, self.csd_t = cfg_scale, (csd_t_min, csd_t_max)
+        self.negative_prompt = negative_prompt
+        self.metrics: dict[str, torch.Tensor] = {}
+        self._negative: torch.Tensor | None = None
+
+    def load_pixel_lora(self, path: str) -> None:
+        """The pixel-level LoRA tensors of the pixel stage's export (its semantic tensors are not used)."""
+        n = load_lora_tensors(self.generator, path, "method.pixel_lora_from", only=f".{PIXEL}.")
+        want = sum(1 for k, _ in self.generator.named_parameters() if f".{PIXEL}." in k)
+        if n != want:
+            raise ConfigError(f"method.pixel_lora_from={path} holds {n} of this generator's {want} pixel-level LoRA "
+                              "tensors; train the pixel stage with the same method.lora and model")
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Both LoRA sets (the frozen pixel-level one too): inference weighs them with lambda_pix / lambda_sem."""
+        return {n: p for n, p in self.generator.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+    def frozen_eval(self) -> None:
+        if self.lpips is not None:
+            self.lpips.eval()
+
+    def negative_embedding(self) -> torch.Tensor:
+        """The CSD's unconditional prompt, encoded once (kept outside the string cache)."""
+        device = self.generator.alphas_cumprod.device
+        if self._negative is None or self._negative.device != device:
+            self._negative = self.encode_text([self.negative_prompt])
+        return self._negative
+
+    @torch.no_grad()
+    def csd_targets(self, z_h: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 predictions of the pretrained UNet (the generator's adapters off) with CFG at ``cfg_scale`` and
+        unconditional: their difference is the classifier score direction CSD follows."""
+        abar = self.generator.alphas_cumprod
+        b = z_h.shape[0]
+        t = sample_timesteps(b, *self.csd_t, z_h.device)
+        z_t = add_noise(z_h.detach(), torch.randn_like(z_h), t, abar)
+        neg = self.negative_embedding().expand(b, -1, -1)
+        unet = self.generator.unet
+        with adapters_disabled(unet):
+            eps = unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg, embeds]).to(z_t.dtype)).sample
+        eps_uncond, eps_cond = eps.to(z_t.dtype).chunk(2)
+        eps_cfg = classifier_free_guidance(eps_uncond, eps_cond, self.cfg_scale)
+        return x0_from_eps(z_t, eps_cfg, t, abar), x0_from_eps(z_t, eps_uncond, t, abar)
+
+    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
+        """Weighted L2, LPIPS and CSD terms (each only when weighted) and ``total``."""
+        x_h, z_h = self.generator(batch["lq_up"], embeds)
+        hq = batch["hq"]
+        terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
+        if self.weights["lpips"] > 0:
+            lp_dtype = next(self.lpips.parameters()).dtype
+            terms["lpips"] = self.lpips(x_h.to(lp_dtype), hq.to(lp_dtype)).float().mean()
+        if self.weights["csd"] > 0:
+            x0_cfg, x0_uncond = self.csd_targets(z_h, embeds)
+            terms["csd"], w = vsd_loss(z_h, x0_cfg, x0_uncond)
+            self.metrics = {"csd_weight_factor": w.mean().detach()}
+        return weighted_total(terms, self.weights), None
