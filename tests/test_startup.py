@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,34 @@ def test_every_conf_folder_ships_with_the_package():
     data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
     folders = {p.parent.relative_to(root).as_posix() for p in (root / "conf").rglob("*.yaml")}
     assert {f"share/osediff_lab/{f}": [f"{f}/*.yaml"] for f in sorted(folders)} == data_files
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_trains_the_demo_from_another_directory(tmp_path: Path):
+    """`pip install .` (a wheel: package, assets, conf/ as data files) into a fresh venv, then the demo from a
+    folder that is not the checkout. The venv reaches this environment's libraries through a path file, but
+    not its editable osediff_lab (path files inside that folder are not read)."""
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site_dir = next((venv / "lib").glob("python3*/site-packages"))
+    deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
+    (site_dir / "deps.pth").write_text(deps + "\n")
+    python = venv / "bin" / "python"
+    env = {k: v for k, v in ENV.items() if k not in ("PYTHONPATH", paths.CONF_ENV)}
+    build = tmp_path / "build"  # a copy: the wheel build writes build/ and egg-info next to the sources
+    shutil.copytree(root, build, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "*.egg-info", "build"))
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(build)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([str(python), "-c", "import osediff_lab.paths as p; print(p.__file__); print(p.CONF_DIR)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    module_file, conf_dir = where.stdout.split()
+    assert module_file.startswith(str(venv)) and conf_dir == str(venv / paths.SHARE), where.stdout + where.stderr
+    demo = subprocess.run([str(python), "-m", "osediff_lab.train", "+experiment=demo", "trainer.max_steps=1", "resume=false",
+                           f"paths.output_root={elsewhere / 'outputs'}"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
+    assert "osediff-lab: run finished" in demo.stdout
