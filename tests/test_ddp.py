@@ -153,4 +153,4 @@ def test_unsynced_regularizer_trains_per_rank_while_the_generator_stays_shared(t
                       f"hydra.run.dir={run_dir}"], tmp_path))
     ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["generator_sha256"] == ranks[1]["generator_sha256"]
-    assert ranks[0]["regularizer_sha256"] != ranks[1]["regularizer_sha256"]
+    assert ranks[0]["regularizer_lora_sha256"] != ranks[1]["regularizer_lora_sha256"]

@@ -80,7 +80,7 @@ def test_fit_validates_every_n_steps_and_keeps_best_checkpoint(realsr, tmp_path)
 
     exported = load_file(summary["lora_best"])  # the monitored best, exported beside the last step's lora/
     state = torch.load(best[0].best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-    assert exported and all(torch.equal(v, state["generator." + k].float()) for k, v in exported.items())
+    assert exported and all(torch.equal(v, state["method.generator." + k].float()) for k, v in exported.items())
 
     # the evaluate command's checkpoint path: super-resolve val's LR with the exported LoRA, then score
     out = tmp_path / "eval"
