@@ -57,7 +57,7 @@ def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(t
 
     abar = module.method.alphas_cumprod
     z_t = add_noise(z_h, noise, t, abar)
-    neg = module.method.negative_embedding().expand(2, -1, -1)
+    neg = module.method.fixed_prompt_embedding(cfg.loss.negative_prompt).expand(2, -1, -1)
     with torch.no_grad():
         eps_u = pretrained(z_t, t, encoder_hidden_states=neg).sample
         eps_c = pretrained(z_t, t, encoder_hidden_states=embeds).sample

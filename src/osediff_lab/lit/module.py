@@ -261,7 +261,7 @@ class SRModule(pl.LightningModule):
 
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
         logs |= {f"train/loss_{group}": torch.stack(values).mean() for group, values in losses.items()}
-        logs |= {f"train/{k}": v for k, v in getattr(self.method, "metrics", {}).items()}
+        logs |= {f"train/{k}": v for k, v in self.method.metrics.items()}
         scaler = self.grad_scaler()
         if scaler is not None:
             logs["train/loss_scale"] = scaler.get_scale()

@@ -35,11 +35,20 @@ class Method(nn.Module):
         """Problems with this method's config (``method.*``) found before anything is built, each naming its key."""
         return []
 
-    def __init__(self, generator: nn.Module, lora_targets: dict[str, list[str]], encode_text: Callable[[list[str]], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        generator: nn.Module,
+        lora_targets: dict[str, list[str]],
+        encode_text: Callable[[list[str]], torch.Tensor],
+        lpips: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.generator = generator
         self.lora_targets = lora_targets
         self.encode_text = encode_text
+        self.lpips = lpips  # the perceptual loss network, frozen (None when the method does not weigh LPIPS)
+        self.metrics: dict[str, torch.Tensor] = {}  # diagnostics of the last step, logged as train/<key>
+        self._fixed_prompts: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable tensors per optimiser, the generator's first (``optim.lr``; ``regularizer``: ``optim.reg_lr``)."""
@@ -56,6 +65,21 @@ class Method(nn.Module):
 
     def frozen_eval(self) -> None:
         """Put frozen feature extractors (LPIPS has dropout) back in eval mode after ``train()``."""
+        if self.lpips is not None:
+            self.lpips.eval()
+
+    def lpips_loss(self, x_h: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS between x_H and HQ, both in [-1, 1], in the network's own precision (``loss.lpips.dtype``)."""
+        dtype = next(self.lpips.parameters()).dtype
+        return self.lpips(x_h.to(dtype), hq.to(dtype)).float().mean()
+
+    def fixed_prompt_embedding(self, prompt: str) -> torch.Tensor:
+        """A fixed prompt's embedding (a negative prompt), encoded once per device and kept outside the string
+        cache, which image-dependent prompts churn."""
+        key = (prompt, next(self.generator.parameters()).device)
+        if key not in self._fixed_prompts:
+            self._fixed_prompts[key] = self.encode_text([prompt])
+        return self._fixed_prompts[key]
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The generator tensors inference loads, keyed relative to the generator: by default the trained ones."""

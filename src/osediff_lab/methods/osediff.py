@@ -65,9 +65,9 @@ class OSEDiff(Method):
         if lpips_weight > 0 and lpips is None:
             raise ConfigError("loss.lpips_weight > 0 needs an LPIPS network")
         parts = build_osediff(components, generator)
-        super().__init__(parts.generator, {k: v for k, v in parts.targets.items() if not k.startswith("reg_unet")}, encode_text)
+        super().__init__(parts.generator, {k: v for k, v in parts.targets.items() if not k.startswith("reg_unet")},
+                         encode_text, lpips)
         self.reg_unet = parts.reg_unet
-        self.lpips = lpips
         self.weights = {"l2": l2_weight, "lpips": lpips_weight, "vsd": vsd_weight}
         self.vsd_space, self.cfg_scale = vsd_space, cfg_scale
         self.vsd_t, self.reg_t = (vsd_t_min, vsd_t_max), (reg_t_min, reg_t_max)
@@ -89,25 +89,12 @@ class OSEDiff(Method):
         if generator.lora.get("reg_init_from"):
             n = load_lora_tensors(self.reg_unet, generator.lora.reg_init_from, "generator.lora.reg_init_from")
             log.info("regularizer LoRA warm-started from %s (%d tensors)", generator.lora.reg_init_from, n)
-        self.metrics: dict[str, torch.Tensor] = {}
-        self._negative: torch.Tensor | None = None
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         gen = [p for _, p in trainable_parameters(self.generator)]
         if self.conv_in_lora_twice:  # the release lists conv_in's LoRA tensors twice
             gen += [p for n, p in trainable_parameters(self.generator) if n.startswith("unet.conv_in.lora_")]
         return {GENERATOR: gen, REGULARIZER: [p for _, p in trainable_parameters(self.reg_unet)]}
-
-    def frozen_eval(self) -> None:
-        if self.lpips is not None:
-            self.lpips.eval()
-
-    def negative_embedding(self) -> torch.Tensor:
-        """The real score's negative prompt, encoded once (kept outside the string cache, which DAPE churns)."""
-        device = self.alphas_cumprod.device
-        if self._negative is None or self._negative.device != device:
-            self._negative = self.encode_text([self.negative_prompt])
-        return self._negative
 
     def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, unet: nn.Module | None = None) -> torch.Tensor:
         """Epsilon prediction of ``unet`` (default: the regularizer UNet with its active adapters)."""
@@ -133,7 +120,7 @@ class OSEDiff(Method):
         noise = torch.randn_like(z_h) if noise is None else noise
         z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
         eps_fake = self.fake_eps(z_t, t, embeds).to(z_t.dtype)
-        neg = self.negative_embedding().expand(b, -1, -1)
+        neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
         z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
         if self.real_unet is not None:  # the release: a separate frozen UNet, run in pure fp16
             with torch.autocast(z_t.device.type, enabled=False):
@@ -151,8 +138,7 @@ class OSEDiff(Method):
         hq = batch["hq"]
         terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
         if self.weights["lpips"] > 0:
-            lp_dtype = next(self.lpips.parameters()).dtype  # loss.lpips.dtype: LPIPS runs in its own precision
-            terms["lpips"] = self.lpips(x_h.to(lp_dtype), hq.to(lp_dtype)).float().mean()
+            terms["lpips"] = self.lpips_loss(x_h, hq)
         if self.weights["vsd"] > 0:
             z_vsd = z_h if self.vsd_space == "latent" else self.reencode(x_h)
             x0_real, x0_fake = self.vsd_targets(z_vsd, embeds)

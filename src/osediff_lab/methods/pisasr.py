@@ -86,7 +86,7 @@ class PiSASR(Method):
         if lpips_weight > 0 and lpips is None:
             raise ConfigError("method.lpips_weight > 0 needs an LPIPS network")
         generator, targets = build_pisa_generator(components, lora, timestep)
-        super().__init__(generator, targets, encode_text)
+        super().__init__(generator, targets, encode_text, lpips)
         if pixel_lora_from:
             self.load_pixel_lora(pixel_lora_from)
         for name, p in generator.unet.named_parameters():
@@ -96,12 +96,10 @@ class PiSASR(Method):
             generator.vae.enable_gradient_checkpointing()
         if DTYPES[frozen_dtype] != torch.float32:
             cast_frozen(generator, DTYPES[frozen_dtype])
-        self.stage, self.lpips = stage, lpips
+        self.stage = stage
         self.weights = {"l2": l2_weight, "lpips": lpips_weight, "csd": csd_weight}
         self.cfg_scale, self.csd_t = cfg_scale, (csd_t_min, csd_t_max)
         self.negative_prompt = negative_prompt
-        self.metrics: dict[str, torch.Tensor] = {}
-        self._negative: torch.Tensor | None = None
 
     def load_pixel_lora(self, path: str) -> None:
         """The pixel-level LoRA tensors of the pixel stage's export (its semantic tensors are not used)."""
@@ -115,18 +113,6 @@ class PiSASR(Method):
         """Both LoRA sets (the frozen pixel-level one too): inference weighs them with lambda_pix / lambda_sem."""
         return {n: p for n, p in self.generator.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
-    def frozen_eval(self) -> None:
-        if self.lpips is not None:
-            self.lpips.eval()
-
-    def negative_embedding(self) -> torch.Tensor:
-        """The CSD's unconditional prompt, encoded once (kept outside the string cache)."""
-        device = self.generator.alphas_cumprod.device
-        if self._negative is None or self._negative.device != device:
-            self._negative = self.encode_text([self.negative_prompt])
-        return self._negative
-
-    @torch.no_grad()
     def csd_targets(self, z_h: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 predictions of the pretrained UNet (the generator's adapters off) with CFG at ``cfg_scale`` and
         unconditional: their difference is the classifier score direction CSD follows."""
@@ -134,7 +120,7 @@ class PiSASR(Method):
         b = z_h.shape[0]
         t = sample_timesteps(b, *self.csd_t, z_h.device)
         z_t = add_noise(z_h.detach(), torch.randn_like(z_h), t, abar)
-        neg = self.negative_embedding().expand(b, -1, -1)
+        neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
         unet = self.generator.unet
         with adapters_disabled(unet):
             eps = unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg, embeds]).to(z_t.dtype)).sample
@@ -148,8 +134,7 @@ class PiSASR(Method):
         hq = batch["hq"]
         terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
         if self.weights["lpips"] > 0:
-            lp_dtype = next(self.lpips.parameters()).dtype
-            terms["lpips"] = self.lpips(x_h.to(lp_dtype), hq.to(lp_dtype)).float().mean()
+            terms["lpips"] = self.lpips_loss(x_h, hq)
         if self.weights["csd"] > 0:
             x0_cfg, x0_uncond = self.csd_targets(z_h, embeds)
             terms["csd"], w = vsd_loss(z_h, x0_cfg, x0_uncond)
