@@ -11,7 +11,7 @@ from omegaconf import open_dict
 from torch import nn
 
 from helpers import compose_config
-from osediff_lab.profile import count_macs, markdown_table, op_column, profile_rows, run_profile
+from osediff_lab.profile import count_macs, op_column, profile_report, profile_rows, run_profile
 
 
 def test_conv_and_linear_macs_match_hand_counts():
@@ -50,7 +50,7 @@ def test_sd21_counts_agree_with_the_paper_without_memory():
     rows = {r["module"]: r for r in profile_rows(cfg)}
     for key in ("text_encoder", "vae_encoder", "unet", "vae_decoder", "prompt_backbone"):
         assert abs(rows[key]["rel_diff"]) < cfg.profile.tolerance == 0.05, (key, rows[key])
-    table = markdown_table(list(rows.values()), cfg)
+    table = profile_report(list(rows.values()), cfg)
     assert "UNet: 339.1 GMACs vs the paper's 355" in table and "outside" not in table  # the gap, explained
     # the VAE's single mid-block self-attention over 64 x 64 = 4096 tokens of width 512: 2 x 4096^2 x 512
     assert rows["vae_decoder"]["attention_gmacs"] == pytest.approx(2 * 4096**2 * 512 / 1e9)

@@ -18,6 +18,7 @@ from omegaconf import open_dict
 
 from osediff_lab.io import atomic_write_text
 from osediff_lab.paths import CONF_DIR
+from osediff_lab.tables import markdown_table
 from osediff_lab.train import build_module, run
 
 TINY_RECIPE = ["model=tiny", "data=demo", "trainer=cpu", "val=none", "logger=csv", "data.crop_size=32",
@@ -29,7 +30,8 @@ RECIPES = {"osediff_paper": "prompt=dape_tiny", "osediff_release": "prompt=ram_t
 
 
 def group(name: str) -> str:
-    """A readable group for a trained tensor name."""
+    """A readable group for a trained tensor name (``method.generator.*``, ``method.reg_unet.*``)."""
+    name = name.removeprefix("method.")
     if name.startswith("reg_unet."):
         return "regularizer LoRA (" + name.split(".lora_")[1].split(".")[1] + ")"
     if ".conv_in.lora_" in name and name.startswith("generator.unet."):
@@ -70,13 +72,11 @@ def table(runs: dict[str, tuple[dict, dict]]) -> str:
     apart: dict[str, float] = {}
     for name in paper.keys() & release.keys():
         apart[group(name)] = max(apart.get(group(name), 0.0), float((paper[name] - release[name]).abs().max()))
-    lines = ["| tensor group | trained tensors (paper / release) | moved in the iteration (paper / release) | "
-             "largest update (paper / release) | max abs(paper - release) after |", "|---|---:|---:|---:|---:|"]
-    for g, r in sorted(rows.items()):
-        tensors, moved = pair(r["tensors"], "{}"), pair(r["moved"], "{}")
-        gap = f"{apart[g]:.2e}" if g in apart else "-"
-        lines.append(f"| {g} | {tensors} | {moved} | {pair(r['step'], '{:.2e}')} | {gap} |")
-    return "\n".join(lines)
+    header = ["tensor group", "trained tensors (paper / release)", "moved in the iteration (paper / release)",
+              "largest update (paper / release)", "max abs(paper - release) after"]
+    cells = [[g, pair(r["tensors"], "{}"), pair(r["moved"], "{}"), pair(r["step"], "{:.2e}"),
+              f"{apart[g]:.2e}" if g in apart else "-"] for g, r in sorted(rows.items())]
+    return "\n".join(markdown_table(header, cells, right=range(1, len(header))))
 
 
 def main() -> None:

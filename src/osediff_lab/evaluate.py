@@ -29,6 +29,7 @@ from osediff_lab.errors import ConfigError, user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.metrics import MetricDef, MetricError, MetricSuite, center_crop, load_image01, metric_defs
 from osediff_lab.paths import CONF_DIR, resolve_dir
+from osediff_lab.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def markdown_table(summary: dict) -> str:
+def evaluation_report(summary: dict) -> str:
     """One row per configured metric: mean (and direction) or why there is none; then the failed pairs."""
     lines = [f"# Evaluation: {summary['count']} images", "", f"- SR: `{summary['sr_dir']}`", f"- GT: `{summary['gt_dir']}`"]
     if summary["center_cropped"]:
@@ -98,13 +99,12 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"- NOTE: subset: {len(summary['left_out'])} GT image(s) have no SR image and were left out (allow_subset=true)")
     if summary["failed"]:
         lines.append(f"- FAILED: {len(summary['failed'])} pair(s) could not be scored (listed below)")
-    lines += ["", "| metric | value | better | images |", "|---|---|---|---|"]
-    for name, m in summary["metrics"].items():
-        arrow = "lower" if m["lower_better"] else "higher"
-        if m["value"] is None:
-            lines.append(f"| {name} | unavailable: {m['unavailable']} | {arrow} | 0 |")
-        else:
-            lines.append(f"| {name} | {_fmt(m['value'])} | {arrow} | {m['n']} |")
+    rows = [
+        [name, f"unavailable: {m['unavailable']}" if m["value"] is None else _fmt(m["value"]),
+         "lower" if m["lower_better"] else "higher", 0 if m["value"] is None else m["n"]]
+        for name, m in summary["metrics"].items()
+    ]
+    lines += ["", *markdown_table(["metric", "value", "better", "images"], rows)]
     if summary["failed"]:
         lines += ["", "## Not scored", ""] + [f"- `{f['name']}`: {f['reason']}" for f in summary["failed"]]
     return "\n".join(lines) + "\n"
@@ -208,7 +208,7 @@ def evaluate_folders(
     columns = ["name", "sr", "gt", "height", "width", *suite.per_image]
     atomic_write_text(out / "per_image.csv", _csv_text(rows, columns))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "results.md", markdown_table(summary))
+    atomic_write_text(out / "results.md", evaluation_report(summary))
     return summary
 
 
@@ -255,7 +255,7 @@ def evaluate(cfg: DictConfig) -> dict:
         sr_dir, gt_dir, defs, cfg.paths.weights_dir, out, bool(cfg.center_crop), str(cfg.device), bool(cfg.progress),
         bool(cfg.get("allow_subset", False)), failed,
     )
-    print(markdown_table(summary))
+    print(evaluation_report(summary))
     print(f"outputs: {out}/per_image.csv, summary.json, results.md")
     return summary
 

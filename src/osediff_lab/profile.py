@@ -34,6 +34,7 @@ from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.osediff import build_generator, build_osediff
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts.ram import RAMArch, RAMTagger
+from osediff_lab.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -257,41 +258,39 @@ def measure_all(cfg: DictConfig) -> dict[str, Latency]:
     return out
 
 
-def markdown_table(rows: list[dict[str, Any]], cfg: DictConfig) -> str:
+def profile_report(rows: list[dict[str, Any]], cfg: DictConfig) -> str:
     """The rows as a markdown table, with the device, sizes and any explanation of a paper mismatch."""
     pc, lc = cfg.profile, cfg.profile.latency
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     lat = f"latency at {lc.size}x{lc.size}, batch 1, {lc.precision}, on {device}" if lc.enabled else "latency skipped"
-    lines = [
-        f"model={cfg.model.name}: GMACs (Conv2d + Linear) for a {pc.macs_size}x{pc.macs_size} input, text at "
-        f"{pc.text_tokens} tokens; {lat} (median over {lc.repeats} after {lc.warmup} warm-up; total = sum of medians)",
-        "",
-        "| module | params (M) | trainable (M) | GMACs | attention GMACs | paper GMACs | diff | latency ms (IQR) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    notes = []
+    header = ["module", "params (M)", "trainable (M)", "GMACs", "attention GMACs", "paper GMACs", "diff", "latency ms (IQR)"]
+    cells, notes = [], []
     for r in rows:
         if r["module"] not in LABELS:
-            lines.append(f"| {r['module']} | | {r['trainable'] / 1e6:.2f} | | | | | |")
+            cells.append([r["module"], "", f"{r['trainable'] / 1e6:.2f}", "", "", "", "", ""])
             continue
         paper = f"{r['paper_gmacs']:g}" if r["paper_gmacs"] else "-"
         diff = "-" if r["rel_diff"] is None else f"{r['rel_diff']:+.1%}" + (" (outside)" if abs(r["rel_diff"]) > pc.tolerance else "")
         la = r["latency"]
         lat_cell = "-" if la is None else f"{la['median_ms']:.1f}" + (f" ({la['iqr_ms']:.1f})" if la["iqr_ms"] is not None else "")
-        lines.append(
-            f"| {LABELS[r['module']]} | {r['params'] / 1e6:.1f} | {r['trainable'] / 1e6:.2f} | {r['gmacs']:.1f} | "
-            f"{r['attention_gmacs']:.1f} | {paper} | {diff} | {lat_cell} |"
-        )
+        cells.append([LABELS[r["module"]], f"{r['params'] / 1e6:.1f}", f"{r['trainable'] / 1e6:.2f}", f"{r['gmacs']:.1f}",
+                      f"{r['attention_gmacs']:.1f}", paper, diff, lat_cell])
         off = r["rel_diff"] is None or abs(r["rel_diff"]) > pc.note_above
         if r["paper_gmacs"] and off and r["module"] in EXPLANATIONS:
             notes.append(f"- {LABELS[r['module']]}: {r['gmacs']:.1f} GMACs vs the paper's {paper}: {EXPLANATIONS[r['module']]}")
+    lines = [
+        f"model={cfg.model.name}: GMACs (Conv2d + Linear) for a {pc.macs_size}x{pc.macs_size} input, text at "
+        f"{pc.text_tokens} tokens; {lat} (median over {lc.repeats} after {lc.warmup} warm-up; total = sum of medians)",
+        "",
+        *markdown_table(header, cells, right=range(1, len(header))),
+    ]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def run_profile(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     """Profile, print the table, write profile.md and profile.json to ``out_dir``; returns the rows."""
     rows = profile_rows(cfg)
-    table = markdown_table(rows, cfg)
+    table = profile_report(rows, cfg)
     print(table)
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "profile.md", table)

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from osediff_lab.io import atomic_write_text
+from osediff_lab.tables import markdown_table
 
 PLOT_AXES = ("val/psnr", "val/musiq")
 FAILURE_FILE = "failure.json"
@@ -55,11 +56,8 @@ def unfinished_runs(sweep_dir: Path) -> list[dict]:
 
 def unfinished_table(runs: list[dict]) -> str:
     """Markdown: the runs without a result, each with its overrides, status and reason."""
-    lines = ["| run | overrides | status | reason |", "|---|---|---|---|"]
-    for r in runs:
-        reason = r["reason"].splitlines()[0].replace("|", "/")
-        lines.append(f"| {Path(r['run_dir']).name} | {' '.join(r['overrides'])} | {r['status']} | {reason} |")
-    return "\n".join(lines) + "\n"
+    rows = [[Path(r["run_dir"]).name, " ".join(r["overrides"]), r["status"], r["reason"].splitlines()[0]] for r in runs]
+    return "\n".join(markdown_table(["run", "overrides", "status", "reason"], rows)) + "\n"
 
 
 def load_wandb(group: str, project: str) -> list[dict]:
@@ -114,15 +112,15 @@ def results_table(runs: list[dict]) -> str:
     metrics = metric_columns(runs)
     header = [*keys, "steps", "wall (s)", "peak mem (MB)", *[f"{m} (best)" for m in metrics],
               "loss_vsd mean", "loss_vsd var"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in runs:
         vsd = r.get("loss_stats", {}).get("train/loss_vsd", {})
         best = r.get("best_metrics", {})
         last = r.get("last_metrics", {})
         row = [*run_label(r, keys).values(), r.get("steps"), r.get("wall_time_s"), r.get("peak_memory_mb"),
                *[best.get(m, last.get(m)) for m in metrics], vsd.get("mean"), vsd.get("var")]
-        lines.append("| " + " | ".join(fmt(x) for x in row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([fmt(x) for x in row])
+    return "\n".join(markdown_table(header, rows)) + "\n"
 
 
 def plot_tradeoff(runs: list[dict], path: Path, x: str = PLOT_AXES[0], y: str = PLOT_AXES[1]) -> Path | None:

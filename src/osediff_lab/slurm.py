@@ -21,6 +21,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write_text
+from osediff_lab.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +173,13 @@ def jobs_table(records: list[JobRecord]) -> str:
         for o in filter_overrides(r.overrides):
             seen.setdefault(o.partition("=")[0], set()).add(o)
     varying = {k for k, v in seen.items() if len(v) > 1 or len(records) == 1}
-    lines = ["| # | job | overrides | result | attempts | reason |", "|---|---|---|---|---|---|"]
+    rows = []
     for r in records:
         shown = [o for o in filter_overrides(r.overrides) if o.partition("=")[0] in varying]
         attempts = r.summary.get("attempts", r.restarts + 1)
         result = r.result + (f", preempted and requeued {r.restarts}x" if r.restarts else "")
-        lines.append(f"| {r.num} | {r.job_id} | {' '.join(shown)} | {result} | {attempts} | {r.reason.replace('|', '/')} |")
-    return "\n".join(lines) + "\n"
+        rows.append([r.num, r.job_id, " ".join(shown), result, attempts, r.reason])
+    return "\n".join(markdown_table(["#", "job", "overrides", "result", "attempts", "reason"], rows)) + "\n"
 
 
 class FailedSweepJob(RuntimeError):
