@@ -48,8 +48,6 @@ class ToyGenerator(nn.Module):
 class ToyMethod(Method):
     """A method the framework has never seen: L1 to the HQ crop, no regularizer."""
 
-    name = "toy"
-
     def __init__(self, components, encode_text, lpips, l1_weight: float) -> None:
         super().__init__(ToyGenerator(), {}, encode_text)
         self.l1_weight = l1_weight

@@ -26,7 +26,7 @@ from osediff_lab.data.resize import upsample_input
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
 from osediff_lab.lit.validation import build_validator
-from osediff_lab.methods.base import GENERATOR, Method
+from osediff_lab.methods.base import GENERATOR, REGULARIZER, Method
 from osediff_lab.models.osediff import cast_frozen, trainable_parameters
 from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.pipeline import OSEDiffPipeline
@@ -81,9 +81,10 @@ class SRModule(pl.LightningModule):
         if next(iter(self.groups)) != GENERATOR:
             raise ValueError(f"{type(method).__name__}.param_groups() must list '{GENERATOR}' first, got {list(self.groups)}")
         self.trained_names = [n for n, _ in trainable_parameters(self)]
+        trained = set(self.trained_names)
         exported = [f"method.generator.{k}" for k in method.export_state_dict()]
         # what a checkpoint stores: the trained tensors and the exported ones (PiSA-SR's frozen pixel LoRA)
-        self.saved_names = self.trained_names + [n for n in exported if n not in set(self.trained_names)]
+        self.saved_names = self.trained_names + [n for n in exported if n not in trained]
         self.embedder = embedder
         self._bad_steps = 0
         self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
@@ -168,13 +169,13 @@ class SRModule(pl.LightningModule):
         with self._ddp_no_sync():
             self.backward_loss(loss)
         poison_if_nonfinite(loss, params)
-        if name != "regularizer" or self.optim_cfg.sync_regularizer_grads:
+        if name != REGULARIZER or self.optim_cfg.sync_regularizer_grads:
             average_gradients(params)
         scaler = self.grad_scaler()
         scale_before = scaler.get_scale() if scaler is not None else None
         raw = getattr(opt, "optimizer", opt)  # Lightning wraps each optimiser; the bare step gets plain ones
         self._skipped.discard(id(raw))
-        if name == "generator" and self.attached_trainer() is not None:
+        if name == GENERATOR and self.attached_trainer() is not None:
             opt.step()  # through Lightning: its precision plugin steps the scaler, and global_step counts it
         else:
             self.uncounted_step(raw)
@@ -306,7 +307,7 @@ class SRModule(pl.LightningModule):
             cls = bnb.optim.AdamW8bit
         else:
             cls = torch.optim.AdamW
-        lrs = {GENERATOR: oc.lr, "regularizer": oc.reg_lr}
+        lrs = {GENERATOR: oc.lr, REGULARIZER: oc.reg_lr}
         unknown = sorted(set(self.groups) - set(lrs))
         if unknown:
             raise ValueError(f"no learning rate for parameter groups {unknown} (known: {sorted(lrs)})")

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from osediff_lab.dtypes import DTYPES
+from osediff_lab.models.osediff import cast_frozen
+
 GENERATOR = "generator"
+REGULARIZER = "regularizer"  # the second parameter group the loop knows (optim.reg_lr, optim.sync_regularizer_grads)
 
 
 class Method(nn.Module):
@@ -27,8 +31,6 @@ class Method(nn.Module):
     ``lora_targets`` maps each generator adapter (``unet.<adapter>``) to the modules it wraps: the LoRA sidecar.
     ``encode_text`` turns prompt strings into text embeddings on the current device (cached).
     """
-
-    name: str = "method"
 
     @classmethod
     def argument_problems(cls, args: Any) -> list[str]:
@@ -63,6 +65,16 @@ class Method(nn.Module):
         """The updates after the generator's, as (parameter group, loss); each is stepped before the next is drawn."""
         return iter(())
 
+    def apply_memory_options(self, frozen_dtype: str, gradient_checkpointing: bool, *frozen: nn.Module) -> None:
+        """``generator.frozen_dtype`` (frozen weights of the generator and of ``frozen`` stored in that dtype) and
+        ``generator.gradient_checkpointing`` (the generator's UNet and VAE recompute activations in backward)."""
+        if gradient_checkpointing:
+            self.generator.unet.enable_gradient_checkpointing()
+            self.generator.vae.enable_gradient_checkpointing()
+        if DTYPES[frozen_dtype] != torch.float32:
+            for module in (self.generator, *frozen):
+                cast_frozen(module, DTYPES[frozen_dtype])
+
     def frozen_eval(self) -> None:
         """Put frozen feature extractors (LPIPS has dropout) back in eval mode after ``train()``."""
         if self.lpips is not None:
@@ -89,9 +101,6 @@ class Method(nn.Module):
         """Trained tensors beside the generator's to write at the end of a run: {file stem: tensors}."""
         return {}
 
-    def sidecar(self) -> dict[str, Any]:
-        """What inference needs to rebuild this method's generator, for the LoRA sidecar's ``method`` entry."""
-        return {"name": self.name}
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError
-from osediff_lab.methods.base import GENERATOR, Method, weighted_total
+from osediff_lab.methods.base import GENERATOR, REGULARIZER, Method, weighted_total
 from osediff_lab.models.components import Components
 from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
 from osediff_lab.models.lora_files import load_lora_tensors
-from osediff_lab.models.osediff import build_osediff, cast_frozen, trainable_parameters
+from osediff_lab.models.osediff import build_osediff, trainable_parameters
 from osediff_lab.models.vsd import (
     add_noise,
     classifier_free_guidance,
@@ -32,13 +31,10 @@ from osediff_lab.models.vsd import (
 )
 
 log = logging.getLogger(__name__)
-REGULARIZER = "regularizer"
 
 
 class OSEDiff(Method):
     """OSEDiff's generator, regularizer UNet (real score: adapters off; fake score: its 'reg' LoRA) and losses."""
-
-    name = "osediff"
 
     def __init__(
         self,
@@ -75,20 +71,17 @@ class OSEDiff(Method):
         self.negative_prompt = negative_prompt
         self.release_score_precision = release_score_precision
         self.conv_in_lora_twice = conv_in_lora_twice
-        self.all_targets = parts.targets
-        self.register_buffer("alphas_cumprod", components.scheduler.alphas_cumprod.float().clone(), persistent=False)
-        if generator.gradient_checkpointing:
-            self.generator.unet.enable_gradient_checkpointing()
-            self.generator.vae.enable_gradient_checkpointing()
-        frozen_dtype = DTYPES[generator.frozen_dtype]
-        if frozen_dtype != torch.float32:
-            for module in (self.generator, self.reg_unet):
-                cast_frozen(module, frozen_dtype)
+        self.apply_memory_options(generator.frozen_dtype, generator.gradient_checkpointing, self.reg_unet)
         # The release: a separate frozen copy of the pretrained UNet for the real score, stored in fp16.
         self.real_unet = frozen_base_copy(self.reg_unet, torch.float16) if release_score_precision else None
         if generator.lora.get("reg_init_from"):
             n = load_lora_tensors(self.reg_unet, generator.lora.reg_init_from, "generator.lora.reg_init_from")
             log.info("regularizer LoRA warm-started from %s (%d tensors)", generator.lora.reg_init_from, n)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The noise schedule, the generator's (one copy)."""
+        return self.generator.alphas_cumprod
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         gen = [p for _, p in trainable_parameters(self.generator)]

@@ -14,13 +14,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import Method, weighted_total
 from osediff_lab.models.components import Components
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.lora_files import load_lora_tensors
-from osediff_lab.models.osediff import cast_frozen
 from osediff_lab.models.pisasr import PIXEL, SEMANTIC, build_pisa_generator
 from osediff_lab.models.vsd import (
     add_noise,
@@ -33,22 +31,24 @@ from osediff_lab.models.vsd import (
 STAGES = (PIXEL, SEMANTIC)
 
 
+def stage_problems(stage: str, pixel_lora_from: str | None) -> list[str]:
+    """The stage must be known, and the semantic stage needs the pixel stage's export, which must exist."""
+    if stage not in STAGES:
+        return [f"method.stage='{stage}' must be one of {list(STAGES)}"]
+    if stage == SEMANTIC and not pixel_lora_from:
+        return ["method.stage=semantic trains on a frozen pixel-level LoRA: set method.pixel_lora_from="
+                "<the pixel stage's lora/osediff_lora.safetensors>"]
+    if pixel_lora_from and not Path(str(pixel_lora_from)).expanduser().is_file():
+        return [f"method.pixel_lora_from={pixel_lora_from} does not exist (the pixel stage's lora/osediff_lora.safetensors)"]
+    return []
+
+
 class PiSASR(Method):
     """PiSA-SR's generator and one training stage's losses; no regularizer (CSD needs no fake score)."""
 
-    name = "pisasr"
-
     @classmethod
     def argument_problems(cls, args: Any) -> list[str]:
-        problems = []
-        if args.stage not in STAGES:
-            problems.append(f"method.stage='{args.stage}' must be one of {list(STAGES)}")
-        init = args.get("pixel_lora_from")
-        if args.stage == SEMANTIC and not init:
-            problems.append("method.stage=semantic trains on a frozen pixel-level LoRA: set method.pixel_lora_from="
-                            "<the pixel stage's lora/osediff_lora.safetensors>")
-        elif init and not Path(str(init)).expanduser().is_file():
-            problems.append(f"method.pixel_lora_from={init} does not exist (the pixel stage's lora/osediff_lora.safetensors)")
+        problems = stage_problems(args.stage, args.get("pixel_lora_from"))
         for key in ("l2_weight", "lpips_weight", "csd_weight"):
             if args[key] < 0:
                 problems.append(f"method.{key}={args[key]} is negative; loss weights must be >= 0")
@@ -81,8 +81,9 @@ class PiSASR(Method):
         frozen_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
     ) -> None:
-        if stage not in STAGES or (stage == SEMANTIC and not pixel_lora_from):
-            raise ConfigError(f"method.stage='{stage}' with method.pixel_lora_from={pixel_lora_from}: see osediff_lab.checks")
+        problems = stage_problems(stage, pixel_lora_from)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if lpips_weight > 0 and lpips is None:
             raise ConfigError("method.lpips_weight > 0 needs an LPIPS network")
         generator, targets = build_pisa_generator(components, lora, timestep)
@@ -91,11 +92,7 @@ class PiSASR(Method):
             self.load_pixel_lora(pixel_lora_from)
         for name, p in generator.unet.named_parameters():
             p.requires_grad_(f".lora_A.{stage}." in name or f".lora_B.{stage}." in name)
-        if gradient_checkpointing:
-            generator.unet.enable_gradient_checkpointing()
-            generator.vae.enable_gradient_checkpointing()
-        if DTYPES[frozen_dtype] != torch.float32:
-            cast_frozen(generator, DTYPES[frozen_dtype])
+        self.apply_memory_options(frozen_dtype, gradient_checkpointing)
         self.stage = stage
         self.weights = {"l2": l2_weight, "lpips": lpips_weight, "csd": csd_weight}
         self.cfg_scale, self.csd_t = cfg_scale, (csd_t_min, csd_t_max)
