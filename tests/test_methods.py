@@ -89,8 +89,13 @@ def test_pisa_generator_predicts_the_residual_of_the_lq_latent():
         torch.testing.assert_close(generator.denoise(z_l, embeds), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_csd_targets_are_cfg_and_unconditional_x0_of_the_pretrained_unet(tmp_path):
-    pixel = run(compose_config([*RUN, "method=pisasr_pixel"], tmp_path / "pixel"))[2]
+@pytest.fixture(scope="module")
+def pixel(tmp_path_factory) -> dict:
+    """The summary of one PiSA-SR pixel-stage run (3 steps), shared by the tests that start from its export."""
+    return run(compose_config([*RUN, "method=pisasr_pixel"], tmp_path_factory.mktemp("pixel")))[2]
+
+
+def test_csd_targets_are_cfg_and_unconditional_x0_of_the_pretrained_unet(tmp_path, pixel):
     cfg = compose_config([*TINY, "method=pisasr_semantic", f"method.pixel_lora_from={pixel['lora']}"], tmp_path / "sem")
     torch.manual_seed(0)
     pretrained = copy.deepcopy(build_components(cfg.model).unet).eval()
@@ -113,8 +118,7 @@ def test_csd_targets_are_cfg_and_unconditional_x0_of_the_pretrained_unet(tmp_pat
 
 
 @pytest.mark.slow
-def test_pisa_two_stages_then_inference_weights(tmp_path):
-    pixel = run(compose_config([*RUN, "method=pisasr_pixel"], tmp_path / "pixel"))[2]
+def test_pisa_two_stages_then_inference_weights(tmp_path, pixel):
     stage1 = load_file(pixel["lora"])
     assert any(".pixel." in k and ".lora_B." in k and v.abs().sum() > 0 for k, v in stage1.items()), "pixel LoRA untrained"
     assert all(v.abs().sum() == 0 for k, v in stage1.items() if ".lora_B.semantic." in k), "stage 1 moved the semantic LoRA"
@@ -136,8 +140,8 @@ def test_pisa_two_stages_then_inference_weights(tmp_path):
     both, pixel_only = sr(semantic["lora"]), sr(semantic["lora"], lambda_sem=0.0)
     torch.testing.assert_close(pixel_only, sr(pixel["lora"]), atol=1e-5, rtol=0)  # lambda_sem=0: the pixel stage
     assert (both - pixel_only).abs().max() > 1e-4, "the semantic LoRA had no effect"
+    osediff = run(compose_config(RUN, tmp_path / "osediff"))[2]
     with pytest.raises(ConfigError, match="pipeline.lambda_pix"):  # an OSEDiff checkpoint has no such knob
-        osediff = run(compose_config(RUN, tmp_path / "osediff"))[2]
         sr(osediff["lora"], lambda_pix=0.5)
 
     Image.fromarray((lq[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "lq.png")
