@@ -41,7 +41,7 @@ def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
         "base_model": {"name": cfg.model.name, "pretrained_path": cfg.model.get("pretrained_path")},
         "model_arch": OmegaConf.to_container(cfg.model, resolve=True),
         "lora": OmegaConf.to_container(gen.lora, resolve=True),
-        "target_modules": targets,  # the method's generator adapters (Method.lora_targets)
+        "target_modules": {k: v for k, v in targets.items() if not k.startswith("reg_unet")},
         "timestep": gen.timestep,
         "train_vae_encoder": gen.train_vae_encoder,
         "train_vae_decoder": gen.train_vae_decoder,
