@@ -128,3 +128,12 @@ def test_a_non_editable_install_trains_the_demo_from_another_directory(tmp_path:
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
     assert "osediff-lab: run finished" in demo.stdout
+
+
+def test_the_gpu_check_ends_within_eight_minutes_even_if_every_section_hangs():
+    """Issue 19: a session with a GPU runs benchmarks/gpu_check.sh in under 8 minutes; each section's
+    timeout bounds it, so their sum must stay below 480 s (every command in it must carry one)."""
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    commands = [line for line in script.splitlines() if "$PY " in line and not line.lstrip().startswith(("#", "if "))]
+    assert commands and all(line.lstrip().startswith("timeout ") for line in commands), commands
+    assert sum(int(line.split()[1]) for line in commands) < 480
