@@ -9,6 +9,7 @@ from diffusers.optimization import SchedulerType
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from osediff_lab.build import component_problems
 from osediff_lab.data.datamodule import data_problems
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
@@ -73,7 +74,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(DTYPES)}")
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
-    if cfg.degradation.name == "none":
+    problems.extend(component_problems(cfg.degradation, "degradation", given=("scale",)))
+    if cfg.degradation.get("name") == "none":
         problems.append(
             "degradation=none needs training batches that carry their LQ, and every data group gives HQ crops "
             "only; choose degradation=realesrgan or degradation=bicubic"
