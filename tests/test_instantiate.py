@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers import TINY, compose_config
 from osediff_lab.build import build, component_problems
@@ -12,6 +13,10 @@ from osediff_lab.checks import config_problems
 from osediff_lab.data.degradation import BicubicDegradation, PairedOnly, build_degradation
 from osediff_lab.data.realesrgan import RealESRGANDegradation, Stage
 from osediff_lab.errors import ConfigError
+from osediff_lab.prompts import FixedPrompt, NullPrompt, build_prompt_provider, provider_from_config
+from osediff_lab.prompts.dape import DapePrompt
+from osediff_lab.prompts.llava import LlavaPrompt
+from osediff_lab.resolvers import quote_null_choices
 
 
 class Darken:
@@ -95,3 +100,43 @@ def test_unknown_target_names_the_key(tmp_path):
     assert len(problems) == 1 and "degradation._target_=osediff_lab.data.degradation.Sharpen" in problems[0]
     with pytest.raises(ConfigError, match="degradation._target_"):
         build(cfg.degradation, "degradation", scale=4)
+
+
+# ---- prompt -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "cls"), [("null", NullPrompt), ("fixed", FixedPrompt), ("dape_tiny", DapePrompt),
+                                             ("ram_tiny", DapePrompt), ("llava_tiny", LlavaPrompt)])
+def test_every_tiny_prompt_option_builds_its_class(option, cls, tmp_path):
+    cfg = compose_config(TINY + quote_null_choices([f"prompt={option}"]), tmp_path)
+    assert config_problems(cfg) == []
+    assert type(provider_from_config(cfg.prompt)) is cls
+
+
+@pytest.mark.parametrize(("option", "file"), [("dape", "ram_swin_large_14m.pth"), ("ram", "ram_swin_large_14m.pth"),
+                                              ("llava", "LLaVA checkpoint not found")])
+def test_pretrained_prompt_options_name_their_missing_files_before_any_model(option, file, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    cfg = compose_config(TINY + [f"prompt={option}", f"paths.weights_dir={tmp_path}"], tmp_path)
+    assert any(file in p for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match=file):
+        provider_from_config(cfg.prompt)
+
+
+@pytest.mark.parametrize("option", ["dape_tiny", "llava_tiny"])
+def test_bad_prompt_argument_named_before_any_model(option, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    from osediff_lab.train import run
+
+    for override, key in (("prompt.dtype=fp8", "prompt.dtype"), ("+prompt.temperature=0.7", "prompt.temperature")):
+        cfg = compose_config(TINY + [f"prompt={option}", override], tmp_path)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            run(cfg)
+
+
+def test_prompt_saved_without_target_builds_by_its_name(tmp_path):
+    """LoRA sidecars of earlier runs hold the prompt config without ``_target_``."""
+    saved = OmegaConf.to_container(compose_config(TINY + ["prompt=dape_tiny"], tmp_path).prompt, resolve=True)
+    del saved["_target_"]
+    assert type(build_prompt_provider(OmegaConf.create(saved))) is DapePrompt
+    assert type(build_prompt_provider(OmegaConf.create({"name": "null"}))) is NullPrompt
+    with pytest.raises(ConfigError, match="prompt.name 'clip'"):
+        build_prompt_provider(OmegaConf.create({"name": "clip"}))

@@ -15,8 +15,7 @@ from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.models.components import resolve_pretrained_path
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
-from osediff_lab.prompts.llava import resolve_model_dir
-from osediff_lab.prompts.ram_checkpoint import require_file
+from osediff_lab.prompts import CALLER_SETTINGS
 
 LOSS_WEIGHTS = ("l2_weight", "lpips_weight", "vsd_weight")
 MIXED = ("16-mixed", "bf16-mixed", "16", "bf16")
@@ -85,7 +84,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems.extend(optim_problems(cfg.optim))
     problems.extend(step_problems(cfg.trainer))
     problems.extend(data_problems(cfg))
-    problems.extend(prompt_weight_problems(cfg.get("prompt")))
+    if cfg.get("prompt") is not None:
+        problems.extend(component_problems(cfg.prompt, "prompt", skip=CALLER_SETTINGS))
     return problems
 
 
@@ -139,22 +139,6 @@ def step_problems(trainer: DictConfig) -> list[str]:
     steps = trainer.get("max_steps")
     if steps is None or steps < 1:
         return [f"trainer.max_steps={steps} must be >= 1: it counts the generator steps to train (0 trains nothing)"]
-    return []
-
-
-def prompt_weight_problems(prompt: DictConfig | None) -> list[str]:
-    """Missing DAPE/RAM or LLaVA files, reported with the others before any model is built."""
-    if prompt is None or prompt.get("weights") != "pretrained":
-        return []
-    try:
-        if prompt.name in ("dape", "ram"):
-            require_file(prompt.ram_path, "RAM")
-            if prompt.get("dape_path"):
-                require_file(prompt.dape_path, "DAPE")
-        elif prompt.name == "llava":
-            resolve_model_dir(prompt)
-    except MissingWeightsError as exc:
-        return [str(exc)]
     return []
 
 
