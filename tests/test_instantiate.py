@@ -13,6 +13,8 @@ from osediff_lab.checks import config_problems
 from osediff_lab.data.degradation import BicubicDegradation, PairedOnly, build_degradation
 from osediff_lab.data.realesrgan import RealESRGANDegradation, Stage
 from osediff_lab.errors import ConfigError
+from osediff_lab.pipeline.colorfix import COLOR_FIXES, adain_color_fix, color_fix, wavelet_color_fix
+from osediff_lab.pipeline.options import make_options
 from osediff_lab.prompts import FixedPrompt, NullPrompt, build_prompt_provider, provider_from_config
 from osediff_lab.prompts.dape import DapePrompt
 from osediff_lab.prompts.llava import LlavaPrompt
@@ -140,3 +142,16 @@ def test_prompt_saved_without_target_builds_by_its_name(tmp_path):
     assert type(build_prompt_provider(OmegaConf.create({"name": "null"}))) is NullPrompt
     with pytest.raises(ConfigError, match="prompt.name 'clip'"):
         build_prompt_provider(OmegaConf.create({"name": "clip"}))
+
+
+# ---- colour fix (a registry of functions) -------------------------------------------------------------
+def test_color_fix_registry_dispatches_and_names_the_key(monkeypatch):
+    target, source = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(color_fix("adain", target, source, 3), adain_color_fix(target, source))
+    torch.testing.assert_close(color_fix("wavelet", target, source, 3), wavelet_color_fix(target, source, 3))
+    assert color_fix("none", target, source, 3) is target
+    with pytest.raises(ConfigError, match=r"pipeline\.color_fix='histogram' must be one of \['adain', 'none', 'wavelet'\]"):
+        color_fix("histogram", target, source, 3)
+    monkeypatch.setitem(COLOR_FIXES, "gray", lambda t, s, levels: t.mean(1, keepdim=True).expand_as(t))
+    assert make_options({"color_fix": "gray"}).color_fix == "gray"  # the options check reads the registry
+    assert color_fix("gray", target, source, 3).std(1).max() == 0
