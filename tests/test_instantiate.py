@@ -8,11 +8,17 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import TINY, compose_config
-from osediff_lab.build import build, component_problems
+from osediff_lab.build import build, component_problems, target
 from osediff_lab.checks import config_problems
 from osediff_lab.data.degradation import BicubicDegradation, PairedOnly, build_degradation
 from osediff_lab.data.realesrgan import RealESRGANDegradation, Stage
 from osediff_lab.errors import ConfigError
+from osediff_lab.models.components import (
+    Components,
+    build_components,
+    pretrained_components,
+    random_components,
+)
 from osediff_lab.pipeline.colorfix import COLOR_FIXES, adain_color_fix, color_fix, wavelet_color_fix
 from osediff_lab.pipeline.options import make_options
 from osediff_lab.prompts import FixedPrompt, NullPrompt, build_prompt_provider, provider_from_config
@@ -98,7 +104,7 @@ def test_degradation_from_outside_src_plugs_in_by_config_alone(tmp_path):
 
 def test_unknown_target_names_the_key(tmp_path):
     cfg = compose_config(TINY + ["degradation._target_=osediff_lab.data.degradation.Sharpen"], tmp_path)
-    problems = component_problems(cfg.degradation, "degradation", given=("scale",))
+    problems = component_problems(cfg.degradation, "degradation", given={"scale": 4})
     assert len(problems) == 1 and "degradation._target_=osediff_lab.data.degradation.Sharpen" in problems[0]
     with pytest.raises(ConfigError, match="degradation._target_"):
         build(cfg.degradation, "degradation", scale=4)
@@ -155,3 +161,41 @@ def test_color_fix_registry_dispatches_and_names_the_key(monkeypatch):
     monkeypatch.setitem(COLOR_FIXES, "gray", lambda t, s, levels: t.mean(1, keepdim=True).expand_as(t))
     assert make_options({"color_fix": "gray"}).color_fix == "gray"  # the options check reads the registry
     assert color_fix("gray", target, source, 3).std(1).max() == 0
+
+
+# ---- model ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "factory"), [("tiny", random_components), ("sd21_shape", random_components),
+                                                 ("nano", pretrained_components), ("sd21_base", pretrained_components)])
+def test_every_model_option_names_its_factory(option, factory, tmp_path):
+    cfg = compose_config(TINY + [f"model={option}"], tmp_path)
+    assert target(cfg.model, "model") is factory
+    assert cfg.model.source in ("random", "pretrained")  # kept for the memory predictor and the sidecar
+
+
+@pytest.mark.parametrize("option", ["tiny", "nano"])
+def test_small_model_options_build_frozen_components(option, tmp_path):
+    cfg = compose_config(TINY + [f"model={option}"], tmp_path)
+    components = build_components(cfg.model)
+    assert isinstance(components, Components) and not any(p.requires_grad for p in components.unet.parameters())
+
+
+def test_missing_base_weights_and_bad_model_keys_named_before_any_model(monkeypatch, tmp_path):
+    monkeypatch.delenv("OSEDIFF_SD21_BASE", raising=False)
+    cfg = compose_config(TINY + ["model=sd21_base"], tmp_path)
+    assert any("model.pretrained_path" in p for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match="model.pretrained_path"):
+        build_components(cfg.model)
+    cfg = compose_config(TINY + ["+model.dropout=0.1"], tmp_path)
+    assert any("model.dropout is not an argument" in p for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match="model.dropout"):
+        build_components(cfg.model)
+
+
+def test_model_saved_without_target_builds_by_its_source(tmp_path):
+    """LoRA sidecars of earlier runs hold the model config without ``_target_`` (tiny's with pretrained_path)."""
+    saved = OmegaConf.to_container(compose_config(TINY, tmp_path).model, resolve=True)
+    del saved["_target_"]
+    saved["pretrained_path"] = None
+    assert isinstance(build_components(OmegaConf.create(saved)), Components)
+    with pytest.raises(ConfigError, match="model.source"):
+        build_components(OmegaConf.create({"name": "x", "source": "hub"}))

@@ -68,17 +68,17 @@ def signature_problems(fn: Any, args: Mapping[str, Any], key: str, given: Iterab
     return problems
 
 
-def component_problems(cfg: DictConfig, key: str, skip: Iterable[str] = (), given: Iterable[str] = ()) -> list[str]:
+def component_problems(cfg: DictConfig, key: str, skip: Iterable[str] = (), given: Mapping[str, Any] | None = None) -> list[str]:
     """Every problem with ``cfg`` (the ``key`` group) found without building it: the target, the argument
     names, and the target's own ``argument_problems``. ``given``: the arguments the caller adds when building."""
     try:
         fn = target(cfg, key)
     except ConfigError as exc:
         return [str(exc)]
-    args = arguments(cfg, skip)
+    args, given = arguments(cfg, skip), dict(given or {})
     problems = signature_problems(fn, args, key, given)
     check = getattr(fn, "argument_problems", None)
-    return problems if problems or check is None else check(args)
+    return problems if problems or check is None else check({**args, **given})
 
 
 def raise_problems(problems: list[str], what: str) -> None:

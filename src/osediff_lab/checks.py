@@ -13,7 +13,7 @@ from osediff_lab.build import component_problems
 from osediff_lab.data.datamodule import data_problems
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
-from osediff_lab.models.components import resolve_pretrained_path
+from osediff_lab.models.components import CALLER_SETTINGS as MODEL_CALLER_SETTINGS
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
 from osediff_lab.prompts import CALLER_SETTINGS
 
@@ -56,11 +56,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.crop_size={data.crop_size} must be a multiple of scale x 8 = {multiple}")
     if data.batch_size < 1:
         problems.append(f"data.batch_size={data.batch_size} must be >= 1")
-    if cfg.model.source == "pretrained":
-        try:
-            resolve_pretrained_path(cfg.model)
-        except MissingWeightsError as exc:
-            problems.append(str(exc))
+    problems.extend(component_problems(cfg.model, "model", skip=MODEL_CALLER_SETTINGS, given={"name": cfg.model.name}))
     if cfg.method.get("lpips_weight", 0) > 0:
         if loss.lpips.net not in BACKBONE_FILES:
             problems.append(f"loss.lpips.net='{loss.lpips.net}' must be one of {sorted(BACKBONE_FILES)}")
@@ -73,7 +69,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(DTYPES)}")
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
-    problems.extend(component_problems(cfg.degradation, "degradation", given=("scale",)))
+    problems.extend(component_problems(cfg.degradation, "degradation", given={"scale": cfg.scale}))
     if cfg.degradation.get("name") == "none":
         problems.append(
             "degradation=none needs training batches that carry their LQ, and every data group gives HQ crops "
