@@ -87,13 +87,13 @@ def raise_problems(problems: list[str], what: str) -> None:
         raise ConfigError(f"{what}:\n  - " + "\n  - ".join(problems))
 
 
-def build(cfg: DictConfig, key: str, skip: Iterable[str] = (), recursive: bool = False, **kwargs: Any) -> Any:
+def build(cfg: DictConfig, key: str, skip: Iterable[str] = (), **kwargs: Any) -> Any:
     """``instantiate`` the ``key`` group's ``cfg`` with ``kwargs`` added, after its ``component_problems``;
     a ConfigError or MissingWeightsError raised inside comes out as itself, not wrapped by Hydra."""
     raise_problems(component_problems(cfg, key, skip, kwargs), f"{key} cannot be built")
     call = {"_target_": cfg._target_, **arguments(cfg, skip)}
     try:
-        return instantiate(call, **kwargs, _recursive_=recursive, _convert_="all")
+        return instantiate(call, **kwargs, _recursive_=False, _convert_="all")
     except InstantiationException as exc:
         if isinstance(exc.__cause__, USER_ERRORS):
             raise exc.__cause__ from None
