@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from common import compose_config
 
-from osediff_lab.data.realesrgan import DIRECT_MAX, RealESRGANDegradation, correlate, select_samples
+from osediff_lab.data.degradation import build_degradation
+from osediff_lab.data.realesrgan import DIRECT_MAX, correlate, select_samples
 
 
 def sync(device: str) -> None:
@@ -68,7 +69,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = compose_config(["degradation=realesrgan"]).degradation
     hq = torch.rand(args.batch, 3, args.size, args.size, device=args.device) * 2 - 1
-    batched, single = RealESRGANDegradation(cfg, 4), RealESRGANDegradation(cfg, 4)
+    batched, single = build_degradation(cfg, 4), build_degradation(cfg, 4)
     batched(hq)  # warm-up (kernel caches, allocator)
     single(hq[:1])
 
@@ -83,7 +84,7 @@ def main() -> None:
 
     shared_cfg = cfg.copy()
     shared_cfg.resize_per_sample = False
-    shared = RealESRGANDegradation(shared_cfg, 4)
+    shared = build_degradation(shared_cfg, 4)
     shared(hq)
     t_shared, _, ratio_shared = paired(
         lambda: shared(hq), lambda: [single(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device

@@ -24,7 +24,7 @@ from bench_degradation import paired, seconds
 from bench_startup import TRAIN, bench_infer, bench_train, run_child
 from common import compose_config
 
-from osediff_lab.data.realesrgan import RealESRGANDegradation
+from osediff_lab.data.degradation import build_degradation
 from osediff_lab.memory import training_step
 from osediff_lab.train import build_module
 
@@ -140,7 +140,7 @@ def infer_row(repeats: int) -> None:
 def degradation_row(device: str, repeats: int) -> None:
     cfg = compose_config(["degradation=realesrgan"]).degradation
     hq = torch.rand(8, 3, 512, 512, device=device) * 2 - 1
-    d = RealESRGANDegradation(cfg, 4)
+    d = build_degradation(cfg, 4)
     d(hq)
     t_batch, t_single, ratio = paired(lambda: d(hq), lambda: [d(hq[i : i + 1]) for i in range(8)], repeats, device)
     row("Real-ESRGAN degradation, batch 1 / batch 8", f"{8 / t_single:.2f} / {8 / t_batch:.2f} pairs/s",

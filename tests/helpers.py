@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from osediff_lab import resolvers  # noqa: F401  (registers ${asset:...} and ${run_id:...} before composing)
 from osediff_lab.paths import CONF_DIR
 
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -138,7 +138,8 @@ def test_sinc_spectrum_cuts_off_at_omega():
 
 def test_sampled_kernels_respect_window_types_and_normalisation(cfg):
     g = torch.Generator().manual_seed(0)
-    kernels, params = sample_kernels(400, kernel_spec(cfg.degradation, cfg.degradation.first), g)
+    settings = make(cfg).settings
+    kernels, params = sample_kernels(400, kernel_spec(settings, settings.first), g)
     assert kernels.shape == (400, 21, 21)
     torch.testing.assert_close(kernels.sum(dim=(-2, -1)), torch.ones(400), atol=1e-5, rtol=0)
     ax = torch.arange(21) - 10
@@ -267,7 +268,7 @@ def make(cfg, **overrides) -> RealESRGANDegradation:
     with open_dict(c):
         for k, v in overrides.items():
             c[k] = v
-    return RealESRGANDegradation(c, 4)
+    return build_degradation(c, 4)
 
 
 def test_build_from_config_and_lq_size_is_hq_over_scale(cfg):
@@ -335,7 +336,7 @@ def test_bad_kernel_type_is_a_config_error(cfg):
     with open_dict(c):
         c.first.kernel_types = ["iso", "box", "aniso", "plateau_iso", "plateau_aniso", "generalized_iso"]
     with pytest.raises(ConfigError, match="degradation.first.kernel_types"):
-        RealESRGANDegradation(c, 4)
+        build_degradation(c, 4)
 
 
 def test_pair_pool_keeps_partners_together_and_mixes_batches():

@@ -172,10 +172,10 @@ def test_null_prompt_encodes_like_the_empty_string():
     assert not torch.allclose(encode(["a cat"]), encode([""]))
 
 
-def test_unknown_prompt_name_is_a_config_error():
+def test_unknown_prompt_target_is_a_config_error():
     cfg = cfg_with()
-    cfg.prompt.name = "clip"
-    with pytest.raises(ConfigError, match="prompt.name"):
+    cfg.prompt._target_ = "osediff_lab.prompts.clip.ClipPrompt"
+    with pytest.raises(ConfigError, match="prompt._target_"):
         build_prompt_provider(cfg.prompt)
 
 

@@ -24,6 +24,11 @@ def prompt_cfg(name: str, *overrides: str):
     return compose_config([*TINY, f"prompt={name}", *overrides]).prompt
 
 
+def tagger_of(cfg) -> RAMTagger:
+    """The tagger of the ``prompt`` config ``cfg``, built as ``build_dape`` builds it."""
+    return build_tagger(cfg.weights, cfg.seed, cfg.arch, cfg.ram_path, cfg.dape_path, cfg.ignore_prefixes)
+
+
 @pytest.fixture(scope="module")
 def tiny_cfg():
     return prompt_cfg("dape_tiny")
@@ -31,7 +36,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="module")
 def tiny_tagger(tiny_cfg):
-    return build_tagger(tiny_cfg).eval()
+    return tagger_of(tiny_cfg).eval()
 
 
 def test_full_size_names_and_shapes_match_reference_json():
@@ -173,7 +178,7 @@ def test_ram_then_dape_files_load_through_the_config(tiny_tagger, tmp_path):
     torch.save({"params": dape}, tmp_path / "dape.pth")
     cfg = prompt_cfg("dape_tiny", "prompt.weights=pretrained", f"prompt.ram_path={tmp_path / 'ram.pth'}",
                      f"prompt.dape_path={tmp_path / 'dape.pth'}")
-    loaded = build_tagger(cfg).eval()
+    loaded = tagger_of(cfg).eval()
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(loaded(x), tiny_tagger(x))
 
@@ -181,19 +186,19 @@ def test_ram_then_dape_files_load_through_the_config(tiny_tagger, tmp_path):
     no_lora = prompt_cfg("dape_tiny", "prompt.weights=pretrained", f"prompt.ram_path={tmp_path / 'ram.pth'}",
                          f"prompt.dape_path={tmp_path / 'ram.pth'}")
     with pytest.raises(StateDictMismatchError) as err:
-        build_tagger(no_lora)
+        tagger_of(no_lora)
     assert err.value.missing == sorted(dape) and not err.value.unexpected
 
     # Plain RAM (no DAPE file): the model is built without LoRA layers and RAM's file alone covers it.
     plain = prompt_cfg("dape_tiny", "prompt.weights=pretrained", f"prompt.ram_path={tmp_path / 'ram.pth'}", "prompt.dape_path=null")
-    plain_tagger = build_tagger(plain)
+    plain_tagger = tagger_of(plain)
     assert not any("lora_" in n for n, _ in plain_tagger.named_parameters())
 
 
 def test_missing_checkpoint_names_the_file(tmp_path):
     cfg = prompt_cfg("dape", f"paths.weights_dir={tmp_path}")
     with pytest.raises(MissingWeightsError, match="ram_swin_large_14m.pth"):
-        build_tagger(cfg)
+        tagger_of(cfg)
 
 
 def test_preprocess_resizes_and_normalises(tiny_tagger):

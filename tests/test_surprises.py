@@ -8,7 +8,7 @@ from pathlib import Path
 from helpers import TINY, compose_config
 from osediff_lab.checks import config_problems
 from osediff_lab.models.components import build_components
-from osediff_lab.prompts.llava import build_llava
+from osediff_lab.prompts import provider_from_config
 from osediff_lab.train import build_module
 
 
@@ -21,7 +21,7 @@ def test_tiny_tokenizer_and_toy_llava_remove_their_temporary_folders(tmp_path):
     cfg = compose_config(["model=tiny", "prompt=llava_tiny"], tmp_path)
     components = build_components(cfg.model)
     assert components.tokenizer("a photo").input_ids  # loaded, usable after its folder is gone
-    provider = build_llava(cfg.prompt)
+    provider = provider_from_config(cfg.prompt)
     assert provider is not None
     assert leftovers("osediff_tokenizer_") == before_tok
     assert leftovers("osediff_llava_") == before_llava

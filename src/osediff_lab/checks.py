@@ -9,13 +9,13 @@ from diffusers.optimization import SchedulerType
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from osediff_lab.build import component_problems
 from osediff_lab.data.datamodule import data_problems
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
-from osediff_lab.models.components import resolve_pretrained_path
+from osediff_lab.models.components import CALLER_SETTINGS as MODEL_CALLER_SETTINGS
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
-from osediff_lab.prompts.llava import resolve_model_dir
-from osediff_lab.prompts.ram_checkpoint import require_file
+from osediff_lab.prompts import CALLER_SETTINGS
 
 LOSS_WEIGHTS = ("l2_weight", "lpips_weight", "vsd_weight")
 MIXED = ("16-mixed", "bf16-mixed", "16", "bf16")
@@ -56,11 +56,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.crop_size={data.crop_size} must be a multiple of scale x 8 = {multiple}")
     if data.batch_size < 1:
         problems.append(f"data.batch_size={data.batch_size} must be >= 1")
-    if cfg.model.source == "pretrained":
-        try:
-            resolve_pretrained_path(cfg.model)
-        except MissingWeightsError as exc:
-            problems.append(str(exc))
+    problems.extend(component_problems(cfg.model, "model", skip=MODEL_CALLER_SETTINGS, given={"name": cfg.model.name}))
     if cfg.method.get("lpips_weight", 0) > 0:
         if loss.lpips.net not in BACKBONE_FILES:
             problems.append(f"loss.lpips.net='{loss.lpips.net}' must be one of {sorted(BACKBONE_FILES)}")
@@ -73,7 +69,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"loss.lpips.dtype='{loss.lpips.dtype}' must be one of {sorted(DTYPES)}")
     if cfg.optim.use_8bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("optim.use_8bit=true needs bitsandbytes: pip install 'osediff-lab[perf]' (or set optim.use_8bit=false)")
-    if cfg.degradation.name == "none":
+    problems.extend(component_problems(cfg.degradation, "degradation", given={"scale": cfg.scale}))
+    if cfg.degradation.get("name") == "none":
         problems.append(
             "degradation=none needs training batches that carry their LQ, and every data group gives HQ crops "
             "only; choose degradation=realesrgan or degradation=bicubic"
@@ -83,7 +80,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems.extend(optim_problems(cfg.optim))
     problems.extend(step_problems(cfg.trainer))
     problems.extend(data_problems(cfg))
-    problems.extend(prompt_weight_problems(cfg.get("prompt")))
+    if cfg.get("prompt") is not None:
+        problems.extend(component_problems(cfg.prompt, "prompt", skip=CALLER_SETTINGS))
     return problems
 
 
@@ -137,22 +135,6 @@ def step_problems(trainer: DictConfig) -> list[str]:
     steps = trainer.get("max_steps")
     if steps is None or steps < 1:
         return [f"trainer.max_steps={steps} must be >= 1: it counts the generator steps to train (0 trains nothing)"]
-    return []
-
-
-def prompt_weight_problems(prompt: DictConfig | None) -> list[str]:
-    """Missing DAPE/RAM or LLaVA files, reported with the others before any model is built."""
-    if prompt is None or prompt.get("weights") != "pretrained":
-        return []
-    try:
-        if prompt.name in ("dape", "ram"):
-            require_file(prompt.ram_path, "RAM")
-            if prompt.get("dape_path"):
-                require_file(prompt.dape_path, "DAPE")
-        elif prompt.name == "llava":
-            resolve_model_dir(prompt)
-    except MissingWeightsError as exc:
-        return [str(exc)]
     return []
 
 

@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 from omegaconf import DictConfig
 
+from osediff_lab.build import build
 from osediff_lab.data.resize import resize
 from osediff_lab.errors import ConfigError
 
@@ -43,13 +44,6 @@ class PairedOnly:
 
 
 def build_degradation(cfg: DictConfig, scale: int) -> Degradation:
-    """The degradation named by ``cfg.name``."""
-    if cfg.name == "bicubic":
-        return BicubicDegradation(scale)
-    if cfg.name == "none":
-        return PairedOnly(scale)
-    if cfg.name == "realesrgan":
-        from osediff_lab.data.realesrgan import RealESRGANDegradation  # loaded only when used
-
-        return RealESRGANDegradation(cfg, scale)
-    raise ConfigError(f"degradation.name '{cfg.name}' is unknown; choose degradation=realesrgan, bicubic or none")
+    """The degradation ``cfg._target_`` names (``degradation=realesrgan|bicubic|none`` or any importable class),
+    built with the group's keys and the run's ``scale``."""
+    return build(cfg, "degradation", scale=scale)

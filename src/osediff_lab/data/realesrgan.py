@@ -10,14 +10,15 @@ noise fields come from a device generator per sample, seeded from it per call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import kornia
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
+from osediff_lab.build import raise_problems
 from osediff_lab.data.kernels import KERNEL_TYPES, KernelSpec, describe_kernel, sample_kernels
 from osediff_lab.data.resize import resize
 from osediff_lab.errors import ConfigError
@@ -193,20 +194,117 @@ def select_samples(params: Any, idx: list[int]) -> Any:
     return [params[i] for i in idx]
 
 
+# ---- settings (frozen, checked once when the degradation is built) ---------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One stage's sampling settings (``degradation.first`` / ``degradation.second``); ranges are (low, high).
+
+    Noise sigmas are on the 0-255 scale; ``resize_probs`` weigh (up, down, keep)."""
+
+    blur_prob: float
+    kernel_types: tuple[str, ...]
+    kernel_probs: tuple[float, ...]
+    sinc_prob: float
+    blur_sigma: tuple[float, float]
+    betag: tuple[float, float]
+    betap: tuple[float, float]
+    resize_probs: tuple[float, ...]
+    resize_range: tuple[float, float]
+    gaussian_noise_prob: float
+    noise_range: tuple[float, float]
+    poisson_scale_range: tuple[float, float]
+    gray_noise_prob: float
+    jpeg_range: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Final:
+    """The last stage (``degradation.final``): sinc filter chance and cutoffs, and the chance JPEG comes first."""
+
+    sinc_prob: float
+    sinc_omega: tuple[float, float]
+    jpeg_first_prob: float
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Real-ESRGAN's training-pair pool (``degradation.pool``)."""
+
+    enabled: bool
+    size: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the sampling and the pipeline read: the shared kernel, resize and noise settings and the stages."""
+
+    kernel_size: int
+    kernel_size_range: tuple[int, int]
+    sinc_omega_small: tuple[float, float]
+    sinc_omega_large: tuple[float, float]
+    resize_modes: tuple[str, ...]
+    resize_per_sample: bool
+    antialias: bool
+    border: str
+    poisson_levels: float
+    first: Stage
+    second: Stage
+    final: Final
+
+
+S = TypeVar("S", Stage, Final, Pool)
+SECTIONS: dict[str, type] = {"first": Stage, "second": Stage, "final": Final, "pool": Pool}
+BORDERS = ("reflect", "replicate", "circular")
+
+
+def section(kind: type[S], value: S | Mapping[str, Any], key: str) -> S:
+    """``value`` as the frozen ``kind`` (a mapping's lists become tuples); unknown or missing keys raise a
+    ConfigError naming them."""
+    if isinstance(value, kind):
+        return value
+    names = [f.name for f in fields(kind)]
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping with the keys {names}, got {value!r}")
+    unknown, missing = sorted(set(value) - set(names)), [n for n in names if n not in value]
+    if unknown or missing:
+        raise ConfigError(f"{key}: unknown keys {unknown}, missing keys {missing}; it takes {names}")
+    return kind(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in value.items()})
+
+
+def settings_problems(first: Stage, second: Stage, resize_modes: tuple[str, ...], border: str, pool: Pool) -> list[str]:
+    """Unknown kernel types, resize modes or border, mismatched probability lists and an empty pool, each naming its key."""
+    problems = []
+    for name, st in (("first", first), ("second", second)):
+        bad = [t for t in st.kernel_types if t not in KERNEL_TYPES]
+        if bad or len(st.kernel_types) != len(st.kernel_probs):
+            problems.append(f"degradation.{name}.kernel_types {list(st.kernel_types)} must come from {KERNEL_TYPES} "
+                            f"with one entry of degradation.{name}.kernel_probs each")
+        if len(st.resize_probs) != len(RESIZE_DIRECTIONS):
+            problems.append(f"degradation.{name}.resize_probs needs 3 entries (up, down, keep)")
+    bad = [m for m in resize_modes if m not in RESIZE_MODES]
+    if bad:
+        problems.append(f"degradation.resize_modes {bad} unknown; choose from {RESIZE_MODES}")
+    if border not in BORDERS:
+        problems.append(f"degradation.border='{border}' must be one of {list(BORDERS)}")
+    if pool.enabled and pool.size < 1:
+        problems.append(f"degradation.pool.size={pool.size} must be >= 1 (a multiple of the batch size)")
+    return problems
+
+
 # ---- parameter sampling ---------------------------------------------------------------------------
-def kernel_spec(cfg: DictConfig, stage: DictConfig) -> KernelSpec:
-    """The KernelSpec of one stage (``cfg.first`` or ``cfg.second``) from the degradation config."""
+def kernel_spec(s: Settings, stage: Stage) -> KernelSpec:
+    """The KernelSpec of one stage (``s.first`` or ``s.second``)."""
     return KernelSpec(
-        size=int(cfg.kernel_size),
-        ksize_range=tuple(cfg.kernel_size_range),
-        types=tuple(stage.kernel_types),
-        probs=tuple(stage.kernel_probs),
+        size=s.kernel_size,
+        ksize_range=s.kernel_size_range,
+        types=stage.kernel_types,
+        probs=stage.kernel_probs,
         sinc_prob=float(stage.sinc_prob),
-        sigma_range=tuple(stage.blur_sigma),
-        betag_range=tuple(stage.betag),
-        betap_range=tuple(stage.betap),
-        omega_small=tuple(cfg.sinc_omega_small),
-        omega_large=tuple(cfg.sinc_omega_large),
+        sigma_range=stage.blur_sigma,
+        betag_range=stage.betag,
+        betap_range=stage.betap,
+        omega_small=s.sinc_omega_small,
+        omega_large=s.sinc_omega_large,
     )
 
 
@@ -215,17 +313,17 @@ def _uniform(n: int, bounds, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
 
 
-def sample_stage(n: int, cfg: DictConfig, stage: DictConfig, g: torch.Generator) -> dict[str, Any]:
+def sample_stage(n: int, s: Settings, stage: Stage, g: torch.Generator) -> dict[str, Any]:
     """One stage's per-sample parameters: blur kernel, resize factor/mode, noise kind/strength, JPEG quality."""
     blur = torch.rand(n, generator=g, dtype=torch.float64) < float(stage.blur_prob)
-    kernels, kparams = sample_kernels(n, kernel_spec(cfg, stage), g)
+    kernels, kparams = sample_kernels(n, kernel_spec(s, stage), g)
     kernels = torch.where(blur[:, None, None], kernels, pulse(n, kernels.shape[-1]))
     direction = torch.multinomial(torch.tensor(list(stage.resize_probs), dtype=torch.float64), n, True, generator=g)
     lo, hi = stage.resize_range
     up, down = _uniform(n, (1.0, hi), g), _uniform(n, (lo, 1.0), g)
     factor = torch.where(direction == 0, up, torch.where(direction == 1, down, torch.ones_like(up)))
-    modes = torch.randint(0, len(cfg.resize_modes), (n,), generator=g)
-    if not cfg.resize_per_sample:  # Real-ESRGAN's original: the first sample's resize for the whole batch
+    modes = torch.randint(0, len(s.resize_modes), (n,), generator=g)
+    if not s.resize_per_sample:  # Real-ESRGAN's original: the first sample's resize for the whole batch
         direction, factor, modes = direction[:1].expand(n), factor[:1].expand(n), modes[:1].expand(n)
     return {
         "blur": blur,
@@ -233,7 +331,7 @@ def sample_stage(n: int, cfg: DictConfig, stage: DictConfig, g: torch.Generator)
         "kernel_params": kparams,
         "direction": direction,
         "factor": factor,
-        "mode": [str(cfg.resize_modes[int(m)]) for m in modes],
+        "mode": [s.resize_modes[int(m)] for m in modes],
         "gaussian": torch.rand(n, generator=g, dtype=torch.float64) < float(stage.gaussian_noise_prob),
         "sigma": _uniform(n, stage.noise_range, g) / 255.0,
         "poisson": _uniform(n, stage.poisson_scale_range, g),
@@ -242,64 +340,96 @@ def sample_stage(n: int, cfg: DictConfig, stage: DictConfig, g: torch.Generator)
     }
 
 
-def sample_final(n: int, cfg: DictConfig, g: torch.Generator) -> dict[str, Any]:
+def sample_final(n: int, s: Settings, g: torch.Generator) -> dict[str, Any]:
     """The last stage: optional sinc filter, resize mode to the LQ size, and whether JPEG comes first."""
-    f = cfg.final
+    f = s.final
     sinc = torch.rand(n, generator=g, dtype=torch.float64) < float(f.sinc_prob)
     spec = KernelSpec(
-        size=int(cfg.kernel_size),
-        ksize_range=tuple(cfg.kernel_size_range),
+        size=s.kernel_size,
+        ksize_range=s.kernel_size_range,
         types=("iso",),
         probs=(1.0,),
         sinc_prob=1.0,
         sigma_range=(1.0, 1.0),
         betag_range=(1.0, 1.0),
         betap_range=(1.0, 1.0),
-        omega_small=tuple(f.sinc_omega),
-        omega_large=tuple(f.sinc_omega),
+        omega_small=f.sinc_omega,
+        omega_large=f.sinc_omega,
     )
     kernels, kparams = sample_kernels(n, spec, g)
-    modes = torch.randint(0, len(cfg.resize_modes), (n,), generator=g)
+    modes = torch.randint(0, len(s.resize_modes), (n,), generator=g)
     return {
         "sinc": sinc,
         "kernels": torch.where(sinc[:, None, None], kernels, pulse(n, kernels.shape[-1])),
         "kernel_params": kparams,
-        "mode": [str(cfg.resize_modes[int(m)]) for m in modes],
+        "mode": [s.resize_modes[int(m)] for m in modes],
         "jpeg_first": torch.rand(n, generator=g, dtype=torch.float64) < float(f.jpeg_first_prob),
     }
-
-
-def validate(cfg: DictConfig) -> None:
-    """Refuse unknown kernel types or resize modes and mismatched probability lists, naming the key."""
-    for name in ("first", "second"):
-        st = cfg[name]
-        bad = [t for t in st.kernel_types if t not in KERNEL_TYPES]
-        if bad or len(st.kernel_types) != len(st.kernel_probs):
-            raise ConfigError(f"degradation.{name}.kernel_types {list(st.kernel_types)} must come from {KERNEL_TYPES} "
-                              f"with one entry of degradation.{name}.kernel_probs each")
-        if len(st.resize_probs) != len(RESIZE_DIRECTIONS):
-            raise ConfigError(f"degradation.{name}.resize_probs needs 3 entries (up, down, keep)")
-    bad = [m for m in cfg.resize_modes if m not in RESIZE_MODES]
-    if bad:
-        raise ConfigError(f"degradation.resize_modes {bad} unknown; choose from {RESIZE_MODES}")
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 class RealESRGANDegradation:
     """HQ (B, 3, H, W) in [-1, 1] -> LQ (B, 3, H/scale, W/scale) in [-1, 1], Real-ESRGAN's second-order model.
 
-    ``last_params`` holds the sampled parameters of the latest call, one dict per sample; ``describe``
-    turns one into text. With ``cfg.pool.enabled`` the call also swaps pairs with a pool (see ``pair``).
+    Built from ``degradation=realesrgan`` (the arguments are its keys; ``first``/``second``/``final``/``pool``
+    take mappings or their frozen settings). ``last_params`` holds the sampled parameters of the latest call,
+    one dict per sample; ``describe`` turns one into text. With ``pool.enabled`` the call also swaps pairs with
+    a pool (see ``pair``).
     """
 
-    def __init__(self, cfg: DictConfig, scale: int) -> None:
-        self.cfg = cfg
+    @classmethod
+    def argument_problems(cls, args: Mapping[str, Any]) -> list[str]:
+        """Problems with ``degradation.*`` found before anything is built, each naming its key."""
+        problems, parts = [], {}
+        for name, kind in SECTIONS.items():
+            try:
+                parts[name] = section(kind, args[name], f"degradation.{name}")
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            return problems
+        return settings_problems(parts["first"], parts["second"], tuple(args["resize_modes"]), str(args["border"]), parts["pool"])
+
+    def __init__(
+        self,
+        scale: int,
+        seed: int,
+        kernel_size: int,
+        kernel_size_range: tuple[int, int],
+        sinc_omega_small: tuple[float, float],
+        sinc_omega_large: tuple[float, float],
+        resize_modes: tuple[str, ...],
+        resize_per_sample: bool,
+        antialias: bool,
+        border: str,
+        poisson_levels: float,
+        first: Stage | Mapping[str, Any],
+        second: Stage | Mapping[str, Any],
+        final: Final | Mapping[str, Any],
+        pool: Pool | Mapping[str, Any],
+    ) -> None:
+        parts = {"first": first, "second": second, "final": final, "pool": pool}
+        raise_problems(self.argument_problems({**parts, "resize_modes": resize_modes, "border": border}), "degradation=realesrgan")
+        self.settings = Settings(
+            kernel_size=int(kernel_size),
+            kernel_size_range=(int(kernel_size_range[0]), int(kernel_size_range[1])),
+            sinc_omega_small=tuple(sinc_omega_small),
+            sinc_omega_large=tuple(sinc_omega_large),
+            resize_modes=tuple(str(m) for m in resize_modes),
+            resize_per_sample=bool(resize_per_sample),
+            antialias=bool(antialias),
+            border=str(border),
+            poisson_levels=float(poisson_levels),
+            first=section(Stage, first, "degradation.first"),
+            second=section(Stage, second, "degradation.second"),
+            final=section(Final, final, "degradation.final"),
+        )
+        pool_settings = section(Pool, pool, "degradation.pool")
         self.scale = int(scale)
-        self.seed = int(cfg.seed)
+        self.seed = int(seed)
         self._gen: torch.Generator | None = None
         self.last_params: list[dict[str, Any]] = []
-        self.pool = PairPool(int(cfg.pool.size)) if cfg.pool.enabled else None
-        validate(cfg)
+        self.pool = PairPool(int(pool_settings.size)) if pool_settings.enabled else None
 
     @property
     def generator(self) -> torch.Generator:
@@ -351,10 +481,10 @@ class RealESRGANDegradation:
         Per-sample entries (tensors, lists) under ``first``, ``second``, ``final``, the intermediate sizes
         ``sizes1``/``sizes2`` and ``noise_seed`` (one device generator per sample); ``select_samples`` slices it.
         """
-        cfg, g = self.cfg, self.generator
+        s, g = self.settings, self.generator
         h, w = size
         lq_h, lq_w = h // self.scale, w // self.scale
-        p1, p2, pf = sample_stage(b, cfg, cfg.first, g), sample_stage(b, cfg, cfg.second, g), sample_final(b, cfg, g)
+        p1, p2, pf = sample_stage(b, s, s.first, g), sample_stage(b, s, s.second, g), sample_final(b, s, g)
         return {
             "first": p1,
             "second": p2,
@@ -367,7 +497,7 @@ class RealESRGANDegradation:
     @torch.no_grad()
     def apply(self, hq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         """HQ (B, 3, H, W) in [-1, 1] -> LQ in [-1, 1] with given parameters (``sample``'s, one entry per sample)."""
-        cfg = self.cfg
+        s = self.settings
         b, _, h, w = hq.shape
         lq_size = (h // self.scale, w // self.scale)
         p1, p2, pf = params["first"], params["second"], params["final"]
@@ -377,15 +507,16 @@ class RealESRGANDegradation:
         xs = self._stage(xs, params["sizes2"], p2, gens)
         first = pf["jpeg_first"].tolist()
         xs = jpeg_each(xs, p2["quality"], where=first)
-        xs = blur_each(resize_each(xs, [lq_size] * b, pf["mode"], bool(cfg.antialias)), pf["kernels"], cfg.border)
+        xs = blur_each(resize_each(xs, [lq_size] * b, pf["mode"], s.antialias), pf["kernels"], s.border)
         x = torch.stack(jpeg_each([x.clamp(0, 1) for x in xs], p2["quality"], where=[not f for f in first]))
         return (x * 2 - 1).to(hq.dtype)
 
     def _stage(self, xs: list[torch.Tensor], out_sizes, p: dict[str, Any], gens: list[torch.Generator]) -> list[torch.Tensor]:
         """Blur, resize, noise (no JPEG) for one stage, sample by sample in groups."""
-        xs = blur_each(xs, p["kernels"], self.cfg.border)
-        xs = resize_each(xs, out_sizes, p["mode"], bool(self.cfg.antialias))
-        return noise_each(xs, p, gens, float(self.cfg.poisson_levels))
+        s = self.settings
+        xs = blur_each(xs, p["kernels"], s.border)
+        xs = resize_each(xs, out_sizes, p["mode"], s.antialias)
+        return noise_each(xs, p, gens, s.poisson_levels)
 
     @staticmethod
     def _record(i: int, p1, p2, pf, sizes1, sizes2) -> dict[str, Any]:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from osediff_lab.build import build, checked_by
 from osediff_lab.errors import ConfigError, MissingWeightsError
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
@@ -157,16 +160,42 @@ def load_pretrained(path: str | Path) -> Components:
     return components
 
 
+def random_components(name: str, arch: Mapping[str, Any]) -> Components:
+    """Randomly initialised components at the sizes in ``arch`` (model=tiny, sd21_shape), checked for OSEDiff."""
+    components = build_random(OmegaConf.create({"arch": arch}))
+    check_compatible(components, f"model '{name}'")
+    return components
+
+
+def pretrained_problems(args: Mapping[str, Any]) -> list[str]:
+    """The pretrained preset's directory on disk, with every subfolder (the message names the key and the fix)."""
+    try:
+        resolve_pretrained_path(OmegaConf.create(dict(args)))
+    except MissingWeightsError as exc:
+        return [str(exc)]
+    return []
+
+
+@checked_by(pretrained_problems)
+def pretrained_components(name: str, pretrained_path: str | None, pretrained_env: str = "OSEDIFF_SD21_BASE") -> Components:
+    """The components of a local diffusers-format directory (model=nano, sd21_base), loaded offline."""
+    spec = OmegaConf.create({"name": name, "pretrained_path": pretrained_path, "pretrained_env": pretrained_env})
+    return load_pretrained(resolve_pretrained_path(spec))
+
+
+CALLER_SETTINGS = ("source",)  # read by the memory predictor and the sidecar; no constructor takes it
+
+
 def build_components(cfg: DictConfig) -> Components:
-    """Components for a model preset: ``cfg.source`` is ``random`` (built from arch) or ``pretrained``."""
-    if cfg.source == "random":
-        components = build_random(cfg)
-        check_compatible(components, f"model '{cfg.name}'")
-    elif cfg.source == "pretrained":
-        components = load_pretrained(resolve_pretrained_path(cfg))
-    else:
-        raise ConfigError(f"model.source must be 'random' or 'pretrained', got '{cfg.source}'")
-    return frozen(components)
+    """Frozen components for a model preset, built by ``cfg._target_`` (``model=tiny|nano|sd21_base|sd21_shape``);
+    a config saved without ``_target_`` (LoRA sidecars of earlier runs) builds by its ``source``."""
+    if "_target_" in cfg:
+        return frozen(build(cfg, "model", skip=CALLER_SETTINGS, name=cfg.get("name", "model")))
+    if cfg.get("source") == "random":
+        return frozen(random_components(cfg.name, cfg.arch))
+    if cfg.get("source") == "pretrained":
+        return frozen(pretrained_components(cfg.name, cfg.get("pretrained_path"), cfg.get("pretrained_env", "OSEDIFF_SD21_BASE")))
+    raise ConfigError(f"model.source must be 'random' or 'pretrained', got '{cfg.get('source')}'")
 
 
 def frozen(components: Components) -> Components:

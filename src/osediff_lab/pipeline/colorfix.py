@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-COLOR_FIXES = ("adain", "wavelet", "none")
+from osediff_lab.errors import ConfigError
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,12 +50,27 @@ def wavelet_color_fix(target: torch.Tensor, source: torch.Tensor, levels: int = 
     return high + low
 
 
+def no_color_fix(target: torch.Tensor, source: torch.Tensor, wavelet_levels: int) -> torch.Tensor:
+    """``target`` unchanged (``pipeline.color_fix=none``)."""
+    return target
+
+
+def adain_fix(target: torch.Tensor, source: torch.Tensor, wavelet_levels: int) -> torch.Tensor:
+    """``adain_color_fix`` in the registry's signature (it has no levels)."""
+    return adain_color_fix(target, source)
+
+
+# pipeline.color_fix -> fn(target, source, wavelet_levels); a new fix is one entry here.
+COLOR_FIXES: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    "adain": adain_fix,
+    "wavelet": wavelet_color_fix,
+    "none": no_color_fix,
+}
+
+
 def color_fix(name: str, target: torch.Tensor, source: torch.Tensor, wavelet_levels: int) -> torch.Tensor:
-    """Dispatch by config name: adain | wavelet | none."""
-    if name == "adain":
-        return adain_color_fix(target, source)
-    if name == "wavelet":
-        return wavelet_color_fix(target, source, wavelet_levels)
-    if name == "none":
-        return target
-    raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got '{name}'")
+    """The fix ``COLOR_FIXES[name]`` (``pipeline.color_fix``) of ``target`` towards ``source``, both the same range."""
+    fix = COLOR_FIXES.get(name)
+    if fix is None:
+        raise ConfigError(f"pipeline.color_fix='{name}' must be one of {sorted(COLOR_FIXES)}")
+    return fix(target, source, wavelet_levels)

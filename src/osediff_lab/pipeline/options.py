@@ -33,7 +33,7 @@ def option_problems(o: DictConfig) -> list[str]:
     """Every problem, each naming the ``pipeline.*`` key."""
     problems = []
     if o.color_fix not in COLOR_FIXES:
-        problems.append(f"pipeline.color_fix='{o.color_fix}' must be one of {COLOR_FIXES}")
+        problems.append(f"pipeline.color_fix='{o.color_fix}' must be one of {sorted(COLOR_FIXES)}")
     if o.latent not in ("mode", "sample"):
         problems.append(f"pipeline.latent='{o.latent}' must be 'mode' or 'sample'")
     if o.precision not in ("auto", *DTYPES):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
+from osediff_lab.build import checked_by
 from osediff_lab.dtypes import DTYPES
-from osediff_lab.errors import ConfigError
+from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.prompts.ram import RAMArch, RAMTagger, select_tags, tag_vocabulary
 from osediff_lab.prompts.ram_checkpoint import load_ram_dape, require_file
 
@@ -63,33 +65,64 @@ class DapePrompt:
         return [format_tag_prompt(t, self.user_prompt, self.template) for t in self.tags(lq)]
 
 
-def build_tagger(cfg: DictConfig) -> RAMTagger:
+WEIGHTS = ("pretrained", "random")
+
+
+def dape_problems(args: Mapping[str, Any]) -> list[str]:
+    """``prompt.dtype`` and ``prompt.weights`` known, and with pretrained weights RAM's (and DAPE's) file on disk."""
+    problems = []
+    if args["dtype"] not in DTYPES:
+        problems.append(f"prompt.dtype must be one of {sorted(DTYPES)}, got '{args['dtype']}'")
+    if args["weights"] not in WEIGHTS:
+        problems.append(f"prompt.weights must be 'pretrained' or 'random', got '{args['weights']}'")
+    elif args["weights"] == "pretrained":
+        try:
+            require_file(args["ram_path"], "RAM")
+            if args.get("dape_path"):
+                require_file(args["dape_path"], "DAPE")
+        except MissingWeightsError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def build_tagger(
+    weights: str, seed: int, arch: Mapping[str, Any], ram_path: str, dape_path: str | None, ignore_prefixes: Sequence[str]
+) -> RAMTagger:
     """A ``RAMTagger`` per ``prompt.weights``: ``pretrained`` loads RAM (+ DAPE) from local files; ``random`` seeds."""
-    if cfg.weights == "random":
+    if weights == "random":
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(cfg.seed))
-            return RAMTagger(RAMArch.from_config(cfg.arch))
-    if cfg.weights != "pretrained":
-        raise ConfigError(f"prompt.weights must be 'pretrained' or 'random', got '{cfg.weights}'")
-    require_file(cfg.ram_path, "RAM")
-    if cfg.dape_path:
-        require_file(cfg.dape_path, "DAPE")
-    arch = RAMArch.from_config(cfg.arch, lora_rank=None if cfg.dape_path else 0)
-    model = RAMTagger(arch)
-    report = load_ram_dape(model, cfg.ram_path, cfg.dape_path, tuple(cfg.ignore_prefixes))
+            torch.manual_seed(int(seed))
+            return RAMTagger(RAMArch.from_config(arch))
+    if weights != "pretrained":
+        raise ConfigError(f"prompt.weights must be 'pretrained' or 'random', got '{weights}'")
+    require_file(ram_path, "RAM")
+    if dape_path:
+        require_file(dape_path, "DAPE")
+    model = RAMTagger(RAMArch.from_config(arch, lora_rank=None if dape_path else 0))
+    report = load_ram_dape(model, ram_path, dape_path, tuple(ignore_prefixes))
     log.info("RAM tagger: %d tensors loaded, %d checkpoint entries ignored (%s)", len(report.loaded), len(report.ignored),
-             ", ".join(cfg.ignore_prefixes))
+             ", ".join(ignore_prefixes))
     return model
 
 
-def build_dape(cfg: DictConfig) -> DapePrompt:
-    """The DAPE provider for ``cfg`` (the ``prompt`` config group); ``dape_path: null`` is plain RAM (prompt=ram)."""
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"prompt.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
-    names, thresholds = tag_vocabulary(int(cfg.arch.num_tags))
-    if cfg.threshold is not None:
-        thresholds = torch.full_like(thresholds, float(cfg.threshold))
-    return DapePrompt(
-        build_tagger(cfg), names, thresholds, str(cfg.user_prompt), set(cfg.exclude_tags), DTYPES[cfg.dtype],
-        int(cfg.batch_size), str(cfg.get("template", INFERENCE_TEMPLATE)),
-    )
+@checked_by(dape_problems)
+def build_dape(
+    weights: str,
+    arch: Mapping[str, Any],
+    ram_path: str,
+    dape_path: str | None,
+    ignore_prefixes: Sequence[str],
+    threshold: float | None,
+    exclude_tags: Sequence[int],
+    dtype: str,
+    batch_size: int,
+    seed: int,
+    user_prompt: str = "",
+    template: str = INFERENCE_TEMPLATE,
+) -> DapePrompt:
+    """The DAPE provider from the ``prompt`` group's keys; ``dape_path: null`` is plain RAM (prompt=ram)."""
+    names, thresholds = tag_vocabulary(int(arch["num_tags"]))
+    if threshold is not None:
+        thresholds = torch.full_like(thresholds, float(threshold))
+    tagger = build_tagger(weights, seed, arch, ram_path, dape_path, ignore_prefixes)
+    return DapePrompt(tagger, names, thresholds, str(user_prompt), set(exclude_tags), DTYPES[dtype], int(batch_size), str(template))

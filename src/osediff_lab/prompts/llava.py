@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
@@ -24,9 +25,10 @@ from transformers import (
     LlavaProcessor,
 )
 
+from osediff_lab.build import checked_by
 from osediff_lab.data.images import tensor_to_pil
 from osediff_lab.dtypes import DTYPES
-from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.errors import MissingWeightsError
 from osediff_lab.models.components import write_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -117,11 +119,9 @@ def write_tiny_llava(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def resolve_model_dir(cfg: DictConfig) -> Path:
+def resolve_model_dir(model_dir: str) -> Path:
     """The local checkpoint directory ``prompt.model_dir`` (``prompt.weights=pretrained``), checked."""
-    if cfg.weights != "pretrained":
-        raise ConfigError(f"prompt.weights must be 'pretrained' or 'random', got '{cfg.weights}'")
-    path = Path(os.path.expanduser(str(cfg.model_dir)))
+    path = Path(os.path.expanduser(str(model_dir)))
     if not (path / "config.json").is_file():
         raise MissingWeightsError(
             f"LLaVA checkpoint not found: {path} has no config.json. Download a transformers-format LLaVA-1.5 "
@@ -131,17 +131,41 @@ def resolve_model_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def build_llava(cfg: DictConfig) -> LlavaPrompt:
-    """The LLaVA provider for ``cfg`` (the ``prompt`` config group); loads offline only."""
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"prompt.dtype must be one of {sorted(DTYPES)}, got '{cfg.dtype}'")
-    if cfg.weights == "random":  # a toy model, written to a temporary folder and loaded through the same path
+def llava_problems(args: Mapping[str, Any]) -> list[str]:
+    """``prompt.dtype`` and ``prompt.weights`` known, and with pretrained weights the checkpoint on disk."""
+    problems = []
+    if args["dtype"] not in DTYPES:
+        problems.append(f"prompt.dtype must be one of {sorted(DTYPES)}, got '{args['dtype']}'")
+    if args["weights"] not in ("pretrained", "random"):
+        problems.append(f"prompt.weights must be 'pretrained' or 'random', got '{args['weights']}'")
+    elif args["weights"] == "pretrained":
+        try:
+            resolve_model_dir(args["model_dir"])
+        except MissingWeightsError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+@checked_by(llava_problems)
+def build_llava(
+    weights: str,
+    model_dir: str,
+    instruction: str,
+    template: str,
+    max_new_tokens: int,
+    dtype: str,
+    batch_size: int,
+    seed: int,
+) -> LlavaPrompt:
+    """The LLaVA provider from the ``prompt`` group's keys; loads offline only (``weights=random``: a toy model)."""
+    if weights == "random":  # a toy model, written to a temporary folder and loaded through the same path
         with tempfile.TemporaryDirectory(prefix="osediff_llava_") as tmp:
-            return _load_llava(cfg, write_tiny_llava(tmp, int(cfg.seed)))
-    return _load_llava(cfg, resolve_model_dir(cfg))
+            return load_llava(write_tiny_llava(tmp, int(seed)), instruction, template, max_new_tokens, dtype, batch_size)
+    return load_llava(resolve_model_dir(model_dir), instruction, template, max_new_tokens, dtype, batch_size)
 
 
-def _load_llava(cfg: DictConfig, path: Path) -> LlavaPrompt:
+def load_llava(path: Path, instruction: str, template: str, max_new_tokens: int, dtype: str, batch_size: int) -> LlavaPrompt:
+    """The provider around the checkpoint in ``path`` (a transformers LLaVA directory), in ``dtype``."""
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=DTYPES[cfg.dtype])
-    return LlavaPrompt(model, processor, str(cfg.instruction), str(cfg.template), int(cfg.max_new_tokens), int(cfg.batch_size))
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=DTYPES[dtype])
+    return LlavaPrompt(model, processor, str(instruction), str(template), int(max_new_tokens), int(batch_size))

@@ -7,8 +7,10 @@ a tag is on when sigmoid(logit) > its threshold. Module names match the released
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +45,9 @@ class RAMArch:
     std: tuple[float, float, float]
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, lora_rank: int | None = None) -> RAMArch:
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any], lora_rank: int | None = None) -> RAMArch:
         """Build from ``prompt.arch``; ``lora_rank`` overrides the configured rank (0 = plain RAM)."""
-        values = OmegaConf.to_container(cfg, resolve=True)
+        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         for key in ("depths", "num_heads", "mean", "std"):
             values[key] = tuple(values[key])
         if lora_rank is not None:

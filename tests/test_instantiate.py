@@ -1,0 +1,201 @@
+"""Config groups build their components through ``_target_``: every option builds the right class, a bad
+argument is a ConfigError naming its key before any model is built, and a class from outside src plugs in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers import TINY, compose_config
+from osediff_lab.build import build, component_problems, target
+from osediff_lab.checks import config_problems
+from osediff_lab.data.degradation import BicubicDegradation, PairedOnly, build_degradation
+from osediff_lab.data.realesrgan import RealESRGANDegradation, Stage
+from osediff_lab.errors import ConfigError
+from osediff_lab.models.components import (
+    Components,
+    build_components,
+    pretrained_components,
+    random_components,
+)
+from osediff_lab.pipeline.colorfix import COLOR_FIXES, adain_color_fix, color_fix, wavelet_color_fix
+from osediff_lab.pipeline.options import make_options
+from osediff_lab.prompts import FixedPrompt, NullPrompt, build_prompt_provider, provider_from_config
+from osediff_lab.prompts.dape import DapePrompt
+from osediff_lab.prompts.llava import LlavaPrompt
+from osediff_lab.resolvers import quote_null_choices
+
+
+class Darken:
+    """A degradation defined outside src: bicubic downsampling, then every pixel ``amount`` darker ([-1, 1])."""
+
+    def __init__(self, scale: int, amount: float) -> None:
+        self.scale = scale
+        self.amount = amount
+
+    def __call__(self, hq: torch.Tensor) -> torch.Tensor:
+        return BicubicDegradation(self.scale)(hq) - self.amount
+
+
+def no_model_built(monkeypatch) -> None:
+    """Any attempt to build the base model fails the test: checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr("osediff_lab.models.components.build_components", refuse)
+    monkeypatch.setattr("osediff_lab.train.build_components", refuse)
+
+
+# ---- degradation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "cls"), [("bicubic", BicubicDegradation), ("none", PairedOnly),
+                                             ("realesrgan", RealESRGANDegradation)])
+def test_every_degradation_option_builds_its_class(option, cls):
+    cfg = compose_config(TINY + [f"degradation={option}"])
+    d = build_degradation(cfg.degradation, cfg.scale)
+    assert type(d) is cls and d.scale == cfg.scale
+    assert cfg.degradation.name == option  # the label stays for previews and checks
+
+
+def test_realesrgan_settings_are_frozen_dataclasses_built_once():
+    cfg = compose_config(["degradation=realesrgan", "degradation.first.blur_prob=0.5"])
+    d = build_degradation(cfg.degradation, 4)
+    assert isinstance(d.settings.first, Stage) and d.settings.first.blur_prob == 0.5
+    assert d.settings.first.kernel_types == tuple(cfg.degradation.first.kernel_types)
+    with pytest.raises(AttributeError):
+        d.settings.first.blur_prob = 1.0  # type: ignore[misc]
+    assert not hasattr(d, "cfg")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("degradation.first.kernel_types=[iso,box]", "degradation.first.kernel_types"),
+        ("degradation.second.resize_probs=[0.5,0.5]", "degradation.second.resize_probs"),
+        ("degradation.resize_modes=[area,lanczos]", "degradation.resize_modes"),
+        ("degradation.border=mirror", "degradation.border"),
+        ("+degradation.first.blur_strength=2", "degradation.first"),
+        ("+degradation.sharpen=true", "degradation.sharpen"),
+    ],
+)
+def test_bad_degradation_argument_named_before_any_model(override, key, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    from osediff_lab.train import run
+
+    cfg = compose_config(TINY + ["degradation=realesrgan", override], tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run(cfg)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_degradation(cfg.degradation, cfg.scale)  # building runs the same check
+
+
+def test_degradation_from_outside_src_plugs_in_by_config_alone(tmp_path):
+    overrides = ["degradation=bicubic", f"degradation._target_={__name__}.Darken", "+degradation.amount=0.25"]
+    cfg = compose_config(TINY + overrides, tmp_path)
+    assert config_problems(cfg) == []
+    d = build_degradation(cfg.degradation, cfg.scale)
+    assert isinstance(d, Darken) and d.amount == 0.25
+    hq = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(d(hq), BicubicDegradation(4)(hq) - 0.25)
+    missing = compose_config(TINY + overrides[:2], tmp_path)
+    assert any("degradation.amount is missing" in p for p in config_problems(missing))
+
+
+def test_unknown_target_names_the_key(tmp_path):
+    cfg = compose_config(TINY + ["degradation._target_=osediff_lab.data.degradation.Sharpen"], tmp_path)
+    problems = component_problems(cfg.degradation, "degradation", given={"scale": 4})
+    assert len(problems) == 1 and "degradation._target_=osediff_lab.data.degradation.Sharpen" in problems[0]
+    with pytest.raises(ConfigError, match="degradation._target_"):
+        build(cfg.degradation, "degradation", scale=4)
+
+
+# ---- prompt -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "cls"), [("null", NullPrompt), ("fixed", FixedPrompt), ("dape_tiny", DapePrompt),
+                                             ("ram_tiny", DapePrompt), ("llava_tiny", LlavaPrompt)])
+def test_every_tiny_prompt_option_builds_its_class(option, cls, tmp_path):
+    cfg = compose_config(TINY + quote_null_choices([f"prompt={option}"]), tmp_path)
+    assert config_problems(cfg) == []
+    assert type(provider_from_config(cfg.prompt)) is cls
+
+
+@pytest.mark.parametrize(("option", "file"), [("dape", "ram_swin_large_14m.pth"), ("ram", "ram_swin_large_14m.pth"),
+                                              ("llava", "LLaVA checkpoint not found")])
+def test_pretrained_prompt_options_name_their_missing_files_before_any_model(option, file, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    cfg = compose_config(TINY + [f"prompt={option}", f"paths.weights_dir={tmp_path}"], tmp_path)
+    assert any(file in p for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match=file):
+        provider_from_config(cfg.prompt)
+
+
+@pytest.mark.parametrize("option", ["dape_tiny", "llava_tiny"])
+def test_bad_prompt_argument_named_before_any_model(option, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    from osediff_lab.train import run
+
+    for override, key in (("prompt.dtype=fp8", "prompt.dtype"), ("+prompt.temperature=0.7", "prompt.temperature")):
+        cfg = compose_config(TINY + [f"prompt={option}", override], tmp_path)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            run(cfg)
+
+
+def test_prompt_saved_without_target_builds_by_its_name(tmp_path):
+    """LoRA sidecars of earlier runs hold the prompt config without ``_target_``."""
+    saved = OmegaConf.to_container(compose_config(TINY + ["prompt=dape_tiny"], tmp_path).prompt, resolve=True)
+    del saved["_target_"]
+    assert type(build_prompt_provider(OmegaConf.create(saved))) is DapePrompt
+    assert type(build_prompt_provider(OmegaConf.create({"name": "null"}))) is NullPrompt
+    with pytest.raises(ConfigError, match="prompt.name 'clip'"):
+        build_prompt_provider(OmegaConf.create({"name": "clip"}))
+
+
+# ---- colour fix (a registry of functions) -------------------------------------------------------------
+def test_color_fix_registry_dispatches_and_names_the_key(monkeypatch):
+    target, source = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(color_fix("adain", target, source, 3), adain_color_fix(target, source))
+    torch.testing.assert_close(color_fix("wavelet", target, source, 3), wavelet_color_fix(target, source, 3))
+    assert color_fix("none", target, source, 3) is target
+    with pytest.raises(ConfigError, match=r"pipeline\.color_fix='histogram' must be one of \['adain', 'none', 'wavelet'\]"):
+        color_fix("histogram", target, source, 3)
+    monkeypatch.setitem(COLOR_FIXES, "gray", lambda t, s, levels: t.mean(1, keepdim=True).expand_as(t))
+    assert make_options({"color_fix": "gray"}).color_fix == "gray"  # the options check reads the registry
+    assert color_fix("gray", target, source, 3).std(1).max() == 0
+
+
+# ---- model ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "factory"), [("tiny", random_components), ("sd21_shape", random_components),
+                                                 ("nano", pretrained_components), ("sd21_base", pretrained_components)])
+def test_every_model_option_names_its_factory(option, factory, tmp_path):
+    cfg = compose_config(TINY + [f"model={option}"], tmp_path)
+    assert target(cfg.model, "model") is factory
+    assert cfg.model.source in ("random", "pretrained")  # kept for the memory predictor and the sidecar
+
+
+@pytest.mark.parametrize("option", ["tiny", "nano"])
+def test_small_model_options_build_frozen_components(option, tmp_path):
+    cfg = compose_config(TINY + [f"model={option}"], tmp_path)
+    components = build_components(cfg.model)
+    assert isinstance(components, Components) and not any(p.requires_grad for p in components.unet.parameters())
+
+
+def test_missing_base_weights_and_bad_model_keys_named_before_any_model(monkeypatch, tmp_path):
+    monkeypatch.delenv("OSEDIFF_SD21_BASE", raising=False)
+    cfg = compose_config(TINY + ["model=sd21_base"], tmp_path)
+    assert any("model.pretrained_path" in p for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match="model.pretrained_path"):
+        build_components(cfg.model)
+    cfg = compose_config(TINY + ["+model.dropout=0.1"], tmp_path)
+    assert any("model.dropout is not an argument" in p for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match="model.dropout"):
+        build_components(cfg.model)
+
+
+def test_model_saved_without_target_builds_by_its_source(tmp_path):
+    """LoRA sidecars of earlier runs hold the model config without ``_target_`` (tiny's with pretrained_path)."""
+    saved = OmegaConf.to_container(compose_config(TINY, tmp_path).model, resolve=True)
+    del saved["_target_"]
+    saved["pretrained_path"] = None
+    assert isinstance(build_components(OmegaConf.create(saved)), Components)
+    with pytest.raises(ConfigError, match="model.source"):
+        build_components(OmegaConf.create({"name": "x", "source": "hub"}))
