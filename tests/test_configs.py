@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from helpers import TINY, compose_config
 from osediff_lab.checks import config_problems, validate_config
@@ -20,6 +21,27 @@ def test_every_experiment_composes(name, tmp_path):
     cfg = compose_config([f"+experiment={name}"], tmp_path)
     assert cfg.task_name
     assert cfg.model.name in ("tiny", "nano", "sd21_base", "sd21_shape")
+
+
+LOSS_ARMS = {p.stem: OmegaConf.load(p) for p in (CONF_DIR / "loss").glob("*.yaml") if "defaults" in OmegaConf.load(p)}
+
+
+@pytest.mark.parametrize("arm", sorted(LOSS_ARMS))
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_a_loss_arm_keeps_what_defines_it_under_every_experiment(name, arm, tmp_path):
+    """loss=no_vsd means no VSD under any experiment: the values an arm's file sets over its parent survive the
+    experiment's own loss settings (the demo's vsd_weight once turned the no-VSD arm back on)."""
+    cfg = compose_config([f"+experiment={name}", f"loss={arm}"], tmp_path)
+    own = {k: v for k, v in LOSS_ARMS[arm].items() if k != "defaults"}
+    assert own and {k: cfg.loss[k] for k in own} == own
+
+
+def test_the_no_vsd_arm_of_the_demo_trains_without_vsd(tmp_path):
+    from osediff_lab.train import build_module
+
+    weights = {arm: build_module(compose_config(["+experiment=demo", f"loss={arm}"], tmp_path)).method.weights["vsd"]
+               for arm in ("osediff", "no_vsd")}
+    assert weights == {"osediff": 0.02, "no_vsd": 0.0}
 
 
 def test_demo_experiment_is_runnable_here(tmp_path):

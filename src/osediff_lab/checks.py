@@ -30,8 +30,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     for key in LOSS_WEIGHTS:
         if loss[key] < 0:
             problems.append(f"loss.{key}={loss[key]} is negative; loss weights must be >= 0")
-    if loss.l2_weight + loss.lpips_weight + loss.vsd_weight <= 0:
-        problems.append("loss.l2_weight, loss.lpips_weight and loss.vsd_weight are all 0: nothing to train")
+    if loss.l2_weight + loss.lpips_weight + (loss.vsd_weight if loss.get("vsd", True) else 0) <= 0:
+        problems.append("loss.l2_weight, loss.lpips_weight and loss.vsd_weight (or loss.vsd=false) are all 0: nothing to train")
     if loss.get("vsd_space", "latent") not in ("latent", "image"):
         problems.append(f"loss.vsd_space='{loss.vsd_space}' must be 'latent' or 'image'")
     if loss.reg_steps_per_gen_step < 1:

@@ -55,6 +55,7 @@ class OSEDiff(Method):
         negative_prompt: str,
         release_score_precision: bool = False,
         conv_in_lora_twice: bool = False,
+        vsd: bool = True,
     ) -> None:
         if vsd_space not in ("latent", "image"):
             raise ConfigError(f"loss.vsd_space='{vsd_space}' must be 'latent' or 'image'")
@@ -64,7 +65,7 @@ class OSEDiff(Method):
         super().__init__(parts.generator, {k: v for k, v in parts.targets.items() if not k.startswith("reg_unet")},
                          encode_text, lpips)
         self.reg_unet = parts.reg_unet
-        self.weights = {"l2": l2_weight, "lpips": lpips_weight, "vsd": vsd_weight}
+        self.weights = {"l2": l2_weight, "lpips": lpips_weight, "vsd": vsd_weight if vsd else 0.0}
         self.vsd_space, self.cfg_scale = vsd_space, cfg_scale
         self.vsd_t, self.reg_t = (vsd_t_min, vsd_t_max), (reg_t_min, reg_t_max)
         self.reg_steps_per_gen_step = reg_steps_per_gen_step
