@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import (
@@ -11,8 +13,10 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
+from torch import nn
 
 from osediff_lab.errors import ConfigError
+from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.schedules import (
     EpsilonSchedule,
     FlowMatchSchedule,
@@ -150,3 +154,30 @@ def test_schedule_follows_the_module_and_stays_out_of_state_dicts():
     schedule = EpsilonSchedule(DDPMScheduler(**SD).alphas_cumprod)
     assert schedule.state_dict() == {}
     assert schedule.double().alphas_cumprod.dtype == torch.float64
+
+
+class RecordingUNet(nn.Module):
+    """Stands in for the UNet: a fixed output, and the timestep values it was called with."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.output, self.seen = output, []
+
+    def forward(self, z, timestep, encoder_hidden_states):
+        self.seen.append(timestep)
+        return SimpleNamespace(sample=self.output)
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(**SD), DDPMScheduler(**SD, prediction_type="v_prediction"),
+                                       FlowMatchEulerDiscreteScheduler(shift=3.0)], ids=["epsilon", "v", "flow"])
+def test_generator_step_is_the_schedules_x0_at_its_timestep(scheduler):
+    z_l, out = latents(4)
+    schedule = schedule_from_scheduler(scheduler)
+    vae = nn.Module()
+    vae.config = SimpleNamespace(scaling_factor=0.18215)
+    unet = RecordingUNet(out)
+    gen = OSEDiffGenerator(vae, unet, schedule, timestep=999)
+    z_h = gen.denoise(z_l, torch.zeros(len(T), 2, 8))
+    t = torch.full((len(T),), 999)
+    assert torch.equal(z_h, schedule.x0_from_output(z_l, out, t))
+    assert torch.equal(unet.seen[0], schedule.model_timestep(t))
