@@ -1,7 +1,8 @@
 """OSEDiff (Wu et al., NeurIPS 2024): a LoRA generator trained with L2 + LPIPS + variational score distillation
 against a LoRA fake score (the regularizer), which itself learns the generator's latents by diffusion loss.
 
-The math is in ``osediff_lab.models.vsd``; the networks are assembled by ``osediff_lab.models.osediff``.
+The math is in ``osediff_lab.models.vsd`` on top of the generator's noise schedule (``osediff_lab.models.schedules``);
+the networks are assembled by ``osediff_lab.models.osediff``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,8 @@ from osediff_lab.models.components import Components
 from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
 from osediff_lab.models.lora_files import load_lora_tensors
 from osediff_lab.models.osediff import build_osediff, trainable_parameters
-from osediff_lab.models.vsd import (
-    add_noise,
-    classifier_free_guidance,
-    diffusion_loss,
-    sample_timesteps,
-    vsd_loss,
-    x0_from_eps,
-)
+from osediff_lab.models.schedules import NoiseSchedule
+from osediff_lab.models.vsd import classifier_free_guidance, diffusion_loss, sample_timesteps, vsd_loss
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +75,14 @@ class OSEDiff(Method):
             log.info("regularizer LoRA warm-started from %s (%d tensors)", generator.lora.reg_init_from, n)
 
     @property
-    def alphas_cumprod(self) -> torch.Tensor:
+    def schedule(self) -> NoiseSchedule:
         """The noise schedule, the generator's (one copy)."""
-        return self.generator.alphas_cumprod
+        return self.generator.schedule
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar per timestep of a DDPM-family schedule (the release-math tests compare against it)."""
+        return self.schedule.alphas_cumprod
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         gen = [p for _, p in trainable_parameters(self.generator)]
@@ -90,18 +90,19 @@ class OSEDiff(Method):
             gen += [p for n, p in trainable_parameters(self.generator) if n.startswith("unet.conv_in.lora_")]
         return {GENERATOR: gen, REGULARIZER: [p for _, p in trainable_parameters(self.reg_unet)]}
 
-    def unet_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, unet: nn.Module | None = None) -> torch.Tensor:
-        """Epsilon prediction of ``unet`` (default: the regularizer UNet with its active adapters)."""
+    def unet_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, unet: nn.Module | None = None) -> torch.Tensor:
+        """The output of ``unet`` (default: the regularizer UNet with its active adapters) on the scaled latent
+        ``z_t`` at integer timesteps ``t``, in the schedule's parameterisation (eps, v or flow velocity)."""
         unet = self.reg_unet if unet is None else unet
-        return unet(z_t, t, encoder_hidden_states=embeds.to(z_t.dtype)).sample
+        return unet(z_t, self.schedule.model_timestep(t), encoder_hidden_states=embeds.to(z_t.dtype)).sample
 
-    def fake_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """The fake score's epsilon (regularizer UNet with its LoRA). With ``loss.release_score_precision`` it
+    def fake_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The fake score's output (regularizer UNet with its LoRA). With ``loss.release_score_precision`` it
         runs outside autocast in fp32, as the release calls the fake score and the regularizer loss."""
         if not self.release_score_precision:
-            return self.unet_eps(z_t, t, embeds)
+            return self.unet_pred(z_t, t, embeds)
         with torch.autocast(z_t.device.type, enabled=False):
-            return self.unet_eps(z_t.float(), t, embeds)
+            return self.unet_pred(z_t.float(), t, embeds)
 
     @torch.no_grad()
     def vsd_targets(
@@ -112,19 +113,19 @@ class OSEDiff(Method):
         b = z_h.shape[0]
         t = sample_timesteps(b, *self.vsd_t, z_h.device) if t is None else t.to(z_h.device)
         noise = torch.randn_like(z_h) if noise is None else noise
-        z_t = add_noise(z_h.detach(), noise, t, self.alphas_cumprod)
-        eps_fake = self.fake_eps(z_t, t, embeds).to(z_t.dtype)
+        z_t = self.schedule.add_noise(z_h.detach(), noise, t)
+        pred_fake = self.fake_pred(z_t, t, embeds).to(z_t.dtype)
         neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
         z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
         if self.real_unet is not None:  # the release: a separate frozen UNet, run in pure fp16
             with torch.autocast(z_t.device.type, enabled=False):
-                eps_both = self.unet_eps(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
+                pred_both = self.unet_pred(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
         else:
             with adapters_disabled(self.reg_unet):
-                eps_both = self.unet_eps(z_both, t_both, c_both)
-        eps_uncond, eps_cond = eps_both.chunk(2)
-        eps_real = classifier_free_guidance(eps_uncond, eps_cond, self.cfg_scale)
-        return x0_from_eps(z_t, eps_real, t, self.alphas_cumprod), x0_from_eps(z_t, eps_fake, t, self.alphas_cumprod)
+                pred_both = self.unet_pred(z_both, t_both, c_both)
+        pred_uncond, pred_cond = pred_both.chunk(2)
+        pred_real = classifier_free_guidance(pred_uncond, pred_cond, self.cfg_scale)
+        return self.schedule.x0_from_output(z_t, pred_real, t), self.schedule.x0_from_output(z_t, pred_fake, t)
 
     def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Weighted L2, LPIPS and VSD terms (and ``total``); the state for the regularizer is z_H."""
@@ -151,12 +152,12 @@ class OSEDiff(Method):
         self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Diffusion loss of the fake-score UNet on detached generator latents at timesteps ``t`` with
-        ``noise`` (drawn when not given)."""
+        ``noise`` (drawn when not given), against the schedule's target (eps: the noise)."""
         z0 = z_h.detach()
         t = sample_timesteps(z0.shape[0], *self.reg_t, z0.device) if t is None else t.to(z0.device)
         noise = torch.randn_like(z0) if noise is None else noise
-        z_t = add_noise(z0, noise, t, self.alphas_cumprod)
-        return diffusion_loss(self.fake_eps(z_t, t, embeds.detach()), noise)
+        z_t = self.schedule.add_noise(z0, noise, t)
+        return diffusion_loss(self.fake_pred(z_t, t, embeds.detach()), self.schedule.target(z0, noise, t))
 
     def updates(self, state: torch.Tensor, embeds: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         for _ in range(self.reg_steps_per_gen_step):

@@ -20,13 +20,7 @@ from osediff_lab.models.components import Components
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.lora_files import load_lora_tensors
 from osediff_lab.models.pisasr import PIXEL, SEMANTIC, build_pisa_generator
-from osediff_lab.models.vsd import (
-    add_noise,
-    classifier_free_guidance,
-    sample_timesteps,
-    vsd_loss,
-    x0_from_eps,
-)
+from osediff_lab.models.vsd import classifier_free_guidance, sample_timesteps, vsd_loss
 
 STAGES = (PIXEL, SEMANTIC)
 
@@ -113,17 +107,18 @@ class PiSASR(Method):
     def csd_targets(self, z_h: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 predictions of the pretrained UNet (the generator's adapters off) with CFG at ``cfg_scale`` and
         unconditional: their difference is the classifier score direction CSD follows."""
-        abar = self.generator.alphas_cumprod
+        schedule = self.generator.schedule
         b = z_h.shape[0]
         t = sample_timesteps(b, *self.csd_t, z_h.device)
-        z_t = add_noise(z_h.detach(), torch.randn_like(z_h), t, abar)
+        z_t = schedule.add_noise(z_h.detach(), torch.randn_like(z_h), t)
         neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
         unet = self.generator.unet
         with adapters_disabled(unet):
-            eps = unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg, embeds]).to(z_t.dtype)).sample
-        eps_uncond, eps_cond = eps.to(z_t.dtype).chunk(2)
-        eps_cfg = classifier_free_guidance(eps_uncond, eps_cond, self.cfg_scale)
-        return x0_from_eps(z_t, eps_cfg, t, abar), x0_from_eps(z_t, eps_uncond, t, abar)
+            pred = unet(torch.cat([z_t, z_t]), schedule.model_timestep(torch.cat([t, t])),
+                        encoder_hidden_states=torch.cat([neg, embeds]).to(z_t.dtype)).sample
+        pred_uncond, pred_cond = pred.to(z_t.dtype).chunk(2)
+        pred_cfg = classifier_free_guidance(pred_uncond, pred_cond, self.cfg_scale)
+        return schedule.x0_from_output(z_t, pred_cfg, t), schedule.x0_from_output(z_t, pred_uncond, t)
 
     def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
         """Weighted L2, LPIPS and CSD terms (each only when weighted) and ``total``."""

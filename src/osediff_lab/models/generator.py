@@ -6,35 +6,41 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from osediff_lab.models.vsd import x0_from_eps
+from osediff_lab.models.schedules import NoiseSchedule
 
 
 class OSEDiffGenerator(nn.Module):
     """x_L in [-1, 1] (LQ bicubic-upsampled to HQ size) -> (x_H in [-1, 1], z_H scaled latent).
 
     ``latent`` chooses how the encoder's posterior becomes z_L: ``mode`` (deterministic, inference)
-    or ``sample`` (a draw from the diagonal Gaussian).
+    or ``sample`` (a draw from the diagonal Gaussian). ``schedule`` turns the UNet's output at ``timestep``
+    into z_H (and serves the methods' score distillation).
     """
 
     def __init__(
         self,
         vae: AutoencoderKL,
         unet: UNet2DConditionModel,
-        alphas_cumprod: torch.Tensor,
+        schedule: NoiseSchedule,
         timestep: int,
         latent: str = "mode",
     ) -> None:
         super().__init__()
         if latent not in ("mode", "sample"):
             raise ValueError(f"generator.latent must be 'mode' or 'sample', got '{latent}'")
-        if not 0 <= timestep < len(alphas_cumprod):
-            raise ValueError(f"generator.timestep {timestep} outside [0, {len(alphas_cumprod)})")
+        if not 0 <= timestep < schedule.num_train_timesteps:
+            raise ValueError(f"generator.timestep {timestep} outside [0, {schedule.num_train_timesteps})")
         self.vae = vae
         self.unet = unet
-        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
+        self.schedule = schedule
         self.timestep = timestep
         self.latent = latent
         self.scaling_factor = float(vae.config.scaling_factor)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar per timestep of a DDPM-family schedule (the release-math tests compare against it)."""
+        return self.schedule.alphas_cumprod
 
     def encode(self, x_l: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """z_L = E(x_L) * scaling_factor; x_L in [-1, 1]."""
@@ -42,11 +48,17 @@ class OSEDiffGenerator(nn.Module):
         z = dist.mode() if self.latent == "mode" else dist.sample(generator=generator)
         return z * self.scaling_factor
 
-    def denoise(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """One DDPM step at t = timestep from z_L: z_H = (z_L - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    def unet_at_timestep(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's output on z_L (scaled latent) at t = timestep, and t, one per sample."""
         t = torch.full((z_l.shape[0],), self.timestep, device=z_l.device, dtype=torch.long)
-        eps = self.unet(z_l, t, encoder_hidden_states=prompt_embeds.to(z_l.dtype)).sample
-        return x0_from_eps(z_l, eps, t, self.alphas_cumprod)
+        out = self.unet(z_l, self.schedule.model_timestep(t), encoder_hidden_states=prompt_embeds.to(z_l.dtype)).sample
+        return out, t
+
+    def denoise(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """One step at t = timestep from z_L (scaled latent) to z_H, the schedule's x0 of the UNet output
+        (epsilon: z_H = (z_L - sqrt(1 - abar_t) eps) / sqrt(abar_t))."""
+        out, t = self.unet_at_timestep(z_l, prompt_embeds)
+        return self.schedule.x0_from_output(z_l, out, t)
 
     def decode(self, z_h: torch.Tensor) -> torch.Tensor:
         """x_H = D(z_H / scaling_factor), clamped to [-1, 1]."""

@@ -19,6 +19,7 @@ from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import Components
 from osediff_lab.models.generator import OSEDiffGenerator, compile_generator
 from osediff_lab.models.lora import add_lora, lora_layers, select_targets, split_unet_targets
+from osediff_lab.models.schedules import schedule_from_scheduler
 
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
 
@@ -62,9 +63,8 @@ def build_generator(
     """The LoRA generator and its adapter targets; ``share_unet`` wraps components.unet itself (inference)
     instead of a copy (training, where the pretrained UNet must stay clean for the regularizer)."""
     gen_unet = components.unet if share_unet else copy.deepcopy(components.unet)
-    generator = OSEDiffGenerator(
-        components.vae, gen_unet, components.scheduler.alphas_cumprod, gen_cfg.timestep, gen_cfg.latent
-    )
+    schedule = schedule_from_scheduler(components.scheduler)
+    generator = OSEDiffGenerator(components.vae, gen_unet, schedule, gen_cfg.timestep, gen_cfg.latent)
     lora = gen_cfg.lora
     targets = _lora_unet(gen_unet, lora)
     targets |= _lora_vae(generator, lora, gen_cfg.train_vae_encoder, gen_cfg.train_vae_decoder)

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from osediff_lab.models.components import Components
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import add_lora, lora_layers, select_targets
+from osediff_lab.models.schedules import schedule_from_scheduler
 
 PIXEL, SEMANTIC = "pixel", "semantic"
 
@@ -21,8 +22,9 @@ class PiSAGenerator(OSEDiffGenerator):
     """
 
     def denoise(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        t = torch.full((z_l.shape[0],), self.timestep, device=z_l.device, dtype=torch.long)
-        return z_l - self.unet(z_l, t, encoder_hidden_states=prompt_embeds.to(z_l.dtype)).sample
+        """z_H = z_L - UNet(z_L, timestep, c) on scaled latents; the schedule serves only the CSD targets."""
+        residual, _ = self.unet_at_timestep(z_l, prompt_embeds)
+        return z_l - residual
 
     def set_lora_scales(self, pixel: float, semantic: float) -> None:
         """lambda_pix and lambda_sem: each adapter's output times its weight (PEFT's scale x alpha / rank).
@@ -38,7 +40,7 @@ def build_pisa_generator(components: Components, lora: DictConfig, timestep: int
     alpha ``lora.alpha``), all frozen (the method chooses what trains). The pretrained UNet is that UNet with
     its adapters disabled (the score distillation's), so training holds one UNet."""
     unet = components.unet
-    generator = PiSAGenerator(components.vae, unet, components.scheduler.alphas_cumprod, timestep, "mode")
+    generator = PiSAGenerator(components.vae, unet, schedule_from_scheduler(components.scheduler), timestep, "mode")
     names = select_targets(unet, lora.unet_targets)
     for adapter in (PIXEL, SEMANTIC):
         add_lora(unet, names, lora.rank, lora.alpha, adapter, lora.init)

@@ -1,7 +1,8 @@
-"""Pure functions for OSEDiff's diffusion math: x0 from eps, guidance, VSD and the regularizer loss.
+"""Pure functions for OSEDiff's diffusion math: guidance, VSD, the regularizer loss and timestep sampling.
 
-Everything here works on latents (4-channel, scaled by the VAE scaling factor) and takes the
-scheduler's ``alphas_cumprod`` explicitly, so each function is testable on hand-made tensors.
+Everything here works on latents (4-channel, scaled by the VAE scaling factor). The schedule-dependent
+parts (noising, x0 from the model output) live in ``osediff_lab.models.schedules``; ``x0_from_eps`` and
+``add_noise`` are the epsilon schedule's for a bare ``alphas_cumprod``, testable on hand-made tensors.
 """
 
 from __future__ import annotations
@@ -9,28 +10,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """alphas_cumprod[t], broadcast to ``like``'s rank and cast to its dtype/device."""
-    abar = alphas_cumprod.to(device=like.device)[t.to(like.device).long()].to(torch.float32)
-    return abar.reshape(-1, *([1] * (like.dim() - 1)))
+from osediff_lab.models.schedules import EpsilonSchedule
 
 
 def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Clean-latent estimate of an epsilon-prediction model: (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    abar = _abar(alphas_cumprod, t, z_t)
-    x0 = (z_t.float() - (1.0 - abar).sqrt() * eps.float()) / abar.sqrt()
-    return x0.to(z_t.dtype)
+    return EpsilonSchedule(alphas_cumprod).x0_from_output(z_t, eps, t)
 
 
 def add_noise(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Forward diffusion q(z_t | z_0): sqrt(abar_t) z0 + sqrt(1 - abar_t) noise."""
-    abar = _abar(alphas_cumprod, t, z0)
-    return (abar.sqrt() * z0.float() + (1.0 - abar).sqrt() * noise.float()).to(z0.dtype)
+    return EpsilonSchedule(alphas_cumprod).add_noise(z0, noise, t)
 
 
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """eps_uncond + scale * (eps_cond - eps_uncond); scale 1 returns the conditional prediction."""
+    """eps_uncond + scale * (eps_cond - eps_uncond); scale 1 returns the conditional prediction. Any output
+    x0 is affine in (eps, v, flow velocity) guides the same way, so x0 of the guided output is guided x0."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
@@ -53,9 +48,9 @@ def vsd_loss(z_h: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) ->
     return loss, w.flatten()
 
 
-def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The standard epsilon-prediction objective MSE(eps_pred, noise), computed in fp32."""
-    return F.mse_loss(eps_pred.float(), noise.float())
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The denoising objective MSE(pred, target) in fp32; the target is the schedule's (eps: the noise)."""
+    return F.mse_loss(pred.float(), target.float())
 
 
 def sample_timesteps(batch: int, t_min: int, t_max: int, device) -> torch.Tensor:

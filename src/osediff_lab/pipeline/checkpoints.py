@@ -29,6 +29,7 @@ from osediff_lab.models.lora import add_lora
 from osediff_lab.models.lora_files import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.osediff import UNET_ADAPTERS, build_generator
 from osediff_lab.models.pisasr import build_pisa_generator
+from osediff_lab.models.schedules import schedule_from_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,8 @@ def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
 def build_loaded_generator(components: Components, ckpt: Checkpoint, official: DictConfig) -> OSEDiffGenerator:
     """The generator with the checkpoint's adapters placed on the base model (shared, not copied) and loaded."""
     if ckpt.kind == "official":
-        generator = OSEDiffGenerator(
-            components.vae, components.unet, components.scheduler.alphas_cumprod, official.timestep, "mode"
-        )
+        schedule = schedule_from_scheduler(components.scheduler)
+        generator = OSEDiffGenerator(components.vae, components.unet, schedule, official.timestep, "mode")
         for key, names in ckpt.meta.items():
             if key.startswith(("unet.", "vae.")) and names:
                 part, adapter = key.split(".")
