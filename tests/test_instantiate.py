@@ -44,8 +44,9 @@ def no_model_built(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr("osediff_lab.models.components.build_components", refuse)
+    # train first: importing it while components is patched would bind the refusal there for good
     monkeypatch.setattr("osediff_lab.train.build_components", refuse)
+    monkeypatch.setattr("osediff_lab.models.components.build_components", refuse)
 
 
 # ---- degradation ----------------------------------------------------------------------------------
