@@ -162,7 +162,7 @@ def data_cfg(**kw):
 
 def test_ffhq_takes_the_first_n_by_name(tmp_path):
     files = make_folder(tmp_path / "ffhq", 5)
-    cfg = data_cfg(name="ffhq", kind="ffhq", root=str(tmp_path / "ffhq"), root_env="OSEDIFF_FFHQ", first_n=3)
+    cfg = data_cfg(name="ffhq", _target_="osediff_lab.data.sources.FFHQImages", root=str(tmp_path / "ffhq"), root_env="OSEDIFF_FFHQ", first_n=3)
     assert source_files(cfg) == files[:3]
 
 
@@ -170,10 +170,10 @@ def test_mix_repeats_each_source(tmp_path):
     a, b = make_folder(tmp_path / "a", 2), make_folder(tmp_path / "b", 3)
     cfg = data_cfg(
         name="mix",
-        kind="mix",
+        _target_="osediff_lab.data.sources.MixedSources",
         sources={
-            "lsdir": {"kind": "folder", "root": str(tmp_path / "a"), "repeat": 3},
-            "ffhq": {"kind": "ffhq", "root": str(tmp_path / "b"), "first_n": 2, "repeat": 1},
+            "lsdir": {"_target_": "osediff_lab.data.sources.FolderImages", "root": str(tmp_path / "a"), "repeat": 3},
+            "ffhq": {"_target_": "osediff_lab.data.sources.FFHQImages", "root": str(tmp_path / "b"), "first_n": 2, "repeat": 1},
         },
     )
     files = source_files(cfg)
@@ -184,9 +184,9 @@ def test_txt_list_paths_and_repeats(tmp_path):
     files = make_folder(tmp_path / "imgs", 3)
     (tmp_path / "one.txt").write_text(f"# comment\nimgs/00000.png\n\n{files[1]}\n")
     (tmp_path / "two.txt").write_text("imgs/00002.png\n")
-    cfg = data_cfg(kind="txt_list", lists=[{"path": str(tmp_path / "one.txt"), "repeat": 1}, {"path": str(tmp_path / "two.txt"), "repeat": 2}])
+    cfg = data_cfg(_target_="osediff_lab.data.sources.TxtListImages", lists=[{"path": str(tmp_path / "one.txt"), "repeat": 1}, {"path": str(tmp_path / "two.txt"), "repeat": 2}])
     assert source_files(cfg) == [files[0], files[1], files[2], files[2]]
-    bad = data_cfg(kind="txt_list", lists=[{"path": str(tmp_path / "nope.txt")}])
+    bad = data_cfg(_target_="osediff_lab.data.sources.TxtListImages", lists=[{"path": str(tmp_path / "nope.txt")}])
     with pytest.raises(ConfigError, match=r"data.lists\[0\].path=.*nope.txt"):
         source_files(bad)
 
@@ -209,7 +209,7 @@ def test_missing_roots_are_named_by_key(tmp_path, monkeypatch):
 
 
 def folder_cfg(root: Path, **kw):
-    base = dict(name="folder", kind="folder", root=str(root), crop_size=32, flip=True, small_image_policy="error",
+    base = dict(name="folder", _target_="osediff_lab.data.sources.FolderImages", root=str(root), crop_size=32, flip=True, small_image_policy="error",
                 batch_size=2, num_workers=0, pin_memory=True, prefetch_factor=2)
     return data_cfg(**(base | kw))
 

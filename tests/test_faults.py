@@ -195,8 +195,8 @@ def test_wandb_online_without_key_falls_back_to_csv(tmp_path, monkeypatch, caplo
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
-    cfg = OmegaConf.create({"logger": {"name": "wandb", "project": "p", "mode": "online", "group": "g", "tags": [],
-                                       "job_type": "train"}})
+    cfg = OmegaConf.create({"logger": {"_target_": "osediff_lab.lit.loggers.wandb_logger", "name": "wandb", "project": "p",
+                                       "mode": "online", "group": "g", "tags": [], "job_type": "train"}})
     with caplog.at_level(logging.WARNING):
         logger = build_logger(cfg, tmp_path / "run")
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
@@ -259,8 +259,8 @@ def test_wandb_unwritable_directory_falls_back_to_csv(tmp_path, caplog):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "wandb").write_text("a file where W&B needs its directory")  # unwritable even for root
-    cfg = OmegaConf.create({"logger": {"name": "wandb", "project": "p", "mode": "offline", "group": "g", "tags": [],
-                                       "job_type": "train"}})
+    cfg = OmegaConf.create({"logger": {"_target_": "osediff_lab.lit.loggers.wandb_logger", "name": "wandb", "project": "p",
+                                       "mode": "offline", "group": "g", "tags": [], "job_type": "train"}})
     with caplog.at_level(logging.WARNING):
         logger = build_logger(cfg, run_dir)
     assert isinstance(logger, CSVLogger) and not isinstance(logger, WandbLogger)

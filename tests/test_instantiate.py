@@ -3,16 +3,35 @@ argument is a ConfigError naming its key before any model is built, and a class 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from helpers import TINY, compose_config
 from osediff_lab.build import build, component_problems, target
 from osediff_lab.checks import config_problems
+from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import BicubicDegradation, PairedOnly, build_degradation
+from osediff_lab.data.images import list_images
 from osediff_lab.data.realesrgan import RealESRGANDegradation, Stage
+from osediff_lab.data.sources import (
+    DemoImages,
+    FFHQImages,
+    FolderImages,
+    MixedSources,
+    TxtListImages,
+    build_source,
+    source_files,
+)
 from osediff_lab.errors import ConfigError
+from osediff_lab.lit.loggers import JournaledWandbLogger, build_logger, close_logger, csv_logger, wandb_logger
 from osediff_lab.models.components import (
     Components,
     build_components,
@@ -38,14 +57,35 @@ class Darken:
         return BicubicDegradation(self.scale)(hq) - self.amount
 
 
+class EveryNth:
+    """A data source defined outside src: every ``step``-th image of ``root`` by name (it takes no name or key)."""
+
+    def __init__(self, root: str, step: int) -> None:
+        self.root = Path(root)
+        self.step = step
+
+    @classmethod
+    def argument_problems(cls, args: Mapping[str, Any]) -> list[str]:
+        return [] if args["step"] >= 1 else [f"data.step={args['step']} must be >= 1"]
+
+    def files(self) -> list[Path]:
+        return list_images(self.root)[:: self.step]
+
+
+def journal_only(run_dir: Path, subdir: str) -> CSVLogger:
+    """A logger factory defined outside src: CSV under ``<run_dir>/<subdir>``; it takes no run_config."""
+    return CSVLogger(save_dir=str(run_dir), name=subdir, version="")
+
+
 def no_model_built(monkeypatch) -> None:
     """Any attempt to build the base model fails the test: checks must come first."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the config was checked")
 
-    monkeypatch.setattr("osediff_lab.models.components.build_components", refuse)
+    # train first: importing it while components is patched would bind the refusal there for good
     monkeypatch.setattr("osediff_lab.train.build_components", refuse)
+    monkeypatch.setattr("osediff_lab.models.components.build_components", refuse)
 
 
 # ---- degradation ----------------------------------------------------------------------------------
@@ -199,3 +239,141 @@ def test_model_saved_without_target_builds_by_its_source(tmp_path):
     assert isinstance(build_components(OmegaConf.create(saved)), Components)
     with pytest.raises(ConfigError, match="model.source"):
         build_components(OmegaConf.create({"name": "x", "source": "hub"}))
+
+
+# ---- data sources -----------------------------------------------------------------------------------
+def tiny(*overrides: str) -> list[str]:
+    """TINY with its data or logger choice replaced by the first of ``overrides`` that names one."""
+    groups = {o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] in ("data", "logger")}
+    return [o for o in TINY if o.split("=", 1)[0] not in groups] + list(overrides)
+
+
+@pytest.fixture
+def photos(tmp_path, monkeypatch) -> Path:
+    """A folder of four 80x80 photos, and no dataset variable set (so every shipped root is unset)."""
+    for env in ("OSEDIFF_LSDIR", "OSEDIFF_FFHQ", "OSEDIFF_DIV2K"):
+        monkeypatch.delenv(env, raising=False)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (80, 80), (40 * i, 90, 200 - 40 * i)).save(folder / f"{i:02d}.png")
+    (tmp_path / "photos.txt").write_text("".join(f"photos/{i:02d}.png\n" for i in range(3)))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("option", "cls", "settings", "key"),
+    [
+        ("demo", DemoImages, [], None),
+        ("folder", FolderImages, ["data.root={photos}"], "data.root"),
+        ("div2k", FolderImages, ["data.root={photos}"], "data.root"),
+        ("lsdir", FolderImages, ["data.root={photos}"], "data.root"),
+        ("ffhq", FFHQImages, ["data.root={photos}", "data.first_n=2"], "data.root"),
+        ("lsdir_ffhq", MixedSources, ["data.sources.lsdir.root={photos}", "data.sources.ffhq.root={photos}",
+                                      "data.sources.ffhq.first_n=2"], "data.sources.lsdir.root"),
+        ("txt_list", TxtListImages, ["data.lists=[{{path: {photos}.txt, repeat: 2}}]"], "data.lists"),
+    ],
+)
+def test_every_data_option_builds_its_source(option, cls, settings, key, photos, tmp_path):
+    expected = {"demo": 12, "folder": 4, "div2k": 4, "lsdir": 4, "ffhq": 2, "lsdir_ffhq": 6, "txt_list": 6}[option]
+    cfg = compose_config(tiny(f"data={option}", *(s.format(photos=photos) for s in settings)), tmp_path)
+    assert config_problems(cfg) == []
+    source = build_source(cfg.data)
+    assert type(source) is cls and target(cfg.data, "data") is cls
+    assert len(source.files()) == expected and cfg.data.name == option
+    if key is not None:  # the shipped option without its root or lists: the ConfigError names the key
+        unset = compose_config(tiny(f"data={option}"), tmp_path)
+        assert any(key in p for p in config_problems(unset))
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            source_files(unset.data)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=demo", "data.images=[nope.png]"], "data.images: not found"),
+        (["data=ffhq", "data.root={photos}", "data.first_n=0"], "data.first_n=0 must be >= 1"),
+        (["data=folder", "data.root={photos}", "+data.recursive=true"], "data.recursive is not an argument"),
+        (["data=lsdir_ffhq", "data.sources=null"], "data.sources is empty: name at least one source"),
+        (["data=lsdir_ffhq", "data.sources.lsdir.root={photos}", "data.sources.ffhq.root={photos}",
+          "data.sources.ffhq.repeat=0"], "data.sources.ffhq.repeat=0 must be >= 1"),
+        (["data=lsdir_ffhq", "data.sources.ffhq.root={photos}", "data.sources.lsdir._target_=mypkg.Nope"],
+         "data.sources.lsdir._target_=mypkg.Nope is not importable"),
+        (["data=txt_list", "data.lists=[{{path: {photos}.txt, repeat: 0}}]"], r"data.lists\[0\].repeat=0 must be >= 1"),
+        (["data=txt_list", "data.lists=[]"], r"data.lists is empty: set data.lists='\[\{path: a.txt, repeat: 1\}\]'"),
+    ],
+)
+def test_bad_data_argument_named_before_any_model(overrides, message, photos, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    from osediff_lab.train import run
+
+    cfg = compose_config(tiny(*(o.format(photos=photos) for o in overrides)), tmp_path / "run")
+    assert any(re.search(message, p) for p in config_problems(cfg))  # the config check names it
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+
+
+def test_empty_folder_is_named_before_any_model(photos, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    from osediff_lab.train import run
+
+    (tmp_path / "empty").mkdir()
+    cfg = compose_config(tiny("data=folder", f"data.root={tmp_path / 'empty'}"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"data 'folder': no images under data.root={tmp_path / 'empty'}"):
+        run(cfg)
+
+
+def test_data_source_from_outside_src_plugs_in_by_config_alone(photos, tmp_path):
+    overrides = tiny("data=folder", f"data._target_={__name__}.EveryNth", f"data.root={photos}", "+data.step=2")
+    cfg = compose_config(overrides, tmp_path)
+    assert config_problems(cfg) == []
+    dm = HQDataModule(cfg.data, seed=0)
+    dm.setup("fit")
+    assert dm.train_set.files == list_images(photos)[::2]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["hq"].shape == (2, 3, 64, 64)
+    bad = compose_config(overrides[:-1] + ["+data.step=0"], tmp_path)
+    assert "data.step=0 must be >= 1" in config_problems(bad)
+
+
+# ---- loggers ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "factory", "cls"), [("csv", csv_logger, CSVLogger), ("wandb", wandb_logger, JournaledWandbLogger)])
+def test_every_logger_option_builds_its_factory(option, factory, cls, tmp_path):
+    cfg = compose_config(tiny(f"logger={option}", *(["logger.mode=disabled"] if option == "wandb" else [])), tmp_path)
+    assert config_problems(cfg) == [] and target(cfg.logger, "logger") is factory
+    logger = build_logger(cfg, tmp_path / "run")
+    try:
+        assert isinstance(logger, cls)
+        assert isinstance(logger, WandbLogger) == (option == "wandb")
+        assert Path(logger.save_dir) == tmp_path / "run"
+    finally:
+        close_logger(logger)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["logger=wandb", "logger.mode=loud"], "logger.mode=loud must be one of"),
+        (["logger=wandb", "logger.log_model=sometimes"], "logger.log_model=sometimes must be true, false or all"),
+        (["logger=wandb", "+logger.entity=me"], "logger.entity is not an argument of wandb_logger"),
+        (["logger=csv", "+logger.flush_every=5"], "logger.flush_every is not an argument of csv_logger"),
+        (["logger=csv", "logger._target_=mypkg.TensorBoard"], "logger._target_=mypkg.TensorBoard is not importable"),
+    ],
+)
+def test_bad_logger_argument_named_before_any_model(overrides, key, monkeypatch, tmp_path):
+    no_model_built(monkeypatch)
+    from osediff_lab.train import run
+
+    cfg = compose_config(tiny(*overrides), tmp_path / "run")
+    assert any(key in p for p in config_problems(cfg))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run(cfg)
+
+
+def test_logger_from_outside_src_plugs_in_and_is_offered_only_what_it_takes(tmp_path):
+    cfg = compose_config(tiny("logger=csv", f"logger._target_={__name__}.journal_only", "+logger.subdir=rows"), tmp_path)
+    assert config_problems(cfg) == []
+    logger = build_logger(cfg, tmp_path / "run")  # offered run_dir and run_config; takes run_dir alone
+    assert type(logger) is CSVLogger and Path(logger.log_dir) == tmp_path / "run" / "rows"
+    missing = compose_config(tiny("logger=csv", f"logger._target_={__name__}.journal_only"), tmp_path)
+    assert any("logger.subdir is missing" in p for p in config_problems(missing))

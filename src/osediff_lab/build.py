@@ -35,9 +35,23 @@ def checked_by(problems: Callable[[Mapping[str, Any]], list[str]]) -> Callable[[
 
 
 def arguments(cfg: DictConfig, skip: Iterable[str] = ()) -> dict[str, Any]:
-    """The constructor's arguments in ``cfg``, resolved to plain values: every key but Hydra's, the labels and ``skip``."""
+    """The constructor's arguments in ``cfg``, resolved to plain values: every key but Hydra's, the labels, ``skip``
+    and those left ``???`` (a required one is then reported missing, a defaulted one takes its default)."""
     left_out = {*HYDRA_KEYS, *LABELS, *skip}
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in left_out}
+    values = OmegaConf.to_container(cfg, resolve=True).items()
+    return {k: v for k, v in values if k not in left_out and not OmegaConf.is_missing(cfg, k)}
+
+
+def taken(fn: Any, offered: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``offered`` arguments that ``fn``'s signature takes (all of them when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: offer nothing
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(offered)
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in offered.items() if k in named}
 
 
 def target(cfg: DictConfig, key: str) -> Any:
@@ -68,14 +82,21 @@ def signature_problems(fn: Any, args: Mapping[str, Any], key: str, given: Iterab
     return problems
 
 
-def component_problems(cfg: DictConfig, key: str, skip: Iterable[str] = (), given: Mapping[str, Any] | None = None) -> list[str]:
+def component_problems(
+    cfg: DictConfig,
+    key: str,
+    skip: Iterable[str] = (),
+    given: Mapping[str, Any] | None = None,
+    offer: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Every problem with ``cfg`` (the ``key`` group) found without building it: the target, the argument
-    names, and the target's own ``argument_problems``. ``given``: the arguments the caller adds when building."""
+    names, and the target's own ``argument_problems``. ``given``: the arguments the caller adds when building;
+    ``offer``: those it adds only where the target takes them."""
     try:
         fn = target(cfg, key)
     except ConfigError as exc:
         return [str(exc)]
-    args, given = arguments(cfg, skip), dict(given or {})
+    args, given = arguments(cfg, skip), {**taken(fn, offer or {}), **(given or {})}
     problems = signature_problems(fn, args, key, given)
     check = getattr(fn, "argument_problems", None)
     return problems if problems or check is None else check({**args, **given})
@@ -87,13 +108,14 @@ def raise_problems(problems: list[str], what: str) -> None:
         raise ConfigError(f"{what}:\n  - " + "\n  - ".join(problems))
 
 
-def build(cfg: DictConfig, key: str, skip: Iterable[str] = (), **kwargs: Any) -> Any:
-    """``instantiate`` the ``key`` group's ``cfg`` with ``kwargs`` added, after its ``component_problems``;
-    a ConfigError or MissingWeightsError raised inside comes out as itself, not wrapped by Hydra."""
-    raise_problems(component_problems(cfg, key, skip, kwargs), f"{key} cannot be built")
+def build(cfg: DictConfig, key: str, skip: Iterable[str] = (), offer: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    """``instantiate`` the ``key`` group's ``cfg`` with ``kwargs`` (and the ``offer`` its target takes) added, after
+    its ``component_problems``; a ConfigError or MissingWeightsError raised inside comes out as itself, not wrapped."""
+    raise_problems(component_problems(cfg, key, skip, kwargs, offer), f"{key} cannot be built")
     call = {"_target_": cfg._target_, **arguments(cfg, skip)}
+    added = {**taken(target(cfg, key), offer or {}), **kwargs}
     try:
-        return instantiate(call, **kwargs, _recursive_=False, _convert_="all")
+        return instantiate(call, **added, _recursive_=False, _convert_="all")
     except InstantiationException as exc:
         if isinstance(exc.__cause__, USER_ERRORS):
             raise exc.__cause__ from None

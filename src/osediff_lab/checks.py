@@ -13,6 +13,7 @@ from osediff_lab.build import component_problems
 from osediff_lab.data.datamodule import data_problems
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.lit.loggers import OFFERED as LOGGER_OFFERED
 from osediff_lab.models.components import CALLER_SETTINGS as MODEL_CALLER_SETTINGS
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
 from osediff_lab.prompts import CALLER_SETTINGS
@@ -82,6 +83,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems.extend(data_problems(cfg))
     if cfg.get("prompt") is not None:
         problems.extend(component_problems(cfg.prompt, "prompt", skip=CALLER_SETTINGS))
+    if cfg.get("logger") is not None:
+        problems.extend(component_problems(cfg.logger, "logger", offer=dict.fromkeys(LOGGER_OFFERED)))
     return problems
 
 

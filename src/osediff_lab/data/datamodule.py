@@ -1,125 +1,23 @@
-"""LightningDataModule: resolves the configured image source and serves HQ crops.
-
-Source kinds (``data.kind``): ``demo`` (scikit-image photos), ``folder`` (any tree; lsdir and div2k are
-folders), ``ffhq`` (the first ``first_n`` images by name), ``mix`` (several sources, each repeated
-``repeat`` times: lsdir_ffhq), ``txt_list`` (text files listing image paths, each with a repeat count).
-"""
+"""LightningDataModule: builds the configured image source (``data._target_``, see ``sources``) and serves HQ crops."""
 
 from __future__ import annotations
-
-import logging
-import os
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
 from osediff_lab.data.datasets import HQCropDataset
-from osediff_lab.data.demo_images import demo_files
-from osediff_lab.data.images import list_images
 from osediff_lab.data.loader import WatchedDataLoader
 from osediff_lab.data.paired import PairedImageDataset, paired_dataset
 from osediff_lab.data.sampling import ResumableRandomSampler, ShardSampler
-from osediff_lab.errors import ConfigError
+from osediff_lab.data.sources import source_files, source_problems
 from osediff_lab.paths import resolve_dir
-
-log = logging.getLogger(__name__)
-HINT = "To try the framework without a dataset use model=tiny data=demo."
-
-
-def resolve_root(cfg: DictConfig, key: str = "data") -> Path:
-    """The dataset root from ``<key>.root`` (or its environment variable), checked to exist."""
-    env = cfg.get("root_env")
-    hint = f" or the environment variable {env}" if env else ""
-    name = cfg.get("name") or key.rsplit(".", 1)[-1]
-    if not cfg.get("root"):
-        raise ConfigError(f"data '{name}' has no root directory: set {key}.root=...{hint}. {HINT}")
-    root = resolve_dir(cfg.root)
-    if not root.is_dir():
-        raise ConfigError(f"data '{name}': {key}.root={root} does not exist; set {key}.root=...{hint}. {HINT}")
-    return root
-
-
-def read_txt_list(path: str | Path, key: str) -> list[Path]:
-    """Image paths listed one per line (blank lines and # comments ignored); relative ones are taken from the list's folder."""
-    path = resolve_dir(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}={path}: list file does not exist")
-    files = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            p = Path(os.path.expanduser(line))
-            files.append(p if p.is_absolute() else path.parent / p)
-    if not files:
-        raise ConfigError(f"{key}={path}: the list names no images")
-    return files
-
-
-def _folder_files(cfg: DictConfig, key: str) -> list[Path]:
-    root = resolve_root(cfg, key)
-    files = list_images(root)
-    if not files:
-        raise ConfigError(f"data '{cfg.get('name', key)}': no images under {key}.root={root}")
-    if cfg.kind == "ffhq":
-        n = int(cfg.first_n)
-        if len(files) < n:
-            log.warning("%s: only %d images under %s, fewer than first_n=%d", key, len(files), root, n)
-        files = files[:n]
-    return files
-
-
-def _repeat(files: list[Path], repeat, key: str) -> list[Path]:
-    if int(repeat) < 1:
-        raise ConfigError(f"{key}.repeat={repeat} must be >= 1")
-    return files * int(repeat)
-
-
-def source_files(cfg: DictConfig, key: str = "data") -> list[Path]:
-    """Image paths for the configured source kind (with repeats; duplicates weight a source)."""
-    if cfg.kind == "demo":
-        return demo_files(list(cfg.images))
-    if cfg.kind in ("folder", "ffhq"):
-        return _folder_files(cfg, key)
-    if cfg.kind == "mix":
-        if not cfg.get("sources"):
-            raise ConfigError(f"{key}.sources is empty: name at least one source")
-        files = []
-        for name, src in cfg.sources.items():
-            k = f"{key}.sources.{name}"
-            part = _repeat(source_files(src, k), src.get("repeat", 1), k)
-            log.info("%s: %d entries", k, len(part))
-            files += part
-        return files
-    if cfg.kind == "txt_list":
-        if not cfg.get("lists"):
-            raise ConfigError(f"{key}.lists is empty: set {key}.lists='[{{path: a.txt, repeat: 1}}]'")
-        files = []
-        for i, entry in enumerate(cfg.lists):
-            k = f"{key}.lists[{i}]"
-            files += _repeat(read_txt_list(entry.path, f"{k}.path"), entry.get("repeat", 1), k)
-        return files
-    raise ConfigError(f"{key}.kind '{cfg.kind}' is unknown (demo, folder, ffhq, mix, txt_list)")
 
 
 def data_problems(cfg: DictConfig) -> list[str]:
-    """Missing roots, list files and benchmark folders of ``cfg.data`` and ``cfg.val``, each naming its key."""
-    problems = []
-    data = cfg.data
-    sources = data.sources.items() if data.kind == "mix" and data.get("sources") else [("", data)]
-    for name, src in sources:
-        key = f"data.sources.{name}" if name else "data"
-        if src.kind in ("folder", "ffhq"):
-            try:
-                resolve_root(src, key)
-            except ConfigError as exc:
-                problems.append(str(exc))
-    if data.kind == "txt_list":
-        try:
-            source_files(data)
-        except ConfigError as exc:
-            problems.append(str(exc))
+    """The data source's own problems (missing roots, list files, bad arguments) and the benchmark folders of
+    ``cfg.val``, each naming its key."""
+    problems = source_problems(cfg.data)
     val = cfg.get("val")
     if val is not None and val.get("name", "none") != "none" and val.get("kind") != "demo":
         for key in ("lr_dir", "hr_dir"):

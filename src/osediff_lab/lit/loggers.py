@@ -17,7 +17,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,40 +26,77 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
+from osediff_lab.build import build, checked_by
+
 log = logging.getLogger(__name__)
 
 STEP_KEY = "trainer/global_step"
 
 
+# What build_logger offers a logger factory; each takes the ones its signature names.
+OFFERED = ("run_dir", "run_config")
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+LOG_MODEL = (True, False, "all")
+
+
 def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
-    """The configured logger; if W&B cannot start (no key online, unwritable dir), warn once and use CSV."""
-    lc = cfg.logger
-    if lc.name == "csv":
-        return _csv(run_dir)
-    if lc.name != "wandb":
-        raise ValueError(f"logger.name must be 'wandb' or 'csv', got '{lc.name}'")
-    mode = str(lc.mode)
+    """The logger ``logger._target_`` names (``logger=csv|wandb`` or any factory), offered the run directory and
+    the run's resolved config (with this job's overrides)."""
+    run_config = OmegaConf.to_container(cfg, resolve=True) | {"overrides": job_overrides()}
+    return build(cfg.logger, "logger", offer={"run_dir": Path(run_dir), "run_config": run_config})
+
+
+def csv_logger(run_dir: Path) -> CSVLogger:
+    """CSV metrics under ``<run_dir>/csv``, flushed every step, so a killed run loses no logged value."""
+    return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
+
+
+def wandb_problems(args: Mapping[str, Any]) -> list[str]:
+    """``logger.mode`` must be a W&B mode and ``logger.log_model`` true, false or all (W&B would refuse them later)."""
+    problems = []
+    if args.get("mode", "offline") not in WANDB_MODES:
+        problems.append(f"logger.mode={args['mode']} must be one of {list(WANDB_MODES)} (or set WANDB_MODE)")
+    if args.get("log_model", False) not in LOG_MODEL:
+        problems.append(f"logger.log_model={args['log_model']} must be true, false or all")
+    if not isinstance(args.get("tags", []), list):
+        problems.append(f"logger.tags={args['tags']} must be a list: logger.tags='[a, b]'")
+    return problems
+
+
+@checked_by(wandb_problems)
+def wandb_logger(
+    run_dir: Path,
+    run_config: Mapping[str, Any],
+    project: str,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    job_type: str = "train",
+    mode: str = "offline",
+    log_model: bool | str = False,
+) -> Logger:
+    """W&B (one run per run directory, resumed by later attempts) over the CSV journal; if W&B cannot start
+    (no key online, an unwritable directory), warn once and log to CSV alone."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         logger = JournaledWandbLogger(
-            _csv(run_dir),
-            project=lc.project,
-            group=lc.group,
-            tags=list(lc.tags),
-            job_type=lc.job_type,
+            csv_logger(run_dir),
+            project=project,
+            group=group,
+            tags=list(tags),
+            job_type=job_type,
             save_dir=str(run_dir),
-            mode=mode,
+            mode=str(mode),
             id=_wandb_run_id(run_dir),
             resume="allow",
-            log_model=lc.get("log_model", False),
-            config=OmegaConf.to_container(cfg, resolve=True) | {"overrides": job_overrides()},
+            log_model=log_model,
+            config=dict(run_config),
         )
         if rank_zero_only.rank == 0:
             logger.start()  # start the run now, so a broken setup falls back here, not mid-training
         return logger
     except Exception as exc:  # any W&B failure must degrade to local logging
         log.warning("W&B logging unavailable (%s: %s); logging to CSV under %s instead", type(exc).__name__, exc, run_dir)
-        return _csv(run_dir)
+        return csv_logger(run_dir)
 
 
 def job_overrides() -> dict[str, str]:
@@ -187,11 +224,6 @@ class AppendingCSVLogger(CSVLogger):
             header = next(csv.reader(previous.decode().splitlines()), [])
             exp.metrics_keys = sorted(set(exp.metrics_keys) | set(header))
         return exp
-
-
-def _csv(run_dir: Path) -> CSVLogger:
-    """CSV metrics flushed every step, so a killed run loses no logged value."""
-    return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
 
 
 def journal_rows(csv_dir: Path) -> list[tuple[int, dict[str, float]]]:
