@@ -2,20 +2,18 @@
 
 Per batch: degrade on device, prompts to text embeddings, the method's generator losses and step, then the
 method's further updates (OSEDiff: its regularizer). Here live only the loop's concerns: backward, DDP sync,
-clipping, fp16 loss scaling and non-finite skips, logging, optimisers, validation and checkpoint contents.
+clipping, fp16 loss scaling and non-finite skips, logging, validation; the optimisers and gradient checks are
+functions in ``lit/optimization.py``, what a checkpoint holds in ``lit/contents.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -24,7 +22,16 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from osediff_lab.data.degradation import Degradation
 from osediff_lab.data.resize import upsample_input
 from osediff_lab.dtypes import DTYPES
+from osediff_lab.lit.contents import check_contents, keep_saved
 from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
+from osediff_lab.lit.optimization import (
+    NonFiniteLossError,
+    build_optimizers,
+    build_schedulers,
+    clip_gradients,
+    drop_gradients,
+    poison_if_nonfinite,
+)
 from osediff_lab.lit.validation import build_validator
 from osediff_lab.methods.base import GENERATOR, REGULARIZER, Method
 from osediff_lab.models.osediff import cast_frozen, trainable_parameters
@@ -33,22 +40,6 @@ from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import PromptProvider
 
 log = logging.getLogger(__name__)
-
-
-RANK_KEYS = ("unet_rank", "vae_rank", "reg_rank")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
-
-
-def poison_if_nonfinite(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
-    """Make the gradients non-finite when ``loss`` is, without a host sync: a NaN loss whose graph happens
-    to give finite gradients must still skip the step, on every rank alike."""
-    target = next((p for p in params if p.grad is not None), params[0])
-    if target.grad is None:
-        target.grad = torch.zeros_like(target)
-    target.grad.add_(torch.where(torch.isfinite(loss.detach()), 0.0, float("nan")).to(target.grad.dtype))
 
 
 class SRModule(pl.LightningModule):
@@ -229,13 +220,10 @@ class SRModule(pl.LightningModule):
         a scaler a non-finite norm drops the gradients, so the optimiser leaves every parameter (and its
         moments) untouched; under fp16 the scaler has already seen the overflow and skips the step itself.
         """
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        clip = self.optim_cfg.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+        norm = clip_gradients(optimizer, self.optim_cfg.grad_clip)
         self._grad_norms[id(optimizer)] = norm.detach()
         if self.grad_scaler() is None and self.check_finite and not bool(torch.isfinite(norm)):
-            for p in params:
-                p.grad = None
+            drop_gradients(optimizer)
             self._skipped.add(id(optimizer))
 
     def train_step(
@@ -301,29 +289,13 @@ class SRModule(pl.LightningModule):
         """One AdamW per parameter group (bitsandbytes' AdamW8bit with ``optim.use_8bit``): the generator at
         ``optim.lr``, the regularizer at ``optim.reg_lr``."""
         oc = self.optim_cfg
-        if oc.use_8bit:
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.AdamW8bit
-        else:
-            cls = torch.optim.AdamW
-        lrs = {GENERATOR: oc.lr, REGULARIZER: oc.reg_lr}
-        unknown = sorted(set(self.groups) - set(lrs))
-        if unknown:
-            raise ValueError(f"no learning rate for parameter groups {unknown} (known: {sorted(lrs)})")
-        with warnings.catch_warnings():  # optim.conv_in_lora_twice lists tensors twice on purpose
-            warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
-            return {
-                name: cls(params, lr=lrs[name], betas=tuple(oc.betas), weight_decay=oc.weight_decay, eps=oc.eps)
-                for name, params in self.groups.items()
-            }
+        return build_optimizers(self.groups, {GENERATOR: oc.lr, REGULARIZER: oc.reg_lr}, tuple(oc.betas),
+                                oc.weight_decay, oc.eps, oc.use_8bit)
 
     def configure_optimizers(self):
-        oc = self.optim_cfg
         optimizers = list(self.build_optimizers().values())
-        steps = max(1, self.trainer.max_steps)
-        schedulers = [get_scheduler(oc.scheduler, opt, num_warmup_steps=oc.warmup_steps, num_training_steps=steps) for opt in optimizers]
-        return optimizers, schedulers
+        oc = self.optim_cfg
+        return optimizers, build_schedulers(optimizers, oc.scheduler, oc.warmup_steps, self.trainer.max_steps)
 
     # ---- validation (osediff_lab.lit.validation) ------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -336,8 +308,7 @@ class SRModule(pl.LightningModule):
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trained tensors (LoRA sets, conv_in): megabytes, not gigabytes."""
-        keep = set(self.saved_names)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["state_dict"] = keep_saved(checkpoint["state_dict"], self.saved_names)
         checkpoint["osediff"] = {"trained_names": self.trained_names, "lora_targets": self.lora_targets,
                                  "batches_trained": self.batches_trained}
         if hasattr(self.degradation, "state_dict"):  # every rank's random stream continues exactly after a resume
@@ -349,24 +320,7 @@ class SRModule(pl.LightningModule):
             state = own_rank_state(checkpoint["degradation"], "degradation")
             if state is not None:
                 self.degradation.load_state_dict(state)
-        have = set(checkpoint["state_dict"])
-        want = set(self.saved_names)
-        missing, unexpected = sorted(want - have), sorted(have - want)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"checkpoint does not match this model: {len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it trained with another model/generator config?"
-            )
-        params = dict(self.named_parameters())
-        wrong = [k for k in sorted(want) if tuple(checkpoint["state_dict"][k].shape) != tuple(params[k].shape)]
-        if wrong:
-            saved = ((checkpoint.get("hyper_parameters") or {}).get("config") or {}).get("generator", {}).get("lora", {})
-            ranks = ", ".join(f"{k}={saved.get(k)} (now {self.cfg.generator.lora[k]})" for k in RANK_KEYS if k in saved)
-            raise RuntimeError(
-                f"checkpoint was trained with other LoRA ranks: {len(wrong)} tensors differ in shape (e.g. {wrong[0]}: "
-                f"{tuple(checkpoint['state_dict'][wrong[0]].shape)} saved, {tuple(params[wrong[0]].shape)} now); "
-                f"its generator.lora: {ranks or 'unknown'}. Set the same ranks, or resume=false to start over"
-            )
+        check_contents(checkpoint, self.saved_names, dict(self.named_parameters()), self.cfg.generator.lora)
         self.batches_trained = int(checkpoint.get("osediff", {}).get("batches_trained", checkpoint.get("global_step", 0)))
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
