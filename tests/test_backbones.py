@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from omegaconf import open_dict
 
 from helpers import TINY, compose_config
+from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import build_components, check_compatible, save_pretrained
 from osediff_lab.models.osediff import build_generator
@@ -66,8 +67,10 @@ def test_a_saved_folder_loads_with_its_scheduler_class_and_prediction_type(model
 
 def test_sd_turbo_without_weights_names_the_folder_and_the_fix(monkeypatch, tmp_path):
     monkeypatch.delenv("OSEDIFF_SD_TURBO", raising=False)
+    cfg = compose_config([*TINY, "model=sd_turbo"], tmp_path)
+    assert any("OSEDIFF_SD_TURBO" in p for p in config_problems(cfg))  # named by the checks, before any model
     with pytest.raises(ConfigError, match="model.pretrained_path.*OSEDIFF_SD_TURBO.*SD-Turbo"):
-        build_components(compose_config([*TINY, "model=sd_turbo"], tmp_path).model)
+        build_components(cfg.model)
     folder = save_pretrained(build_components(compose_config(TWIN).model), tmp_path / "turbo")
     (folder / "scheduler" / "scheduler_config.json").unlink()
     cfg = compose_config([*TINY, "model=sd_turbo", f"model.pretrained_path={folder}"], tmp_path)
