@@ -171,11 +171,12 @@ def exported(trained, tmp_path):
     return export_lora(trained_state(parts.generator), cfg, parts.targets, tmp_path / "w.safetensors")[0]
 
 
-def test_base_loader_rejects_v_prediction(base_dir, exported, tmp_path):
-    bad = shutil.copytree(base_dir, tmp_path / "vpred")
+def test_base_loader_rejects_a_prediction_type_without_a_schedule(base_dir, exported, tmp_path):
+    """epsilon and v_prediction have a noise schedule (tests/test_backbones.py); x0 ('sample') prediction has none."""
+    bad = shutil.copytree(base_dir, tmp_path / "x0pred")
     config = bad / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "v_prediction"}))
-    with pytest.raises(ConfigError, match="epsilon"):
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "sample"}))
+    with pytest.raises(ConfigError, match="prediction_type='sample'.*epsilon"):
         OSEDiffPipeline.from_checkpoint(exported, base=bad, options=OPTS)
 
 

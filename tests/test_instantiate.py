@@ -38,6 +38,7 @@ from osediff_lab.models.components import (
     pretrained_components,
     random_components,
 )
+from osediff_lab.paths import CONF_DIR
 from osediff_lab.pipeline.colorfix import COLOR_FIXES, adain_color_fix, color_fix, wavelet_color_fix
 from osediff_lab.pipeline.options import make_options
 from osediff_lab.prompts import FixedPrompt, NullPrompt, build_prompt_provider, provider_from_config
@@ -204,15 +205,23 @@ def test_color_fix_registry_dispatches_and_names_the_key(monkeypatch):
 
 
 # ---- model ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("option", "factory"), [("tiny", random_components), ("sd21_shape", random_components),
-                                                 ("nano", pretrained_components), ("sd21_base", pretrained_components)])
+MODEL_FACTORIES = {"tiny": random_components, "sd21_shape": random_components, "tiny_sd_turbo": random_components,
+                   "sd_turbo_shape": random_components, "nano": pretrained_components, "sd21_base": pretrained_components,
+                   "sd_turbo": pretrained_components}
+
+
+def test_every_model_option_is_listed():
+    assert sorted(MODEL_FACTORIES) == sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("option", "factory"), sorted(MODEL_FACTORIES.items()))
 def test_every_model_option_names_its_factory(option, factory, tmp_path):
     cfg = compose_config(TINY + [f"model={option}"], tmp_path)
     assert target(cfg.model, "model") is factory
     assert cfg.model.source in ("random", "pretrained")  # kept for the memory predictor and the sidecar
 
 
-@pytest.mark.parametrize("option", ["tiny", "nano"])
+@pytest.mark.parametrize("option", ["tiny", "nano", "tiny_sd_turbo"])
 def test_small_model_options_build_frozen_components(option, tmp_path):
     cfg = compose_config(TINY + [f"model={option}"], tmp_path)
     components = build_components(cfg.model)

@@ -1,8 +1,10 @@
 """Build or load the Stable Diffusion components OSEDiff needs, per model preset.
 
 Every preset goes through the same classes (CLIPTokenizer, CLIPTextModel, AutoencoderKL,
-UNet2DConditionModel, DDPMScheduler): ``tiny`` and ``sd21_shape`` build them from config with
-random weights, ``sd21_base`` loads a local diffusers-format directory (never the network).
+UNet2DConditionModel and a diffusers scheduler): ``tiny`` and ``sd21_shape`` build them from config with
+random weights, ``sd21_base`` and ``sd_turbo`` load a local diffusers-format directory (never the network).
+The scheduler's class comes from the preset (``arch.scheduler.class_name``, DDPMScheduler if unset) or from
+the folder's ``scheduler/scheduler_config.json`` (``_class_name``), so its prediction type is the model's own.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+import diffusers
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.build import build, checked_by
 from osediff_lab.errors import ConfigError, MissingWeightsError
+from osediff_lab.models.schedules import FlowMatchSchedule, schedule_from_scheduler
+from osediff_lab.weights.manifest import BASE_MODELS
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 @dataclass
@@ -33,7 +39,7 @@ class Components:
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     unet: UNet2DConditionModel
-    scheduler: DDPMScheduler
+    scheduler: SchedulerMixin
 
     @property
     def scaling_factor(self) -> float:
@@ -101,37 +107,69 @@ def build_random(cfg: DictConfig) -> Components:
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     vae = AutoencoderKL(**OmegaConf.to_container(arch.vae, resolve=True))
     unet = UNet2DConditionModel(**OmegaConf.to_container(arch.unet, resolve=True))
-    scheduler = DDPMScheduler.from_config(OmegaConf.to_container(arch.scheduler, resolve=True))
+    scheduler_cfg = OmegaConf.to_container(arch.scheduler, resolve=True)
+    scheduler = scheduler_class(scheduler_cfg.pop("class_name", "DDPMScheduler"), "model.arch.scheduler.class_name")
+    scheduler = scheduler.from_config(scheduler_cfg)
     return Components(tokenizer, text_encoder, vae, unet, scheduler)
+
+
+def scheduler_class(name: str, source: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called ``name`` (as a ``scheduler_config.json`` names it)."""
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ConfigError(f"{source}: '{name}' is not a diffusers scheduler class (e.g. DDPMScheduler, EulerDiscreteScheduler)")
+    return cls
+
+
+def load_scheduler(path: str | Path) -> SchedulerMixin:
+    """The folder's scheduler, built by the class its ``scheduler/scheduler_config.json`` names, offline."""
+    config_file = Path(path) / SCHEDULER_CONFIG
+    try:
+        name = json.loads(config_file.read_text()).get("_class_name", "DDPMScheduler")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MissingWeightsError(f"{config_file} is missing or unreadable ({exc}); the scheduler folder needs it") from exc
+    return scheduler_class(name, str(config_file)).from_pretrained(str(path), subfolder="scheduler", local_files_only=True)
 
 
 def resolve_pretrained_path(cfg: DictConfig) -> Path:
     """The local diffusers directory for a pretrained preset, checked before any work."""
     raw = cfg.get("pretrained_path")
     env = cfg.get("pretrained_env", "OSEDIFF_SD21_BASE")
+    group = cfg.name if cfg.name in BASE_MODELS else "sd21_base"
+    what = f"{BASE_MODELS[group]} directory"
     if not raw:
         raise MissingWeightsError(
             f"model '{cfg.name}' needs local weights but no path is set: set model.pretrained_path=... or the "
-            f"environment variable {env} to a diffusers-format SD2.1-base directory "
+            f"environment variable {env} to a diffusers-format {what} "
             f"(subfolders {', '.join(SUBFOLDERS)}). To try the framework without weights use model=tiny data=demo."
         )
     path = Path(os.path.expanduser(str(raw)))
     missing = [sub for sub in SUBFOLDERS if not (path / sub).is_dir()]
+    if not missing and not (path / SCHEDULER_CONFIG).is_file():
+        missing = [SCHEDULER_CONFIG]  # names the scheduler class and prediction type the model was trained with
     if missing:
         raise MissingWeightsError(
             f"model '{cfg.name}': {path} is missing {', '.join(str(path / m) for m in missing)}. "
-            f"Point model.pretrained_path (or {env}) at a diffusers-format SD2.1-base directory, e.g. one "
-            f"downloaded with `python -m osediff_lab.weights fetch sd21_base` on a connected machine. "
+            f"Point model.pretrained_path (or {env}) at a diffusers-format {what}, e.g. one "
+            f"downloaded with `python -m osediff_lab.weights fetch {group}` on a connected machine. "
             f"To try the framework without weights use model=tiny data=demo."
         )
     return path
 
 
 def check_compatible(components: Components, source: str) -> None:
-    """Reject base models that would silently break OSEDiff's one-step x0 formula or latent layout."""
-    pred = components.scheduler.config.prediction_type
-    if pred != "epsilon":
-        raise ConfigError(f"{source}: scheduler prediction_type is '{pred}'; OSEDiff needs an epsilon-prediction model")
+    """Reject base models that would silently break OSEDiff's one-step x0 formula or latent layout: the
+    scheduler must have a noise schedule (epsilon or v_prediction; rectified flow needs a transformer backbone,
+    which this UNet2DConditionModel path does not build yet)."""
+    try:
+        schedule = schedule_from_scheduler(components.scheduler)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    if isinstance(schedule, FlowMatchSchedule):
+        raise ConfigError(
+            f"{source}: {type(components.scheduler).__name__} is rectified flow (SD3-style); the UNet2DConditionModel "
+            "backbone here supports epsilon and v_prediction schedulers only"
+        )
     latent = components.vae.config.latent_channels
     if latent != 4 or components.unet.config.in_channels != 4:
         raise ConfigError(
@@ -154,7 +192,7 @@ def load_pretrained(path: str | Path) -> Components:
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
-        scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        scheduler=load_scheduler(path),
     )
     check_compatible(components, path)
     return components
@@ -178,7 +216,7 @@ def pretrained_problems(args: Mapping[str, Any]) -> list[str]:
 
 @checked_by(pretrained_problems)
 def pretrained_components(name: str, pretrained_path: str | None, pretrained_env: str = "OSEDIFF_SD21_BASE") -> Components:
-    """The components of a local diffusers-format directory (model=nano, sd21_base), loaded offline."""
+    """The components of a local diffusers-format directory (model=nano, sd21_base, sd_turbo), loaded offline."""
     spec = OmegaConf.create({"name": name, "pretrained_path": pretrained_path, "pretrained_env": pretrained_env})
     return load_pretrained(resolve_pretrained_path(spec))
 
@@ -187,7 +225,7 @@ CALLER_SETTINGS = ("source",)  # read by the memory predictor and the sidecar; n
 
 
 def build_components(cfg: DictConfig) -> Components:
-    """Frozen components for a model preset, built by ``cfg._target_`` (``model=tiny|nano|sd21_base|sd21_shape``);
+    """Frozen components for a model preset, built by ``cfg._target_`` (``model=tiny|nano|sd21_base|sd21_shape|...``);
     a config saved without ``_target_`` (LoRA sidecars of earlier runs) builds by its ``source``."""
     if "_target_" in cfg:
         return frozen(build(cfg, "model", skip=CALLER_SETTINGS, name=cfg.get("name", "model")))

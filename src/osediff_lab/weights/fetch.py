@@ -65,4 +65,4 @@ def fetch_entry(entry: WeightFile, cache: str | Path, download: Downloader | Non
     after = check_entry(entry, cache)
     if after.state != "present":
         raise OSError(f"{entry.name}: downloaded to {dest} but it is {after.state}: {after.detail}")
-    return f"{entry.name}: fetched {dest}"
+    return f"{entry.name}: fetched {dest}" + (f" (licence: {entry.licence})" if entry.licence else "")

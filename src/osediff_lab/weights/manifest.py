@@ -17,6 +17,12 @@ PYIQA_BASE = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 TORCHVISION_BASE = "https://download.pytorch.org/models"
 SD21_REPO = "stabilityai/stable-diffusion-2-1-base"
 SD21_DIR = "stable-diffusion-2-1-base"
+SD_TURBO_REPO = "stabilityai/sd-turbo"
+SD_TURBO_DIR = "sd-turbo"
+SD_TURBO_LICENCE = (
+    "Stability AI Non-Commercial Research Community License: accept it on https://huggingface.co/stabilityai/sd-turbo "
+    "before downloading; research and non-commercial use only"
+)
 CLIP_RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
 
 # Cache layout (relative to paths.weights_dir); chosen so each library finds its file where it looks by default.
@@ -40,6 +46,7 @@ class WeightFile:
     hf_repo: str | None = None  # without ``path``: stored in the Hugging Face cache layout under <cache>/huggingface/hub
     hf_file: str | None = None
     manual: str | None = None
+    licence: str | None = None  # a licence the release is gated by, to accept before fetching
     groups: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -70,6 +77,16 @@ def _sd21(name: str, file: str, what: str, approx_mb: float | None = None) -> We
     )
 
 
+def _sd_turbo(name: str, file: str, what: str, approx_mb: float | None = None) -> WeightFile:
+    return WeightFile(
+        name, what, f"{SD_TURBO_DIR}/{file}", f"https://huggingface.co/{SD_TURBO_REPO}/resolve/main/{file}",
+        approx_mb=approx_mb, licence=SD_TURBO_LICENCE, groups=("sd_turbo",),
+    )
+
+
+# The base-model folders a pretrained model preset loads, by weights group: what the missing-folder error names.
+BASE_MODELS: dict[str, str] = {"sd21_base": "SD2.1-base", "sd_turbo": "SD-Turbo"}
+
 ENTRIES: tuple[WeightFile, ...] = (
     _sd21("sd21_model_index", "model_index.json", "SD2.1-base pipeline index"),
     _sd21("sd21_scheduler", "scheduler/scheduler_config.json", "SD2.1-base DDPM scheduler config"),
@@ -83,6 +100,18 @@ ENTRIES: tuple[WeightFile, ...] = (
     _sd21("sd21_unet", "unet/diffusion_pytorch_model.safetensors", "SD2.1-base UNet", 3460),
     _sd21("sd21_vae_config", "vae/config.json", "SD2.1-base VAE config"),
     _sd21("sd21_vae", "vae/diffusion_pytorch_model.safetensors", "SD2.1-base VAE", 335),
+    _sd_turbo("sd_turbo_model_index", "model_index.json", "SD-Turbo pipeline index"),
+    _sd_turbo("sd_turbo_scheduler", "scheduler/scheduler_config.json", "SD-Turbo scheduler config (class, prediction type)"),
+    _sd_turbo("sd_turbo_text_encoder_config", "text_encoder/config.json", "SD-Turbo (OpenCLIP-H) text encoder config"),
+    _sd_turbo("sd_turbo_text_encoder", "text_encoder/model.safetensors", "SD-Turbo (OpenCLIP-H) text encoder", 1360),
+    _sd_turbo("sd_turbo_tokenizer_vocab", "tokenizer/vocab.json", "CLIP tokenizer vocabulary"),
+    _sd_turbo("sd_turbo_tokenizer_merges", "tokenizer/merges.txt", "CLIP tokenizer BPE merges"),
+    _sd_turbo("sd_turbo_tokenizer_config", "tokenizer/tokenizer_config.json", "CLIP tokenizer config"),
+    _sd_turbo("sd_turbo_tokenizer_special", "tokenizer/special_tokens_map.json", "CLIP tokenizer special tokens"),
+    _sd_turbo("sd_turbo_unet_config", "unet/config.json", "SD-Turbo UNet config"),
+    _sd_turbo("sd_turbo_unet", "unet/diffusion_pytorch_model.safetensors", "SD-Turbo UNet (SD2.1 architecture)", 3460),
+    _sd_turbo("sd_turbo_vae_config", "vae/config.json", "SD-Turbo VAE config"),
+    _sd_turbo("sd_turbo_vae", "vae/diffusion_pytorch_model.safetensors", "SD-Turbo VAE", 335),
     WeightFile(
         "ram_swin_large", "RAM Swin-L tagging model (DAPE's base)", "ram/ram_swin_large_14m.pth",
         "https://huggingface.co/xinyu1205/recognize_anything_model/resolve/main/ram_swin_large_14m.pth",
