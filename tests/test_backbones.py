@@ -4,6 +4,9 @@ SD-Turbo preset names its missing folder and the fix; a rectified-flow scheduler
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
@@ -44,6 +47,10 @@ def test_osediff_trains_on_the_v_twin_and_its_export_reloads_for_inference(tmp_p
     assert type(pipe.generator.schedule) is VPredictionSchedule
     out, _ = pipe.enhance(torch.rand(1, 3, 16, 16))
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert json.loads(Path(summary["lora_sidecar"]).read_text())["prediction_type"] == "v_prediction"
+    epsilon_base = save_pretrained(build_components(compose_config(TINY).model), tmp_path / "epsilon_base")
+    with pytest.raises(ConfigError, match="predicting 'v_prediction', but this base predicts 'epsilon'"):
+        OSEDiffPipeline.from_checkpoint(summary["lora"], base=epsilon_base, device="cpu")
 
 
 def test_pisa_pixel_stage_trains_on_the_v_twin(tmp_path):

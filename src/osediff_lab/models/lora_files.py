@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -31,6 +32,18 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def base_prediction_type(model: DictConfig) -> str | None:
+    """What the base model's UNet predicts (epsilon, v_prediction): a random preset's scheduler arguments, or the
+    pretrained folder's scheduler_config.json (None when that folder is not on this machine)."""
+    if model.get("source") == "random":
+        return str(model.arch.scheduler.get("prediction_type", "epsilon"))
+    path = model.get("pretrained_path")
+    config = Path(os.path.expanduser(str(path))) / "scheduler" / "scheduler_config.json" if path else None
+    if config is None or not config.is_file():
+        return None
+    return str(json.loads(config.read_text()).get("prediction_type", "epsilon"))
+
+
 def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
     """What a loader needs besides the tensors: base model, ranks, targets, prompt mode, scale, timestep,
     and the seed (random-init presets such as tiny rebuild their base weights from it)."""
@@ -43,6 +56,8 @@ def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
         "lora": OmegaConf.to_container(gen.lora, resolve=True),
         "target_modules": {k: v for k, v in targets.items() if not k.startswith("reg_unet")},
         "timestep": gen.timestep,
+        # the LoRA only works on a base that predicts the same thing (checked when loading)
+        "prediction_type": base_prediction_type(cfg.model),
         "train_vae_encoder": gen.train_vae_encoder,
         "train_vae_decoder": gen.train_vae_decoder,
         "prompt": OmegaConf.to_container(prompt, resolve=True) if prompt is not None else {"name": "null"},

@@ -161,8 +161,20 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, official: D
         )
         generator, targets = build_generator(components, gen_cfg, share_unet=True)
         _check_targets(targets, ckpt)
+    if ckpt.kind != "official":
+        _check_prediction_type(components, ckpt)
     load_generator_state(generator, ckpt.state, ckpt.path)
     return generator
+
+
+def _check_prediction_type(components: Components, ckpt: Checkpoint) -> None:
+    """A LoRA trained on an epsilon base gives garbage on a v-prediction one (and back): refuse the pair."""
+    saved, now = ckpt.meta.get("prediction_type"), components.scheduler.config.get("prediction_type", "epsilon")
+    if saved is not None and saved != now:
+        raise ConfigError(
+            f"{ckpt.path} was trained on a base model predicting '{saved}', but this base predicts '{now}'; "
+            "pass base=<the diffusers folder it was trained on>"
+        )
 
 
 def _check_targets(targets: dict[str, list[str]], ckpt: Checkpoint) -> None:
