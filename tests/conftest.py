@@ -43,3 +43,15 @@ def pytest_configure(config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
         torch.set_num_threads(1)
     config.addinivalue_line("markers", "slurm: sweeps on a running Slurm cluster (skipped without one; .ci/run starts it)")
+
+
+# Files whose tests take minutes (kill/resume, DDP, Slurm sweeps, the README walk), longest first. Under
+# `make test` (xdist, whole files per worker) they start first, so the short files fill in around them
+# instead of one worker running a long file alone at the end.
+LONGEST_FIRST = ("test_readme_commands.py", "test_slurm.py", "test_faults.py", "test_ddp.py", "test_memory.py",
+                 "test_preemption.py", "test_distributed.py", "test_methods.py", "test_backbones.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
