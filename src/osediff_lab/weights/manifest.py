@@ -70,17 +70,30 @@ def _torchvision(name: str, file: str, what: str, approx_mb: float, groups: tupl
     )
 
 
-def _sd21(name: str, file: str, what: str, approx_mb: float | None = None) -> WeightFile:
-    return WeightFile(
-        name, what, f"{SD21_DIR}/{file}", f"https://huggingface.co/{SD21_REPO}/resolve/main/{file}",
-        approx_mb=approx_mb, groups=("sd21_base",),
-    )
+# A diffusers base-model folder (SD2.1 architecture): (entry suffix, file, what, approx MB); every preset has them all.
+DIFFUSERS_FOLDER: tuple[tuple[str, str, str, float | None], ...] = (
+    ("model_index", "model_index.json", "pipeline index", None),
+    ("scheduler", "scheduler/scheduler_config.json", "scheduler config (class, prediction type)", None),
+    ("text_encoder_config", "text_encoder/config.json", "OpenCLIP-H text encoder config", None),
+    ("text_encoder", "text_encoder/model.safetensors", "OpenCLIP-H text encoder", 1360),
+    ("tokenizer_vocab", "tokenizer/vocab.json", "CLIP tokenizer vocabulary", None),
+    ("tokenizer_merges", "tokenizer/merges.txt", "CLIP tokenizer BPE merges", None),
+    ("tokenizer_config", "tokenizer/tokenizer_config.json", "CLIP tokenizer config", None),
+    ("tokenizer_special", "tokenizer/special_tokens_map.json", "CLIP tokenizer special tokens", None),
+    ("unet_config", "unet/config.json", "UNet config", None),
+    ("unet", "unet/diffusion_pytorch_model.safetensors", "UNet", 3460),
+    ("vae_config", "vae/config.json", "VAE config", None),
+    ("vae", "vae/diffusion_pytorch_model.safetensors", "VAE", 335),
+)
 
 
-def _sd_turbo(name: str, file: str, what: str, approx_mb: float | None = None) -> WeightFile:
-    return WeightFile(
-        name, what, f"{SD_TURBO_DIR}/{file}", f"https://huggingface.co/{SD_TURBO_REPO}/resolve/main/{file}",
-        approx_mb=approx_mb, licence=SD_TURBO_LICENCE, groups=("sd_turbo",),
+def _diffusers_folder(prefix: str, group: str, label: str, folder: str, repo: str,
+                      licence: str | None = None) -> tuple[WeightFile, ...]:
+    """The manifest entries ``<prefix>_<suffix>`` of one base model's diffusers folder on the Hugging Face Hub."""
+    return tuple(
+        WeightFile(f"{prefix}_{suffix}", f"{label} {what}", f"{folder}/{file}", f"https://huggingface.co/{repo}/resolve/main/{file}",
+                   approx_mb=mb, licence=licence, groups=(group,))
+        for suffix, file, what, mb in DIFFUSERS_FOLDER
     )
 
 
@@ -88,30 +101,8 @@ def _sd_turbo(name: str, file: str, what: str, approx_mb: float | None = None) -
 BASE_MODELS: dict[str, str] = {"sd21_base": "SD2.1-base", "sd_turbo": "SD-Turbo"}
 
 ENTRIES: tuple[WeightFile, ...] = (
-    _sd21("sd21_model_index", "model_index.json", "SD2.1-base pipeline index"),
-    _sd21("sd21_scheduler", "scheduler/scheduler_config.json", "SD2.1-base DDPM scheduler config"),
-    _sd21("sd21_text_encoder_config", "text_encoder/config.json", "OpenCLIP-H text encoder config"),
-    _sd21("sd21_text_encoder", "text_encoder/model.safetensors", "OpenCLIP-H text encoder", 1360),
-    _sd21("sd21_tokenizer_vocab", "tokenizer/vocab.json", "CLIP tokenizer vocabulary"),
-    _sd21("sd21_tokenizer_merges", "tokenizer/merges.txt", "CLIP tokenizer BPE merges"),
-    _sd21("sd21_tokenizer_config", "tokenizer/tokenizer_config.json", "CLIP tokenizer config"),
-    _sd21("sd21_tokenizer_special", "tokenizer/special_tokens_map.json", "CLIP tokenizer special tokens"),
-    _sd21("sd21_unet_config", "unet/config.json", "SD2.1-base UNet config"),
-    _sd21("sd21_unet", "unet/diffusion_pytorch_model.safetensors", "SD2.1-base UNet", 3460),
-    _sd21("sd21_vae_config", "vae/config.json", "SD2.1-base VAE config"),
-    _sd21("sd21_vae", "vae/diffusion_pytorch_model.safetensors", "SD2.1-base VAE", 335),
-    _sd_turbo("sd_turbo_model_index", "model_index.json", "SD-Turbo pipeline index"),
-    _sd_turbo("sd_turbo_scheduler", "scheduler/scheduler_config.json", "SD-Turbo scheduler config (class, prediction type)"),
-    _sd_turbo("sd_turbo_text_encoder_config", "text_encoder/config.json", "SD-Turbo (OpenCLIP-H) text encoder config"),
-    _sd_turbo("sd_turbo_text_encoder", "text_encoder/model.safetensors", "SD-Turbo (OpenCLIP-H) text encoder", 1360),
-    _sd_turbo("sd_turbo_tokenizer_vocab", "tokenizer/vocab.json", "CLIP tokenizer vocabulary"),
-    _sd_turbo("sd_turbo_tokenizer_merges", "tokenizer/merges.txt", "CLIP tokenizer BPE merges"),
-    _sd_turbo("sd_turbo_tokenizer_config", "tokenizer/tokenizer_config.json", "CLIP tokenizer config"),
-    _sd_turbo("sd_turbo_tokenizer_special", "tokenizer/special_tokens_map.json", "CLIP tokenizer special tokens"),
-    _sd_turbo("sd_turbo_unet_config", "unet/config.json", "SD-Turbo UNet config"),
-    _sd_turbo("sd_turbo_unet", "unet/diffusion_pytorch_model.safetensors", "SD-Turbo UNet (SD2.1 architecture)", 3460),
-    _sd_turbo("sd_turbo_vae_config", "vae/config.json", "SD-Turbo VAE config"),
-    _sd_turbo("sd_turbo_vae", "vae/diffusion_pytorch_model.safetensors", "SD-Turbo VAE", 335),
+    *_diffusers_folder("sd21", "sd21_base", "SD2.1-base", SD21_DIR, SD21_REPO),
+    *_diffusers_folder("sd_turbo", "sd_turbo", "SD-Turbo", SD_TURBO_DIR, SD_TURBO_REPO, SD_TURBO_LICENCE),
     WeightFile(
         "ram_swin_large", "RAM Swin-L tagging model (DAPE's base)", "ram/ram_swin_large_14m.pth",
         "https://huggingface.co/xinyu1205/recognize_anything_model/resolve/main/ram_swin_large_14m.pth",
