@@ -55,7 +55,7 @@ def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(t
     embeds = module.encode_text(["a photo", "grass"])
     x0_real, x0_fake = module.method.vsd_targets(z_h, embeds, t=t, noise=noise)
 
-    abar = module.method.alphas_cumprod
+    abar = module.method.schedule.alphas_cumprod
     z_t = add_noise(z_h, noise, t, abar)
     neg = module.method.fixed_prompt_embedding(cfg.loss.negative_prompt).expand(2, -1, -1)
     with torch.no_grad():

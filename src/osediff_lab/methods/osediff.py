@@ -79,11 +79,6 @@ class OSEDiff(Method):
         """The noise schedule, the generator's (one copy)."""
         return self.generator.schedule
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """abar per timestep of a DDPM-family schedule (the release-math tests compare against it)."""
-        return self.schedule.alphas_cumprod
-
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         gen = [p for _, p in trainable_parameters(self.generator)]
         if self.conv_in_lora_twice:  # the release lists conv_in's LoRA tensors twice

@@ -37,11 +37,6 @@ class OSEDiffGenerator(nn.Module):
         self.latent = latent
         self.scaling_factor = float(vae.config.scaling_factor)
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """abar per timestep of a DDPM-family schedule (the release-math tests compare against it)."""
-        return self.schedule.alphas_cumprod
-
     def encode(self, x_l: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """z_L = E(x_L) * scaling_factor; x_L in [-1, 1]."""
         dist = self.vae.encode(x_l).latent_dist
