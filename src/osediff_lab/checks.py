@@ -6,10 +6,9 @@ import importlib.util
 from pathlib import Path
 
 from diffusers.optimization import SchedulerType
-from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from osediff_lab.build import component_problems
+from osediff_lab.build import component_problems, target
 from osediff_lab.data.datamodule import data_problems
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
@@ -91,9 +90,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
 def method_problems(method: DictConfig) -> list[str]:
     """The method's own checks of its ``method.*`` arguments (``Method.argument_problems``)."""
     try:
-        cls = get_class(str(method._target_))
-    except (ImportError, AttributeError, ValueError) as exc:
-        return [f"method._target_={method.get('_target_')} is not an importable class ({exc})"]
+        cls = target(method, "method")
+    except ConfigError as exc:
+        return [str(exc)]
     return cls.argument_problems(method)
 
 
