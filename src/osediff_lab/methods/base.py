@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from osediff_lab.dtypes import DTYPES
+from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import cast_frozen
+from osediff_lab.models.vsd import classifier_free_guidance
 
 GENERATOR = "generator"
 REGULARIZER = "regularizer"  # the second parameter group the loop knows (optim.reg_lr, optim.sync_regularizer_grads)
@@ -92,6 +94,19 @@ class Method(nn.Module):
         if key not in self._fixed_prompts:
             self._fixed_prompts[key] = self.encode_text([prompt])
         return self._fixed_prompts[key]
+
+    def guided_prediction(self, unet: nn.Module, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                          negative_prompt: str, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pretrained UNet's outputs (``unet`` with its adapters off) on the scaled latent ``z_t`` at integer
+        timesteps ``t``: classifier-free guided at ``cfg_scale`` against ``negative_prompt``, and unconditional
+        (the negative prompt's). One batched call; the real score of VSD and both CSD targets."""
+        schedule = self.generator.schedule
+        neg = self.fixed_prompt_embedding(negative_prompt).expand(z_t.shape[0], -1, -1)
+        with adapters_disabled(unet):
+            pred = unet(torch.cat([z_t, z_t]), schedule.model_timestep(torch.cat([t, t])),
+                        encoder_hidden_states=torch.cat([neg, embeds]).to(z_t.dtype)).sample
+        pred_uncond, pred_cond = pred.to(z_t.dtype).chunk(2)
+        return classifier_free_guidance(pred_uncond, pred_cond, cfg_scale), pred_uncond
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The generator tensors inference loads, keyed relative to the generator: by default the trained ones."""

@@ -110,16 +110,15 @@ class OSEDiff(Method):
         noise = torch.randn_like(z_h) if noise is None else noise
         z_t = self.schedule.add_noise(z_h.detach(), noise, t)
         pred_fake = self.fake_pred(z_t, t, embeds).to(z_t.dtype)
-        neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
-        z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
-        if self.real_unet is not None:  # the release: a separate frozen UNet, run in pure fp16
+        if self.real_unet is None:
+            pred_real, _ = self.guided_prediction(self.reg_unet, z_t, t, embeds, self.negative_prompt, self.cfg_scale)
+        else:  # the release: a separate frozen UNet, run in pure fp16
+            neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
+            z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
             with torch.autocast(z_t.device.type, enabled=False):
                 pred_both = self.unet_pred(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
-        else:
-            with adapters_disabled(self.reg_unet):
-                pred_both = self.unet_pred(z_both, t_both, c_both)
-        pred_uncond, pred_cond = pred_both.chunk(2)
-        pred_real = classifier_free_guidance(pred_uncond, pred_cond, self.cfg_scale)
+            pred_uncond, pred_cond = pred_both.chunk(2)
+            pred_real = classifier_free_guidance(pred_uncond, pred_cond, self.cfg_scale)
         return self.schedule.x0_from_output(z_t, pred_real, t), self.schedule.x0_from_output(z_t, pred_fake, t)
 
     def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

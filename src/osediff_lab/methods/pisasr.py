@@ -17,10 +17,9 @@ from torch import nn
 from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import Method, weighted_total
 from osediff_lab.models.components import Components
-from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.lora_files import load_lora_tensors
 from osediff_lab.models.pisasr import PIXEL, SEMANTIC, build_pisa_generator
-from osediff_lab.models.vsd import classifier_free_guidance, sample_timesteps, vsd_loss
+from osediff_lab.models.vsd import sample_timesteps, vsd_loss
 
 STAGES = (PIXEL, SEMANTIC)
 
@@ -111,13 +110,7 @@ class PiSASR(Method):
         b = z_h.shape[0]
         t = sample_timesteps(b, *self.csd_t, z_h.device)
         z_t = schedule.add_noise(z_h.detach(), torch.randn_like(z_h), t)
-        neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
-        unet = self.generator.unet
-        with adapters_disabled(unet):
-            pred = unet(torch.cat([z_t, z_t]), schedule.model_timestep(torch.cat([t, t])),
-                        encoder_hidden_states=torch.cat([neg, embeds]).to(z_t.dtype)).sample
-        pred_uncond, pred_cond = pred.to(z_t.dtype).chunk(2)
-        pred_cfg = classifier_free_guidance(pred_uncond, pred_cond, self.cfg_scale)
+        pred_cfg, pred_uncond = self.guided_prediction(self.generator.unet, z_t, t, embeds, self.negative_prompt, self.cfg_scale)
         return schedule.x0_from_output(z_t, pred_cfg, t), schedule.x0_from_output(z_t, pred_uncond, t)
 
     def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
