@@ -56,7 +56,7 @@ def main() -> None:
     lq = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     pipes = {
         name: OSEDiffPipeline(
-            copy.deepcopy(generator), components.tokenizer, components.text_encoder, NullPrompt(), 4,
+            copy.deepcopy(generator), components.text, NullPrompt(), 4,
             {"device": "cpu", "precision": "fp32", "color_fix": "none", **options},
         )
         for name, options in CASES.items()

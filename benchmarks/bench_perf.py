@@ -74,7 +74,7 @@ def bench_inference(model: str, size: int, batches: list[int], repeats: int, cas
     base: dict[int, tuple[float, torch.Tensor]] = {}
     for name in cases:
         opts = {"device": str(DEVICE), "color_fix": "none", **INFER_CASES[name]}
-        pipe = OSEDiffPipeline(copy.deepcopy(generator), components.tokenizer, components.text_encoder, NullPrompt(), 4, opts)
+        pipe = OSEDiffPipeline(copy.deepcopy(generator), components.text, NullPrompt(), 4, opts)
         for b in batches:
             x = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(b)).to(DEVICE) * 2 - 1
             embeds = pipe.embed([""] * b)

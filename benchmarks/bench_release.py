@@ -129,7 +129,7 @@ def infer_row(repeats: int) -> None:
 
     components, generator = tiny_pipeline_parts()
     lq = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    pipes = [OSEDiffPipeline(copy.deepcopy(generator), components.tokenizer, components.text_encoder, NullPrompt(), 4,
+    pipes = [OSEDiffPipeline(copy.deepcopy(generator), components.text, NullPrompt(), 4,
                              {"device": "cpu", "precision": "fp32", "color_fix": "none", **options})
              for options in ({}, {"merge_lora": False, "fast": {"attention": "plain"}})]
     fast, plain, ratio = paired(lambda: pipes[0](lq), lambda: pipes[1](lq), repeats, "cpu")

@@ -76,7 +76,7 @@ def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     torch.manual_seed(cfg.seed)
     module = build_module(cfg)
     perturb_trained(module.generator)
-    pipe = OSEDiffPipeline(copy.deepcopy(module.generator), module.tokenizer, module.text_encoder, NullPrompt(), 4, OPTS)
+    pipe = OSEDiffPipeline(copy.deepcopy(module.generator), module.text_encoders, NullPrompt(), 4, OPTS)
     reference = pipe(LQ)
     # what Lightning's checkpoint dump writes, then the module's own hook (keeps trained tensors only)
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}

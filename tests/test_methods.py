@@ -108,10 +108,10 @@ def test_csd_targets_are_cfg_and_unconditional_x0_of_the_pretrained_unet(tmp_pat
     torch.manual_seed(3)
     t = sample_timesteps(2, cfg.method.csd_t_min, cfg.method.csd_t_max, "cpu")
     z_t = add_noise(z_h, torch.randn_like(z_h), t, method.generator.schedule.alphas_cumprod)
-    neg = method.encode_text([cfg.method.negative_prompt]).expand(2, -1, -1)
+    neg = method.encode_text([cfg.method.negative_prompt]).expand(2).hidden
     with torch.no_grad():
         eps_u = pretrained(z_t, t, encoder_hidden_states=neg).sample
-        eps_c = pretrained(z_t, t, encoder_hidden_states=embeds).sample
+        eps_c = pretrained(z_t, t, encoder_hidden_states=embeds.hidden).sample
     abar = method.generator.schedule.alphas_cumprod
     torch.testing.assert_close(x0_cfg, x0_from_eps(z_t, classifier_free_guidance(eps_u, eps_c, 7.5), t, abar), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x0_uncond, x0_from_eps(z_t, eps_u, t, abar), atol=1e-4, rtol=1e-4)

@@ -46,8 +46,8 @@ def tiny_model(overrides: list[str] | None = None, seed: int = 42) -> tuple[Comp
 def make_pipeline(components: Components, generator: OSEDiffGenerator, **options) -> OSEDiffPipeline:
     """A pipeline over copies of the generator and text encoder (merging and casting change them in place)."""
     opts = {"merge_lora": False, **FAST, **options}
-    text_encoder = copy.deepcopy(components.text_encoder)
-    return OSEDiffPipeline(copy.deepcopy(generator), components.tokenizer, text_encoder, NullPrompt(), 4, opts)
+    text_encoder = copy.deepcopy(components.text)
+    return OSEDiffPipeline(copy.deepcopy(generator), text_encoder, NullPrompt(), 4, opts)
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +246,8 @@ def test_live_mode_leaves_a_training_model_as_it_was(model):
     live_gen.latent = "sample"
     before = {n: p.clone() for n, p in live_gen.state_dict().items()}
     tiling = live_gen.vae.use_tiling
-    text_encoder = copy.deepcopy(components.text_encoder)
-    pipe = OSEDiffPipeline(live_gen, components.tokenizer, text_encoder, NullPrompt(), 4, FAST, live=True)
+    text_encoder = copy.deepcopy(components.text)
+    pipe = OSEDiffPipeline(live_gen, text_encoder, NullPrompt(), 4, FAST, live=True)
     out = pipe(lq_batch(8, 8))
     assert torch.equal(out, make_pipeline(*model)(lq_batch(8, 8)))  # latent mode used, same numbers
     assert live_gen.training and live_gen.latent == "sample" and live_gen.vae.use_tiling == tiling

@@ -57,11 +57,11 @@ def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(t
 
     abar = module.method.schedule.alphas_cumprod
     z_t = add_noise(z_h, noise, t, abar)
-    neg = module.method.fixed_prompt_embedding(cfg.loss.negative_prompt).expand(2, -1, -1)
+    neg = module.method.fixed_prompt_embedding(cfg.loss.negative_prompt).expand(2).hidden
     with torch.no_grad():
         eps_u = pretrained(z_t, t, encoder_hidden_states=neg).sample
-        eps_c = pretrained(z_t, t, encoder_hidden_states=embeds).sample
-        eps_fake = merged(z_t, t, encoder_hidden_states=embeds).sample
+        eps_c = pretrained(z_t, t, encoder_hidden_states=embeds.hidden).sample
+        eps_fake = merged(z_t, t, encoder_hidden_states=embeds.hidden).sample
     expected_real = x0_from_eps(z_t, classifier_free_guidance(eps_u, eps_c, cfg.loss.cfg_scale), t, abar)
     expected_fake = x0_from_eps(z_t, eps_fake, t, abar)
     tol = 3e-2 if release_precision else 1e-4  # release: the real score runs in pure fp16

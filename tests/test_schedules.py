@@ -162,6 +162,7 @@ class RecordingUNet(nn.Module):
     def __init__(self, output: torch.Tensor) -> None:
         super().__init__()
         self.output, self.seen = output, []
+        self.config = SimpleNamespace()  # no added conditions: the SD2.1 family
 
     def forward(self, z, timestep, encoder_hidden_states):
         self.seen.append(timestep)
@@ -174,7 +175,7 @@ def test_generator_step_is_the_schedules_x0_at_its_timestep(scheduler):
     z_l, out = latents(4)
     schedule = schedule_from_scheduler(scheduler)
     vae = nn.Module()
-    vae.config = SimpleNamespace(scaling_factor=0.18215)
+    vae.config = SimpleNamespace(scaling_factor=0.18215, block_out_channels=(8, 8, 8, 8))
     unet = RecordingUNet(out)
     gen = OSEDiffGenerator(vae, unet, schedule, timestep=999)
     z_h = gen.denoise(z_l, torch.zeros(len(T), 2, 8))

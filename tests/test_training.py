@@ -34,7 +34,7 @@ def test_step_changes_only_trainable_tensors(tmp_path):
     for n, p in module.named_parameters():
         if n not in trained:
             assert p.grad is None, f"frozen {n} received a gradient"
-    assert not any(p.requires_grad for p in module.text_encoder.parameters())
+    assert not any(p.requires_grad for p in module.text_encoders.parameters())
     # every LoRA layer took part: each lora_B (zero at init) has moved away from zero
     untouched = [n for n, p in module.named_parameters() if ".lora_B." in n and torch.count_nonzero(p) == 0]
     assert not untouched, f"LoRA layers that never received a gradient: {untouched[:5]}"

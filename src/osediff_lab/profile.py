@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from osediff_lab import resolvers
 from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.io import atomic_write_text
+from osediff_lab.models.backbone import denoiser_output, vae_factor
 from osediff_lab.models.components import Components, build_components
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.osediff import build_generator, build_osediff
+from osediff_lab.models.schedules import schedule_from_scheduler
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts.ram import RAMArch, RAMTagger
 from osediff_lab.tables import markdown_table
@@ -145,30 +147,30 @@ class Modules:
     def parts(self) -> dict[str, list[nn.Module]]:
         vae = self.components.vae
         parts = {
-            "text_encoder": [self.components.text_encoder],
-            "vae_encoder": [vae.encoder, vae.quant_conv],
+            "text_encoder": self.components.text_modules(),
+            "vae_encoder": [m for m in (vae.encoder, vae.quant_conv) if m is not None],
             "unet": [self.components.unet],
-            "vae_decoder": [vae.decoder, vae.post_quant_conv],
+            "vae_decoder": [m for m in (vae.decoder, vae.post_quant_conv) if m is not None],
         }
         return ({"prompt_extractor": [self.tagger]} if self.tagger is not None else {}) | parts
 
-    def runs(self, size: int, tokens: int, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
-        """One forward per module at batch 1 for an image of ``size`` px (the tagger at its own input size)."""
+    def runs(self, size: int, timestep: int, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
+        """One forward per module at batch 1 for an image of ``size`` px (the tagger at its own input size; the
+        text encoders at their tokenizers' lengths; the denoiser at the generator's ``timestep``)."""
         c = self.components
-        vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+        factor = vae_factor(c.vae)
         x = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
-        z = torch.zeros(1, c.vae.config.latent_channels, size // vae_factor, size // vae_factor, device=device, dtype=dtype)
-        ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
-        embeds = torch.zeros(1, tokens, c.unet.config.cross_attention_dim, device=device, dtype=dtype)
-        t = torch.full((1,), 999, dtype=torch.long, device=device)
+        z = torch.zeros(1, c.vae.config.latent_channels, size // factor, size // factor, device=device, dtype=dtype)
+        embeds = c.text([""]).to(dtype)
+        t = schedule_from_scheduler(c.scheduler).model_timestep(torch.full((1,), timestep, dtype=torch.long, device=device))
         runs: dict[str, Callable[[], Any]] = {}
         if self.tagger is not None:
             side = self.tagger.arch.image_size
             img = torch.zeros(1, 3, side, side, device=device, dtype=dtype)
             runs["prompt_extractor"] = lambda: self.tagger(img)
-        runs["text_encoder"] = lambda: c.text_encoder(ids)
+        runs["text_encoder"] = lambda: c.text([""])
         runs["vae_encoder"] = lambda: c.vae.encode(x)
-        runs["unet"] = lambda: c.unet(z, t, encoder_hidden_states=embeds)
+        runs["unet"] = lambda: denoiser_output(c.unet, z, t, embeds, factor)
         runs["vae_decoder"] = lambda: c.vae.decode(z)
         return runs
 
@@ -184,18 +186,13 @@ def build_modules(cfg: DictConfig, training: bool = False) -> tuple[Modules, dic
     if training:
         parts = build_osediff(components, cfg.generator)
         generator = parts.generator
-        named = {
-            "vae_encoder": [generator.vae.encoder, generator.vae.quant_conv],
-            "unet": [generator.unet],
-            "vae_decoder": [generator.vae.decoder, generator.vae.post_quant_conv],
-        }
+        named = Modules(None, replace(components, vae=generator.vae, unet=generator.unet)).parts()
         trainable = {k: sum(p.numel() for m in ms for p in m.parameters() if p.requires_grad) for k, ms in named.items()}
         trainable["regularizer"] = sum(p.numel() for p in parts.reg_unet.parameters() if p.requires_grad)
     else:
         generator, _ = build_generator(components, cfg.generator, share_unet=True)
     merge_and_unload(generator)
-    inference = Components(components.tokenizer, components.text_encoder, generator.vae, generator.unet, components.scheduler)
-    return Modules(tagger, inference), trainable
+    return Modules(tagger, replace(components, vae=generator.vae, unet=generator.unet)), trainable
 
 
 def profile_rows(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -203,7 +200,7 @@ def profile_rows(cfg: DictConfig) -> list[dict[str, Any]]:
     pc = cfg.profile
     with torch.device("meta"):
         modules, trainable = build_modules(cfg, training=True)
-        macs = {k: count_macs(fn) for k, fn in modules.runs(pc.macs_size, pc.text_tokens, torch.device("meta"), torch.float32).items()}
+        macs = {k: count_macs(fn) for k, fn in modules.runs(pc.macs_size, cfg.generator.timestep, torch.device("meta"), torch.float32).items()}
     params = {k: sum(p.numel() for m in ms for p in m.parameters()) for k, ms in modules.parts().items()}
     if modules.tagger is not None:
         swin, side = modules.tagger.visual_encoder, modules.tagger.arch.image_size
@@ -250,7 +247,7 @@ def measure_all(cfg: DictConfig) -> dict[str, Latency]:
     for ms in modules.parts().values():
         for m in ms:
             m.to(device, dtype).eval()
-    runs = modules.runs(lc.size, cfg.profile.text_tokens, device, dtype)
+    runs = modules.runs(lc.size, cfg.generator.timestep, device, dtype)
     out = {}
     for key, fn in runs.items():
         out[key] = measure_latency(fn, device, lc.warmup, lc.repeats)
@@ -280,7 +277,7 @@ def profile_report(rows: list[dict[str, Any]], cfg: DictConfig) -> str:
             notes.append(f"- {LABELS[r['module']]}: {r['gmacs']:.1f} GMACs vs the paper's {paper}: {EXPLANATIONS[r['module']]}")
     lines = [
         f"model={cfg.model.name}: GMACs (Conv2d + Linear) for a {pc.macs_size}x{pc.macs_size} input, text at "
-        f"{pc.text_tokens} tokens; {lat} (median over {lc.repeats} after {lc.warmup} warm-up; total = sum of medians)",
+        f"the tokenizers' lengths (CLIP 77); {lat} (median over {lc.repeats} after {lc.warmup} warm-up; total = sum of medians)",
         "",
         *markdown_table(header, cells, right=range(1, len(header))),
     ]

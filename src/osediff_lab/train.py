@@ -53,7 +53,7 @@ def build_module(cfg: DictConfig) -> SRModule:
     """The LightningModule for a (validated) config: the ``method`` built by ``instantiate`` from the base model,
     the text encoder's cached embeddings and LPIPS (when the method weighs it)."""
     components = build_components(cfg.model)
-    embedder = PromptEmbedder(components.tokenizer, components.text_encoder, max_cached=4096)
+    embedder = PromptEmbedder(components.text, max_cached=4096)
     lpips_model = build_lpips(cfg.loss.lpips, cfg.paths.weights_dir) if cfg.method.get("lpips_weight", 0) > 0 else None
     try:
         method = instantiate(cfg.method, components=components, encode_text=embedder, lpips=lpips_model, _recursive_=False)
@@ -62,7 +62,7 @@ def build_module(cfg: DictConfig) -> SRModule:
             raise exc.__cause__ from None
         raise
     return SRModule(
-        method, components.tokenizer, components.text_encoder, embedder, build_prompt_provider(cfg.get("prompt")),
+        method, components.text, embedder, build_prompt_provider(cfg.get("prompt")),
         build_degradation(cfg.degradation, cfg.scale), cfg,
     )
 

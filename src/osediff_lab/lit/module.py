@@ -17,7 +17,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.data.degradation import Degradation
 from osediff_lab.data.resize import upsample_input
@@ -34,8 +33,9 @@ from osediff_lab.lit.optimization import (
 )
 from osediff_lab.lit.validation import build_validator
 from osediff_lab.methods.base import GENERATOR, REGULARIZER, Method
+from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.osediff import cast_frozen, trainable_parameters
-from osediff_lab.models.text import PromptEmbedder
+from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import PromptProvider
 
@@ -48,8 +48,7 @@ class SRModule(pl.LightningModule):
     def __init__(
         self,
         method: Method,
-        tokenizer: CLIPTokenizer,
-        text_encoder: CLIPTextModel,
+        text_encoders: TextEncoders,
         embedder: PromptEmbedder,
         prompts: PromptProvider,
         degradation: Degradation,
@@ -60,14 +59,13 @@ class SRModule(pl.LightningModule):
         self.optim_cfg = cfg.optim
         self.automatic_optimization = False
         self.strict_loading = False
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+        self.text_encoders = text_encoders
         self.method = method
         self.prompts = prompts
         self.degradation = degradation
         frozen_dtype = DTYPES[cfg.generator.frozen_dtype]
         if frozen_dtype != torch.float32:
-            cast_frozen(self.text_encoder, frozen_dtype)
+            cast_frozen(self.text_encoders, frozen_dtype)
         self.groups = method.param_groups()
         if next(iter(self.groups)) != GENERATOR:
             raise ValueError(f"{type(method).__name__}.param_groups() must list '{GENERATOR}' first, got {list(self.groups)}")
@@ -99,7 +97,7 @@ class SRModule(pl.LightningModule):
     def train(self, mode: bool = True) -> SRModule:
         """Frozen feature extractors stay in eval mode (LPIPS has dropout) whatever Lightning asks."""
         super().train(mode)
-        self.text_encoder.eval()
+        self.text_encoders.eval()
         self.method.frozen_eval()
         return self
 
@@ -121,7 +119,7 @@ class SRModule(pl.LightningModule):
             )
         return batch
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+    def encode_text(self, prompts: list[str]) -> TextEmbeds:
         """Text embeddings per prompt on this module's device (cached by string)."""
         return self.embedder(prompts)
 
@@ -338,6 +336,6 @@ class SRModule(pl.LightningModule):
         if self._pipeline is None:
             options = (self.cfg.get("val") or {}).get("pipeline")
             self._pipeline = OSEDiffPipeline(
-                self.generator, self.tokenizer, self.text_encoder, self.prompts, self.cfg.scale, options, live=True
+                self.generator, self.text_encoders, self.prompts, self.cfg.scale, options, live=True
             )
         return self._pipeline

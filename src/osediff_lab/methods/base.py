@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from osediff_lab.dtypes import DTYPES
+from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import cast_frozen
 from osediff_lab.models.vsd import classifier_free_guidance
@@ -43,7 +44,7 @@ class Method(nn.Module):
         self,
         generator: nn.Module,
         lora_targets: dict[str, list[str]],
-        encode_text: Callable[[list[str]], torch.Tensor],
+        encode_text: Callable[[list[str]], TextEmbeds],
         lpips: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -52,18 +53,18 @@ class Method(nn.Module):
         self.encode_text = encode_text
         self.lpips = lpips  # the perceptual loss network, frozen (None when the method does not weigh LPIPS)
         self.metrics: dict[str, torch.Tensor] = {}  # diagnostics of the last step, logged as train/<key>
-        self._fixed_prompts: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._fixed_prompts: dict[tuple[str, torch.device], TextEmbeds] = {}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable tensors per optimiser, the generator's first (``optim.lr``; ``regularizer``: ``optim.reg_lr``)."""
         return {GENERATOR: [p for p in self.generator.parameters() if p.requires_grad]}
 
-    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+    def generator_losses(self, batch: dict[str, Any], embeds: TextEmbeds) -> tuple[dict[str, torch.Tensor], Any]:
         """Weighted loss terms with their sum as ``total`` (``batch``: ``hq``, ``lq_up`` in [-1, 1]), and what
         ``updates`` needs from this forward pass."""
         raise NotImplementedError
 
-    def updates(self, state: Any, embeds: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def updates(self, state: Any, embeds: TextEmbeds) -> Iterator[tuple[str, torch.Tensor]]:
         """The updates after the generator's, as (parameter group, loss); each is stepped before the next is drawn."""
         return iter(())
 
@@ -87,24 +88,22 @@ class Method(nn.Module):
         dtype = next(self.lpips.parameters()).dtype
         return self.lpips(x_h.to(dtype), hq.to(dtype)).float().mean()
 
-    def fixed_prompt_embedding(self, prompt: str) -> torch.Tensor:
+    def fixed_prompt_embedding(self, prompt: str) -> TextEmbeds:
         """A fixed prompt's embedding (a negative prompt), encoded once per device and kept outside the string
         cache, which image-dependent prompts churn."""
         key = (prompt, next(self.generator.parameters()).device)
         if key not in self._fixed_prompts:
-            self._fixed_prompts[key] = self.encode_text([prompt])
+            self._fixed_prompts[key] = as_embeds(self.encode_text([prompt]))
         return self._fixed_prompts[key]
 
-    def guided_prediction(self, unet: nn.Module, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+    def guided_prediction(self, unet: nn.Module, z_t: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds,
                           negative_prompt: str, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pretrained UNet's outputs (``unet`` with its adapters off) on the scaled latent ``z_t`` at integer
+        """The pretrained denoiser's outputs (``unet`` with its adapters off) on the scaled latent ``z_t`` at integer
         timesteps ``t``: classifier-free guided at ``cfg_scale`` against ``negative_prompt``, and unconditional
         (the negative prompt's). One batched call; the real score of VSD and both CSD targets."""
-        schedule = self.generator.schedule
-        neg = self.fixed_prompt_embedding(negative_prompt).expand(z_t.shape[0], -1, -1)
+        neg = self.fixed_prompt_embedding(negative_prompt).expand(z_t.shape[0])
         with adapters_disabled(unet):
-            pred = unet(torch.cat([z_t, z_t]), schedule.model_timestep(torch.cat([t, t])),
-                        encoder_hidden_states=torch.cat([neg, embeds]).to(z_t.dtype)).sample
+            pred = self.generator.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), TextEmbeds.cat([neg, as_embeds(embeds)]), unet)
         pred_uncond, pred_cond = pred.to(z_t.dtype).chunk(2)
         return classifier_free_guidance(pred_uncond, pred_cond, cfg_scale), pred_uncond
 

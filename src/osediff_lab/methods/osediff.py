@@ -18,6 +18,7 @@ from torch import nn
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import GENERATOR, REGULARIZER, Method, weighted_total
+from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.components import Components
 from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
 from osediff_lab.models.lora_files import load_lora_tensors
@@ -34,7 +35,7 @@ class OSEDiff(Method):
     def __init__(
         self,
         components: Components,
-        encode_text: Callable[[list[str]], torch.Tensor],
+        encode_text: Callable[[list[str]], TextEmbeds],
         lpips: nn.Module | None,
         generator: DictConfig,
         l2_weight: float,
@@ -85,13 +86,12 @@ class OSEDiff(Method):
             gen += [p for n, p in trainable_parameters(self.generator) if n.startswith("unet.conv_in.lora_")]
         return {GENERATOR: gen, REGULARIZER: [p for _, p in trainable_parameters(self.reg_unet)]}
 
-    def unet_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, unet: nn.Module | None = None) -> torch.Tensor:
+    def unet_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds, unet: nn.Module | None = None) -> torch.Tensor:
         """The output of ``unet`` (default: the regularizer UNet with its active adapters) on the scaled latent
         ``z_t`` at integer timesteps ``t``, in the schedule's parameterisation (eps, v or flow velocity)."""
-        unet = self.reg_unet if unet is None else unet
-        return unet(z_t, self.schedule.model_timestep(t), encoder_hidden_states=embeds.to(z_t.dtype)).sample
+        return self.generator.predict(z_t, t, embeds, self.reg_unet if unet is None else unet)
 
-    def fake_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def fake_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds) -> torch.Tensor:
         """The fake score's output (regularizer UNet with its LoRA). With ``loss.release_score_precision`` it
         runs outside autocast in fp32, as the release calls the fake score and the regularizer loss."""
         if not self.release_score_precision:
@@ -101,7 +101,7 @@ class OSEDiff(Method):
 
     @torch.no_grad()
     def vsd_targets(
-        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+        self, z_h: torch.Tensor, embeds: TextEmbeds, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score
         (the regularizer UNet with its LoRA) at timesteps ``t`` with ``noise`` (drawn when not given)."""
@@ -113,15 +113,15 @@ class OSEDiff(Method):
         if self.real_unet is None:
             pred_real, _ = self.guided_prediction(self.reg_unet, z_t, t, embeds, self.negative_prompt, self.cfg_scale)
         else:  # the release: a separate frozen UNet, run in pure fp16
-            neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b, -1, -1)
-            z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([neg, embeds])
+            neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b)
+            z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), TextEmbeds.cat([neg, as_embeds(embeds)])
             with torch.autocast(z_t.device.type, enabled=False):
                 pred_both = self.unet_pred(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
             pred_uncond, pred_cond = pred_both.chunk(2)
             pred_real = classifier_free_guidance(pred_uncond, pred_cond, self.cfg_scale)
         return self.schedule.x0_from_output(z_t, pred_real, t), self.schedule.x0_from_output(z_t, pred_fake, t)
 
-    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def generator_losses(self, batch: dict[str, Any], embeds: TextEmbeds) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Weighted L2, LPIPS and VSD terms (and ``total``); the state for the regularizer is z_H."""
         x_h, z_h = self.generator(batch["lq_up"], embeds)
         hq = batch["hq"]
@@ -140,10 +140,10 @@ class OSEDiff(Method):
         encoder LoRA disabled), with gradients flowing back through the decoder to the generator."""
         vae = self.generator.vae
         with adapters_disabled(vae):
-            return vae.encode(x_h.to(vae.dtype)).latent_dist.mode() * self.generator.scaling_factor
+            return self.generator.scale_latent(vae.encode(x_h.to(vae.dtype)).latent_dist.mode())
 
     def regularizer_loss(
-        self, z_h: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+        self, z_h: torch.Tensor, embeds: TextEmbeds, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Diffusion loss of the fake-score UNet on detached generator latents at timesteps ``t`` with
         ``noise`` (drawn when not given), against the schedule's target (eps: the noise)."""
@@ -151,9 +151,9 @@ class OSEDiff(Method):
         t = sample_timesteps(z0.shape[0], *self.reg_t, z0.device) if t is None else t.to(z0.device)
         noise = torch.randn_like(z0) if noise is None else noise
         z_t = self.schedule.add_noise(z0, noise, t)
-        return diffusion_loss(self.fake_pred(z_t, t, embeds.detach()), self.schedule.target(z0, noise, t))
+        return diffusion_loss(self.fake_pred(z_t, t, as_embeds(embeds).detach()), self.schedule.target(z0, noise, t))
 
-    def updates(self, state: torch.Tensor, embeds: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def updates(self, state: torch.Tensor, embeds: TextEmbeds) -> Iterator[tuple[str, torch.Tensor]]:
         for _ in range(self.reg_steps_per_gen_step):
             yield REGULARIZER, self.regularizer_loss(state, embeds)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import Method, weighted_total
+from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.components import Components
 from osediff_lab.models.lora_files import load_lora_tensors
 from osediff_lab.models.pisasr import PIXEL, SEMANTIC, build_pisa_generator
@@ -58,7 +59,7 @@ class PiSASR(Method):
     def __init__(
         self,
         components: Components,
-        encode_text: Callable[[list[str]], torch.Tensor],
+        encode_text: Callable[[list[str]], TextEmbeds],
         lpips: nn.Module | None,
         stage: str,
         lora: DictConfig,
@@ -103,7 +104,7 @@ class PiSASR(Method):
         """Both LoRA sets (the frozen pixel-level one too): inference weighs them with lambda_pix / lambda_sem."""
         return {n: p for n, p in self.generator.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
-    def csd_targets(self, z_h: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def csd_targets(self, z_h: torch.Tensor, embeds: TextEmbeds) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 predictions of the pretrained UNet (the generator's adapters off) with CFG at ``cfg_scale`` and
         unconditional: their difference is the classifier score direction CSD follows."""
         schedule = self.generator.schedule
@@ -113,7 +114,7 @@ class PiSASR(Method):
         pred_cfg, pred_uncond = self.guided_prediction(self.generator.unet, z_t, t, embeds, self.negative_prompt, self.cfg_scale)
         return schedule.x0_from_output(z_t, pred_cfg, t), schedule.x0_from_output(z_t, pred_uncond, t)
 
-    def generator_losses(self, batch: dict[str, Any], embeds: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
+    def generator_losses(self, batch: dict[str, Any], embeds: TextEmbeds) -> tuple[dict[str, torch.Tensor], None]:
         """Weighted L2, LPIPS and CSD terms (each only when weighted) and ``total``."""
         x_h, z_h = self.generator(batch["lq_up"], embeds)
         hq = batch["hq"]

@@ -1,11 +1,12 @@
-"""The one-step generator G: encode the upsampled LQ, one UNet call at a fixed timestep, x0, decode."""
+"""The one-step generator G: encode the upsampled LQ, one denoiser call at a fixed timestep, x0, decode."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from torch import nn
 
+from osediff_lab.models.backbone import TextEmbeds, denoiser_output, latent_shift, vae_factor
 from osediff_lab.models.schedules import NoiseSchedule
 
 
@@ -13,14 +14,16 @@ class OSEDiffGenerator(nn.Module):
     """x_L in [-1, 1] (LQ bicubic-upsampled to HQ size) -> (x_H in [-1, 1], z_H scaled latent).
 
     ``latent`` chooses how the encoder's posterior becomes z_L: ``mode`` (deterministic, inference)
-    or ``sample`` (a draw from the diagonal Gaussian). ``schedule`` turns the UNet's output at ``timestep``
-    into z_H (and serves the methods' score distillation).
+    or ``sample`` (a draw from the diagonal Gaussian). ``schedule`` turns the denoiser's output at ``timestep``
+    into z_H (and serves the methods' score distillation). ``unet`` is the denoiser of any family
+    (``models.backbone``: a UNet2DConditionModel, or SD3's transformer); ``predict`` calls it, or another
+    network of the same base (the regularizer), with the family's conditioning.
     """
 
     def __init__(
         self,
         vae: AutoencoderKL,
-        unet: UNet2DConditionModel,
+        unet: nn.Module,
         schedule: NoiseSchedule,
         timestep: int,
         latent: str = "mode",
@@ -36,31 +39,42 @@ class OSEDiffGenerator(nn.Module):
         self.timestep = timestep
         self.latent = latent
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = latent_shift(vae)
+        self.vae_factor = vae_factor(vae)
+
+    def scale_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """A VAE posterior latent -> the denoiser's latent: (z - shift_factor) * scaling_factor."""
+        return (z - self.shift_factor) * self.scaling_factor if self.shift_factor else z * self.scaling_factor
 
     def encode(self, x_l: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z_L = E(x_L) * scaling_factor; x_L in [-1, 1]."""
+        """z_L = (E(x_L) - shift_factor) * scaling_factor; x_L in [-1, 1]."""
         dist = self.vae.encode(x_l).latent_dist
-        z = dist.mode() if self.latent == "mode" else dist.sample(generator=generator)
-        return z * self.scaling_factor
+        return self.scale_latent(dist.mode() if self.latent == "mode" else dist.sample(generator=generator))
 
-    def unet_at_timestep(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The UNet's output on z_L (scaled latent) at t = timestep, and t, one per sample."""
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds, net: nn.Module | None = None) -> torch.Tensor:
+        """``net``'s output (default: this generator's denoiser) on the scaled latent ``z_t`` at integer timesteps
+        ``t``, in the schedule's parameterisation (eps, v or flow velocity)."""
+        net = self.unet if net is None else net
+        return denoiser_output(net, z_t, self.schedule.model_timestep(t), embeds, self.vae_factor)
+
+    def unet_at_timestep(self, z_l: torch.Tensor, prompt_embeds: TextEmbeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's output on z_L (scaled latent) at t = timestep, and t, one per sample."""
         t = torch.full((z_l.shape[0],), self.timestep, device=z_l.device, dtype=torch.long)
-        out = self.unet(z_l, self.schedule.model_timestep(t), encoder_hidden_states=prompt_embeds.to(z_l.dtype)).sample
-        return out, t
+        return self.predict(z_l, t, prompt_embeds), t
 
-    def denoise(self, z_l: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def denoise(self, z_l: torch.Tensor, prompt_embeds: TextEmbeds) -> torch.Tensor:
         """One step at t = timestep from z_L (scaled latent) to z_H, the schedule's x0 of the UNet output
         (epsilon: z_H = (z_L - sqrt(1 - abar_t) eps) / sqrt(abar_t))."""
         out, t = self.unet_at_timestep(z_l, prompt_embeds)
         return self.schedule.x0_from_output(z_l, out, t)
 
     def decode(self, z_h: torch.Tensor) -> torch.Tensor:
-        """x_H = D(z_H / scaling_factor), clamped to [-1, 1]."""
-        return self.vae.decode(z_h / self.scaling_factor).sample.clamp(-1, 1)
+        """x_H = D(z_H / scaling_factor + shift_factor), clamped to [-1, 1]."""
+        z = z_h / self.scaling_factor
+        return self.vae.decode(z + self.shift_factor if self.shift_factor else z).sample.clamp(-1, 1)
 
     def forward(
-        self, x_l: torch.Tensor, prompt_embeds: torch.Tensor, generator: torch.Generator | None = None
+        self, x_l: torch.Tensor, prompt_embeds: TextEmbeds, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         z_h = self.denoise(self.encode(x_l, generator), prompt_embeds)
         return self.decode(z_h), z_h

@@ -1,7 +1,7 @@
 """LoRA exactly as OSEDiff places it: target selection by module-name suffix, adapters, LoRA-only tensors.
 
-UNet layers are split into three adapters (encoder: down blocks + conv_in; decoder: up blocks +
-conv_out; others: the rest), the VAE encoder (incl. quant_conv) gets one adapter. Only Linear and
+Denoiser layers are split into three adapters (``models.backbone.lora_groups``: encoder, decoder, others),
+the VAE encoder (incl. quant_conv) gets one adapter. Only Linear and
 Conv2d layers are ever wrapped, so biases and normalisation layers are never adapted.
 """
 
@@ -32,19 +32,6 @@ def select_targets(model: nn.Module, suffixes: Iterable[str], prefix: str = "") 
         for name, module in model.named_modules()
         if isinstance(module, ADAPTABLE) and name.startswith(prefix) and _matches(name, suffixes)
     ]
-
-
-def split_unet_targets(names: Iterable[str]) -> dict[str, list[str]]:
-    """OSEDiff's three UNet groups: encoder (down blocks, conv_in), decoder (up blocks, conv_out), others."""
-    groups: dict[str, list[str]] = {"encoder": [], "decoder": [], "others": []}
-    for name in names:
-        if name.startswith("down_blocks") or name == "conv_in":
-            groups["encoder"].append(name)
-        elif name.startswith("up_blocks") or name == "conv_out":
-            groups["decoder"].append(name)
-        else:
-            groups["others"].append(name)
-    return groups
 
 
 def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, adapter_name: str, init: str) -> None:

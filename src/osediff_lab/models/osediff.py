@@ -10,15 +10,15 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from osediff_lab.errors import ConfigError
+from osediff_lab.models.backbone import input_layer, lora_groups
 from osediff_lab.models.components import Components
 from osediff_lab.models.generator import OSEDiffGenerator, compile_generator
-from osediff_lab.models.lora import add_lora, lora_layers, select_targets, split_unet_targets
+from osediff_lab.models.lora import add_lora, lora_layers, select_targets
 from osediff_lab.models.schedules import schedule_from_scheduler
 
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
@@ -28,18 +28,19 @@ UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "ot
 class OSEDiffParts:
     components: Components
     generator: OSEDiffGenerator
-    reg_unet: UNet2DConditionModel
+    reg_unet: nn.Module
     targets: dict[str, list[str]]
 
 
-def _lora_unet(unet: UNet2DConditionModel, lora: DictConfig) -> dict[str, list[str]]:
-    """Three UNet adapters over the configured suffixes; conv_in additionally fully trainable."""
-    groups = split_unet_targets(select_targets(unet, lora.unet_targets))
+def _lora_unet(unet: nn.Module, lora: DictConfig) -> dict[str, list[str]]:
+    """Three denoiser adapters over the configured suffixes (grouped per family: ``backbone.lora_groups``); the
+    input layer (the UNet's conv_in, SD3's patch embedding) additionally fully trainable."""
+    groups = lora_groups(unet, select_targets(unet, lora.unet_targets))
     for group, names in groups.items():
         if names:
             add_lora(unet, names, lora.unet_rank, lora.unet_alpha, UNET_ADAPTERS[group], lora.init)
-    conv_in = unet.conv_in  # trained in full, whether or not it also carries LoRA (unet_targets)
-    (conv_in.get_base_layer() if isinstance(conv_in, BaseTunerLayer) else conv_in).requires_grad_(True)
+    first = unet.get_submodule(input_layer(unet))  # trained in full, whether or not it also carries LoRA
+    (first.get_base_layer() if isinstance(first, BaseTunerLayer) else first).requires_grad_(True)
     return {f"unet.{UNET_ADAPTERS[g]}": names for g, names in groups.items()}
 
 
@@ -47,11 +48,11 @@ def _lora_vae(gen: OSEDiffGenerator, lora: DictConfig, train_encoder: bool, trai
     targets = {}
     vae = gen.vae
     if train_encoder:
-        names = select_targets(vae, lora.vae_targets, prefix="encoder.") + ["quant_conv"]
+        names = select_targets(vae, lora.vae_targets, prefix="encoder.") + (["quant_conv"] if vae.quant_conv is not None else [])
         add_lora(vae, names, lora.vae_rank, lora.vae_alpha, "default_encoder", lora.init)
         targets["vae.default_encoder"] = names
     if train_decoder:
-        names = select_targets(vae, lora.vae_targets, prefix="decoder.") + ["post_quant_conv"]
+        names = select_targets(vae, lora.vae_targets, prefix="decoder.") + (["post_quant_conv"] if vae.post_quant_conv is not None else [])
         add_lora(vae, names, lora.vae_rank, lora.vae_alpha, "default_decoder", lora.init)
         targets["vae.default_decoder"] = names
     return targets
@@ -91,7 +92,7 @@ def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
         add_lora(reg_unet, reg_names, lora.reg_rank, lora.reg_alpha, "reg", lora.init)
         targets["reg_unet.reg"] = reg_names
     elif layout == "release_only_others_trains":
-        groups = split_unet_targets(reg_names)
+        groups = lora_groups(reg_unet, reg_names)
         for group, names in groups.items():
             if names:
                 add_lora(reg_unet, names, lora.reg_rank, lora.reg_alpha, UNET_ADAPTERS[group], lora.init)

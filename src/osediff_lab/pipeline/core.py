@@ -12,21 +12,21 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from osediff_lab.data.images import pil_to_tensor, tensor_to_pil, to_rgb
 from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.errors import ConfigError
+from osediff_lab.models.backbone import TextEmbeds, vae_factor
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.pisasr import PiSAGenerator
-from osediff_lab.models.text import PromptEmbedder
+from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline.checkpoints import build_loaded_generator, load_base, read_checkpoint
 from osediff_lab.pipeline.colorfix import color_fix
 from osediff_lab.pipeline.fast import apply_fast_paths
 from osediff_lab.pipeline.options import make_options
 from osediff_lab.pipeline.sizes import plan_sizes, to_network_input, to_output, unpad
-from osediff_lab.pipeline.tiling import set_vae_tiling, tiled_apply, vae_factor
+from osediff_lab.pipeline.tiling import set_vae_tiling, tiled_apply
 from osediff_lab.prompts import PromptProvider, build_prompt_provider
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ class OSEDiffPipeline:
     def __init__(
         self,
         generator: OSEDiffGenerator,
-        tokenizer: CLIPTokenizer,
-        text_encoder: CLIPTextModel,
+        text_encoders: TextEncoders,
         prompts: PromptProvider,
         scale: int,
         options: DictConfig | dict | None = None,
@@ -56,7 +55,7 @@ class OSEDiffPipeline:
         self.scale = int(self.options.scale or scale)
         # auto: torch's bicubic; from_checkpoint picks Pillow's for the official release (as it was run)
         self.upsampler = "torch" if self.options.upsampler == "auto" else str(self.options.upsampler)
-        self.generator, self.tokenizer, self.text_encoder = generator, tokenizer, text_encoder
+        self.generator, self.text_encoders = generator, text_encoders
         self._apply_lora_weights()
         if live:
             self.device = generator.vae.decoder.conv_in.weight.device
@@ -67,7 +66,7 @@ class OSEDiffPipeline:
             self._prepare()
             self.autocast = False
         self.prompts = prompts
-        self.embedder = PromptEmbedder(tokenizer, text_encoder, EMBED_CACHE_SIZE)
+        self.embedder = PromptEmbedder(text_encoders, EMBED_CACHE_SIZE)
 
     def _apply_lora_weights(self) -> None:
         """PiSA-SR's lambda_pix / lambda_sem, before any merge; other generators have no such knob."""
@@ -89,10 +88,11 @@ class OSEDiffPipeline:
         self.decode_dtype = self.dtype
         if self.dtype == torch.float16 and o.upcast_vae_decoder:
             generator.vae.decoder.float()
-            generator.vae.post_quant_conv.float()
+            if generator.vae.post_quant_conv is not None:  # SD3's VAE has none
+                generator.vae.post_quant_conv.float()
             self.decode_dtype = torch.float32
         apply_fast_paths(generator, o.fast)
-        self.text_encoder.to(self.device, self.dtype)
+        self.text_encoders.to(self.device, self.dtype)
 
     @classmethod
     def from_checkpoint(
@@ -120,7 +120,7 @@ class OSEDiffPipeline:
         scale = ckpt.meta["scale"] if ckpt.kind == "osediff-lab" else opts.official.scale
         # a DictConfig node stays attached to its root, so interpolations such as ${paths.weights_dir} resolve
         provider = build_prompt_provider(prompt if isinstance(prompt, DictConfig) else OmegaConf.create(prompt))
-        pipe = cls(generator, components.tokenizer, components.text_encoder, provider, scale, opts)
+        pipe = cls(generator, components.text, provider, scale, opts)
         if opts.upsampler == "auto" and ckpt.kind == "official":
             pipe.upsampler = "pillow"  # the release upsamples the 8-bit LQ with Pillow's bicubic
         return pipe
@@ -151,8 +151,8 @@ class OSEDiffPipeline:
         sr = unpad((x_h.float() + 1) / 2, plan)
         return to_output(color_fix(o.color_fix, sr, x_work, o.wavelet_levels), plan), prompts
 
-    def generate(self, x_l: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """x_L in [-1, 1] (sides multiples of the VAE factor) -> x_H in [-1, 1]: encode, tiled UNet step, decode."""
+    def generate(self, x_l: torch.Tensor, embeds: TextEmbeds) -> torch.Tensor:
+        """x_L in [-1, 1] (sides multiples of the VAE factor) -> x_H in [-1, 1]: encode, tiled denoiser step, decode."""
         o, gen = self.options, self.generator
         mixed = torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext()
         with self._eval(), mixed:
@@ -165,7 +165,7 @@ class OSEDiffPipeline:
             with self._vae_tiling(o.vae_tiling.decoder_tile):
                 return gen.decode(z_h.to(self.decode_dtype))
 
-    def embed(self, prompts: list[str]) -> torch.Tensor:
+    def embed(self, prompts: list[str]) -> TextEmbeds:
         """Text embeddings per prompt (cached by string), in the pipeline's precision."""
         return self.embedder(prompts).to(self.dtype)
 

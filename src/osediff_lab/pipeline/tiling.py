@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from diffusers import AutoencoderKL
 
+from osediff_lab.models.backbone import vae_factor
+
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared;
@@ -50,11 +52,6 @@ def tiled_apply(
             total[..., y : y + th, x : x + tw] += out.float() * weight
             norm[y : y + th, x : x + tw] += weight
     return (total / norm).to(z.dtype)
-
-
-def vae_factor(vae: AutoencoderKL) -> int:
-    """How many image pixels one latent pixel spans (8 for SD's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def set_vae_tiling(vae: AutoencoderKL, latent_tile: int, overlap: float) -> None:
