@@ -185,7 +185,7 @@ def test_base_loader_rejects_other_latent_channels(base_dir, exported, tmp_path)
     vae_cfg = AutoencoderKL.load_config(str(bad / "vae"))
     shutil.rmtree(bad / "vae")
     AutoencoderKL.from_config({**vae_cfg, "latent_channels": 8}).save_pretrained(bad / "vae")
-    with pytest.raises(ConfigError, match="4-channel"):
+    with pytest.raises(ConfigError, match="VAE latent channels 8 != denoiser in/out channels 4/4"):
         OSEDiffPipeline.from_checkpoint(exported, base=bad, options=OPTS)
 
 

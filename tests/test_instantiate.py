@@ -207,7 +207,9 @@ def test_color_fix_registry_dispatches_and_names_the_key(monkeypatch):
 # ---- model ------------------------------------------------------------------------------------------
 MODEL_FACTORIES = {"tiny": random_components, "sd21_shape": random_components, "tiny_sd_turbo": random_components,
                    "sd_turbo_shape": random_components, "nano": pretrained_components, "sd21_base": pretrained_components,
-                   "sd_turbo": pretrained_components}
+                   "sd_turbo": pretrained_components, "tiny_sdxl": random_components, "sdxl_shape": random_components,
+                   "sdxl_base": pretrained_components, "tiny_sd3": random_components, "sd3_shape": random_components,
+                   "sd3_medium": pretrained_components}
 
 
 def test_every_model_option_is_listed():
@@ -221,7 +223,7 @@ def test_every_model_option_names_its_factory(option, factory, tmp_path):
     assert cfg.model.source in ("random", "pretrained")  # kept for the memory predictor and the sidecar
 
 
-@pytest.mark.parametrize("option", ["tiny", "nano", "tiny_sd_turbo"])
+@pytest.mark.parametrize("option", ["tiny", "nano", "tiny_sd_turbo", "tiny_sdxl", "tiny_sd3"])
 def test_small_model_options_build_frozen_components(option, tmp_path):
     cfg = compose_config(TINY + [f"model={option}"], tmp_path)
     components = build_components(cfg.model)

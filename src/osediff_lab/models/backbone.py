@@ -73,6 +73,11 @@ def vae_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def latent_multiple(net: nn.Module) -> int:
+    """The latent side multiple the denoiser needs: SD3's patch size (2); 1 for UNets, which pad themselves."""
+    return int(net.config.patch_size) if family_of(net) == "sd3" else 1
+
+
 def latent_shift(vae: AutoencoderKL) -> float:
     """The VAE's latent shift factor (SD3: 0.0609; none, i.e. 0, for SD2.1 and SDXL)."""
     return float(getattr(vae.config, "shift_factor", None) or 0.0)

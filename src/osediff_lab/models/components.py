@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import torch
 from diffusers import AutoencoderKL, SchedulerMixin, SD3Transformer2DModel, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -190,7 +191,9 @@ def build_random(cfg: DictConfig) -> Components:
         unet = UNet2DConditionModel(**arch["unet"])
     scheduler_cfg = dict(arch["scheduler"])
     scheduler = scheduler_class(scheduler_cfg.pop("class_name", "DDPMScheduler"), "model.arch.scheduler.class_name")
-    return Components(vae=vae, unet=unet, scheduler=scheduler.from_config(scheduler_cfg), **parts)
+    with torch.device("cpu"):  # its tables hold values even when the networks are built on the meta device
+        scheduler = scheduler.from_config(scheduler_cfg)
+    return Components(vae=vae, unet=unet, scheduler=scheduler, **parts)
 
 
 def scheduler_class(name: str, source: str) -> type[SchedulerMixin]:

@@ -16,7 +16,7 @@ from PIL import Image
 from osediff_lab.data.images import pil_to_tensor, tensor_to_pil, to_rgb
 from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.errors import ConfigError
-from osediff_lab.models.backbone import TextEmbeds, vae_factor
+from osediff_lab.models.backbone import TextEmbeds, latent_multiple, vae_factor
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.pisasr import PiSAGenerator
@@ -144,7 +144,8 @@ class OSEDiffPipeline:
         if lq.ndim != 4 or lq.shape[1] != 3:
             raise ValueError(f"expected an LQ batch (B, 3, h, w) in [0, 1], got shape {tuple(lq.shape)}")
         o = self.options
-        plan = plan_sizes(lq.shape[-2], lq.shape[-1], self.scale, o.process_size, vae_factor(self.generator.vae))
+        multiple = vae_factor(self.generator.vae) * latent_multiple(self.generator.unet)  # SD3: whole patches
+        plan = plan_sizes(lq.shape[-2], lq.shape[-1], self.scale, o.process_size, multiple)
         x_work, x_padded = to_network_input(lq.to(self.device, torch.float32), plan, self.upsampler)
         prompts = self.prompts(x_work)
         x_h = self.generate(x_padded * 2 - 1, self.embed(prompts))
@@ -161,6 +162,10 @@ class OSEDiffPipeline:
             with self._vae_tiling(o.vae_tiling.encoder_tile):
                 z_l = gen.encode(x_l.to(self.dtype), rng)
             lt = o.latent_tiling
+            multiple = latent_multiple(gen.unet)
+            if lt.tile % multiple or lt.overlap % multiple:
+                raise ConfigError(f"pipeline.latent_tiling.tile={lt.tile} / overlap={lt.overlap} must be multiples of "
+                                  f"{multiple}, the denoiser's patch size")
             z_h = tiled_apply(lambda z: gen.denoise(z, embeds), z_l, lt.tile, lt.overlap, lt.sigma)
             with self._vae_tiling(o.vae_tiling.decoder_tile):
                 return gen.decode(z_h.to(self.decode_dtype))

@@ -1,0 +1,169 @@
+"""The backbone x method matrix on the tiny twins: every family (SD2.1 epsilon, SD-Turbo's v-prediction, SDXL's
+added conditions, SD3's transformer and rectified flow) trains OSEDiff and PiSA-SR for 3 steps with validation,
+resumes from its checkpoint, exports, re-imports for tiled inference, profiles and predicts its memory.
+The conditioning each family's denoiser receives is checked against diffusers' own conventions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from omegaconf import open_dict
+
+from helpers import TINY, compose_config
+from osediff_lab.memory import PeakTensorBytes, predict_training_memory, training_step
+from osediff_lab.models.backbone import TextEmbeds, family_of, lora_groups, size_time_ids
+from osediff_lab.models.components import build_components, save_pretrained
+from osediff_lab.models.osediff import build_generator
+from osediff_lab.models.schedules import EpsilonSchedule, FlowMatchSchedule, VPredictionSchedule
+from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.profile import profile_rows
+from osediff_lab.train import build_module, run
+from test_profile import compose_profile_section
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TWINS = {"tiny": ("sd", EpsilonSchedule), "tiny_sd_turbo": ("sd", VPredictionSchedule),
+         "tiny_sdxl": ("sdxl", EpsilonSchedule), "tiny_sd3": ("sd3", FlowMatchSchedule)}
+METHODS = ("osediff", "pisasr_pixel")
+RUN = [*TINY, "trainer.max_steps=3", "trainer.log_every_n_steps=1", "callbacks.samples.every_n_steps=0",
+       "callbacks.checkpoint.every_n_train_steps=3", "trainer.enable_progress_bar=false",
+       "val=demo", "val.every_n_steps=3", "val.metrics=[psnr]", "val.crop_size=64", "val.grid=1", "val.log_images=0",
+       "val.pipeline.process_size=64"]
+
+
+def twin(model: str, *extra: str):
+    return compose_config([*TINY, f"model={model}", *extra])
+
+
+@pytest.mark.parametrize("model", TWINS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_twin_trains_validates_resumes_exports_and_infers_tiled(model, method, tmp_path):
+    family, schedule = TWINS[model]
+    cfg = compose_config([*RUN, f"model={model}", f"method={method}"], tmp_path / "first")
+    trainer, module, summary = run(cfg)
+    assert trainer.global_step == 3 and family_of(module.generator.unet) == family
+    assert type(module.generator.schedule) is schedule
+    assert "val/psnr" in summary["last_metrics"], summary["last_metrics"]
+    ckpt = Path(summary["checkpoint_dir"]) / "last.ckpt"
+    resumed_cfg = compose_config([*RUN, f"model={model}", f"method={method}", "trainer.max_steps=4", f"ckpt_path={ckpt}"],
+                                 tmp_path / "second")
+    trainer2, module2, summary2 = run(resumed_cfg)
+    assert trainer2.global_step == 4
+    first = {n: p for n, p in module.trained_state_dict().items()}
+    moved = [n for n, p in module2.trained_state_dict().items() if not torch.equal(p, first[n])]
+    assert moved, "the resumed step trained nothing"
+    assert max((module2.trained_state_dict()[n] - first[n]).abs().max().item() for n in moved) < 0.5, "resume restarted"
+    pipe = OSEDiffPipeline.from_checkpoint(summary2["lora"], device="cpu", latent_tiling={"tile": 4, "overlap": 2, "sigma": 0.1})
+    assert family_of(pipe.generator.unet) == family
+    out, _ = pipe.enhance(torch.rand(1, 3, 24, 20))
+    assert out.shape == (1, 3, 96, 80) and torch.isfinite(out).all()
+    untiled = OSEDiffPipeline.from_checkpoint(summary2["lora"], device="cpu").enhance(torch.rand(1, 3, 24, 20))[0]
+    assert untiled.shape == out.shape
+    sidecar = json.loads(Path(summary2["lora_sidecar"]).read_text())
+    assert sidecar["base_model"]["name"] == model
+
+
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])
+def test_a_saved_twin_reloads_from_its_folder_as_the_pretrained_preset_would(model, tmp_path):
+    torch.manual_seed(0)
+    saved = build_components(twin(model).model)
+    folder = save_pretrained(saved, tmp_path / "base")
+    preset = {"tiny_sdxl": ["model=sdxl_base"], "tiny_sd3": ["model=sd3_medium", f"model.t5_max_length={saved.t5_max_length}"]}[model]
+    loaded = build_components(compose_config([*TINY, *preset, f"model.pretrained_path={folder}"]).model)
+    assert loaded.family == saved.family and type(loaded.scheduler) is type(saved.scheduler)
+    for a, b in zip(saved.text(["a photo"]).__dict__.values(), loaded.text(["a photo"]).__dict__.values(), strict=True):
+        torch.testing.assert_close(a, b)
+    if model == "tiny_sd3":
+        no_t5 = build_components(compose_config([*TINY, *preset, f"model.pretrained_path={folder}", "model.load_t5=false"]).model)
+        assert no_t5.text_encoder_3 is None
+        hidden = no_t5.text(["a photo"]).hidden
+        clip_tokens = saved.tokenizer.model_max_length
+        assert hidden.shape[1] == clip_tokens + saved.t5_max_length and not hidden[:, clip_tokens:].any()
+
+
+def test_sdxl_conditioning_is_diffusers_convention():
+    """Penultimate hidden states of both CLIPs concatenated; pooled = the projection encoder's text_embeds; the
+    UNet gets them with time ids (h, w, 0, 0, h, w) in pixels."""
+    c = build_components(twin("tiny_sdxl").model)
+    embeds = c.text(["a photo"])
+    ids = [tok(["a photo"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+           for tok in (c.tokenizer, c.tokenizer_2)]
+    out1 = c.text_encoder(ids[0], output_hidden_states=True)
+    out2 = c.text_encoder_2(ids[1], output_hidden_states=True)
+    torch.testing.assert_close(embeds.hidden, torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], -1))
+    torch.testing.assert_close(embeds.pooled, out2.text_embeds)
+    z = torch.zeros(2, 4, 6, 5)
+    assert size_time_ids(z, 8).tolist() == [[48, 40, 0, 0, 48, 40]] * 2
+
+
+def test_sd3_conditioning_pads_clip_to_the_joint_width_and_appends_t5():
+    c = build_components(twin("tiny_sd3").model)
+    e = c.text(["a photo", "grass"])
+    joint = c.unet.config.joint_attention_dim
+    assert e.hidden.shape == (2, 77 + c.t5_max_length, joint) and e.pooled.shape == (2, c.unet.config.pooled_projection_dim)
+    clip_width = c.text_encoder.config.hidden_size + c.text_encoder_2.config.hidden_size
+    assert not e.hidden[:, :77, clip_width:].any(), "CLIP states are zero-padded to the joint width"
+    t5_ids = c.tokenizer_3(["a photo", "grass"], padding="max_length", max_length=c.t5_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+    torch.testing.assert_close(e.hidden[:, 77:], c.text_encoder_3(t5_ids)[0])
+
+
+def test_lora_groups_split_sd3_blocks_into_halves():
+    c = build_components(twin("tiny_sd3").model)
+    names = ["pos_embed.proj", "transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q", "proj_out",
+             "context_embedder"]
+    assert isinstance(c.unet, SD3Transformer2DModel) and len(c.unet.transformer_blocks) == 2
+    assert lora_groups(c.unet, names) == {"encoder": ["pos_embed.proj", "transformer_blocks.0.attn.to_q"],
+                                          "decoder": ["transformer_blocks.1.attn.to_q", "proj_out"],
+                                          "others": ["context_embedder"]}
+    generator, _ = build_generator(c, twin("tiny_sd3").generator)
+    assert all(p.requires_grad for p in generator.unet.pos_embed.proj.parameters())  # the input layer trains in full
+
+
+def test_sd3_generator_shifts_and_scales_latents_both_ways():
+    c = build_components(twin("tiny_sd3").model)
+    generator, _ = build_generator(c, twin("tiny_sd3", "generator.latent=mode").generator)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        posterior = c.vae.encode(x).latent_dist.mode()
+        z = generator.encode(x)
+        torch.testing.assert_close(z, (posterior - 0.0609) * 1.5305)
+        torch.testing.assert_close(generator.decode(z), c.vae.decode(posterior).sample.clamp(-1, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])
+def test_memory_prediction_matches_the_real_step_on_each_family(model):
+    cfg = twin(model, "data.crop_size=64", "data.batch_size=2")
+    predicted = predict_training_memory(cfg)
+    torch.manual_seed(0)
+    module = build_module(cfg).train()
+    step = training_step(module, torch.rand(2, 3, 64, 64) * 2 - 1)
+    with PeakTensorBytes([*module.parameters(), *module.buffers()]) as tracker:
+        step()
+        step()
+    assert predicted.peak == pytest.approx(predicted.static + tracker.peak, rel=0.01)
+
+
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])
+def test_profile_counts_every_module_of_each_family(model):
+    cfg = compose_config([*TINY, f"model={model}"])  # the null prompt: no prompt-extractor row
+    with open_dict(cfg):
+        cfg.profile = compose_profile_section()
+        cfg.profile.latency.enabled = False
+        cfg.profile.macs_size = 64
+    rows = {r["module"]: r for r in profile_rows(cfg)}
+    parts = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+    assert all(rows[k]["gmacs"] > 0 and rows[k]["params"] > 0 for k in parts), rows
+    assert rows["text_encoder"]["params"] == sum(p.numel() for m in build_components(cfg.model).text_modules() for p in m.parameters())
+    assert rows["unet"]["trainable"] > 0
+
+
+def test_embeddings_batch_like_tensors():
+    e = TextEmbeds(torch.randn(1, 3, 4), torch.randn(1, 2))
+    both = TextEmbeds.cat([e.expand(2), e])
+    assert both.hidden.shape == (3, 3, 4) and both.pooled.shape == (3, 2) and len(both[1:]) == 2
+    with pytest.raises(ValueError, match="pooled"):
+        TextEmbeds.cat([e, TextEmbeds(torch.randn(1, 3, 4))])
