@@ -20,7 +20,30 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 def test_every_experiment_composes(name, tmp_path):
     cfg = compose_config([f"+experiment={name}"], tmp_path)
     assert cfg.task_name
-    assert cfg.model.name in ("tiny", "nano", "sd21_base", "sd21_shape")
+    assert cfg.model.name in ("tiny", "nano", "sd21_base", "sd21_shape", "sd_turbo", "sdxl_base", "sd3_medium")
+
+
+# experiment: (its base model's tiny twin, the recipe's UNet/transformer LoRA rank: S3Diff 32, the paper 4, TSD-SR 64)
+BACKBONE_EXPERIMENTS = {"osediff_sd_turbo": ("tiny_sd_turbo", 32), "osediff_sdxl": ("tiny_sdxl", 4), "osediff_sd3": ("tiny_sd3", 64)}
+
+
+@pytest.mark.parametrize(("name", "twin", "rank"), [(k, *v) for k, v in sorted(BACKBONE_EXPERIMENTS.items())])
+def test_backbone_experiments_pass_the_checks_and_build_on_their_tiny_twin(name, twin, rank, tmp_path):
+    """Each backbone's recipe (ranks, LoRA targets, timesteps, precision) on its base model's tiny twin: the checks
+    pass and the method builds, every adapter group the recipe names wrapping some layer."""
+    cfg = compose_config([f"+experiment={name}", f"model={twin}", "data=demo", "val=none", "prompt='null'",
+                          "degradation=bicubic", "trainer=cpu", "trainer.precision=32", "generator.frozen_dtype=fp32",
+                          "loss.lpips.pretrained=false", "loss.lpips.net=alex", "data.crop_size=64"], tmp_path)
+    from osediff_lab.train import build_module
+
+    assert config_problems(cfg) == []
+    method = build_module(cfg).method
+    assert method.generator.timestep == cfg.generator.timestep == 999
+    assert method.lora_targets["unet.default_encoder"] and method.lora_targets["unet.default_decoder"]
+    to_q = next(m for n, m in method.generator.unet.named_modules() if n.endswith("to_q"))
+    assert set(to_q.r.values()) == {rank}
+    if twin == "tiny_sd3":  # TSD-SR's targets reach the context stream
+        assert any(n.endswith("add_q_proj") for n in method.lora_targets["unet.default_encoder"])
 
 
 LOSS_ARMS = {p.stem: OmegaConf.load(p) for p in (CONF_DIR / "loss").glob("*.yaml") if "defaults" in OmegaConf.load(p)}
