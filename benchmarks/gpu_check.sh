@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared full-size check for a session with a GPU, no weights, no network. Every section has its own
-# timeout and they sum to 460 s, so the whole script ends within 8 minutes even when a section hangs:
+# timeout and they sum to 475 s, so the whole script ends within 8 minutes even when a section hangs:
 #   1. the complexity table with per-module latency at 512x512 (bf16),
 #   2. inference at 512x512, batch 1 and 8: plain fp32 vs merged LoRA + SDPA + bf16 (+ torch.compile),
 #   3. training step time and peak CUDA memory at 512x512, batch 1, per memory option (compare with the
@@ -8,7 +8,10 @@
 #   4. Real-ESRGAN degradation on CUDA, 8 x 512x512: batched (grouped per sample, no shared canvas) vs one
 #      sample at a time, and the batch's agreement with its samples processed alone,
 #   5. generator.compile=true (inductor) in training, tiny preset at 256 px: compile time (first step) and
-#      steady-state step time against eager.
+#      steady-state step time against eager,
+#   6. the new backbones at their native 1024 px (sdxl_shape, sd3_shape with T5; random weights built on the card):
+#      one training step (best memory options, batch 1) and one 4x inference (bf16), seconds and
+#      max_memory_allocated (compare with the README's predicted peaks).
 # Needs only torch, pytorch-lightning, transformers, peft, diffusers (+ hydra-core, omegaconf, lpips, timm,
 # which our package imports) and this package: carry .venv (or install `pip install -e .` with those wheels);
 # bitsandbytes is optional (the 8-bit AdamW rows are skipped without it).
@@ -21,14 +24,16 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TRAIN_CASES=("plain fp32" "grad checkpointing" "frozen bf16 (bf16-mixed)" "LPIPS bf16" "all of the above")
 if $PY -c "import bitsandbytes" 2>/dev/null; then TRAIN_CASES+=("8-bit AdamW"); fi
-timeout 80 $PY -m osediff_lab.profile model=sd21_shape profile.latency.repeats=10 \
+timeout 70 $PY -m osediff_lab.profile model=sd21_shape profile.latency.repeats=10 \
   paths.output_root="$OUT" 2>&1 | grep -v -i warn | tee "$OUT/profile.txt" || echo "profile: timed out or failed"
-timeout 110 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches 1 8 --repeats 3 --train-cases \
+timeout 95 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches 1 8 --repeats 3 --train-cases \
   --infer-cases "plain fp32" "merged + SDPA + bf16" "merged + SDPA + bf16 + compile" 2>&1 | grep -v -i warn \
   | tee "$OUT/inference.txt" || echo "inference: timed out or failed"
-timeout 150 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
+timeout 130 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
   --train-cases "${TRAIN_CASES[@]}" 2>&1 | grep -v -i warn | tee "$OUT/training.txt" || echo "training: timed out or failed"
-timeout 30 $PY benchmarks/bench_degradation.py --device cuda --repeats 5 --threads 0 2>&1 | grep -v -i warn \
+timeout 25 $PY benchmarks/bench_degradation.py --device cuda --repeats 5 --threads 0 2>&1 | grep -v -i warn \
   | tee "$OUT/degradation.txt" || echo "degradation: timed out or failed"
-timeout 90 $PY benchmarks/bench_release.py --device cuda --rows train --compile --repeats 5 --threads 0 2>&1 \
+timeout 80 $PY benchmarks/bench_release.py --device cuda --rows train --compile --repeats 5 --threads 0 2>&1 \
   | grep -v -i warn | tee "$OUT/compile.txt" || echo "compile: timed out or failed"
+timeout 75 $PY benchmarks/bench_backbones.py --measure --models sdxl_shape sd3_shape 2>&1 | grep -v -i warn \
+  | tee "$OUT/backbones.txt" || echo "backbones: timed out or failed"

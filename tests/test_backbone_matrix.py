@@ -15,7 +15,7 @@ from omegaconf import open_dict
 
 from helpers import TINY, compose_config
 from osediff_lab.memory import PeakTensorBytes, predict_training_memory, training_step
-from osediff_lab.models.backbone import TextEmbeds, family_of, lora_groups, size_time_ids
+from osediff_lab.models.backbone import TextEmbeds, denoiser_output, family_of, lora_groups, size_time_ids
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.osediff import build_generator
 from osediff_lab.models.schedules import EpsilonSchedule, FlowMatchSchedule, VPredictionSchedule
@@ -97,6 +97,28 @@ def test_sdxl_conditioning_is_diffusers_convention():
     torch.testing.assert_close(embeds.pooled, out2.text_embeds)
     z = torch.zeros(2, 4, 6, 5)
     assert size_time_ids(z, 8).tolist() == [[48, 40, 0, 0, 48, 40]] * 2
+
+
+def test_each_family_calls_its_denoiser_with_its_conditioning():
+    """denoiser_output against diffusers' call written out by hand: SDXL's pooled text embedding and pixel-size
+    time ids as added conditions, SD3's pooled projections and float timestep, SD2.1's hidden states alone."""
+    z = torch.randn(2, 4, 6, 4)
+    for model in ("tiny", "tiny_sdxl", "tiny_sd3"):
+        c = build_components(twin(model).model)
+        e = c.text(["a photo", "grass"])
+        zz = torch.randn(2, c.vae.config.latent_channels, 6, 4) if model == "tiny_sd3" else z
+        t = torch.tensor([999, 500]) if model != "tiny_sd3" else torch.tensor([1000.0, 500.0])
+        with torch.no_grad():
+            got = denoiser_output(c.unet, zz, t, e, 8)
+            if model == "tiny_sd3":
+                want = c.unet(hidden_states=zz, timestep=t, encoder_hidden_states=e.hidden, pooled_projections=e.pooled).sample
+            elif model == "tiny_sdxl":
+                ids = torch.tensor([[48.0, 32.0, 0.0, 0.0, 48.0, 32.0]] * 2)
+                want = c.unet(zz, t, encoder_hidden_states=e.hidden,
+                              added_cond_kwargs={"text_embeds": e.pooled, "time_ids": ids}).sample
+            else:
+                want = c.unet(zz, t, encoder_hidden_states=e.hidden).sample
+        torch.testing.assert_close(got, want)
 
 
 def test_sd3_conditioning_pads_clip_to_the_joint_width_and_appends_t5():
