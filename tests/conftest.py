@@ -46,10 +46,11 @@ def pytest_configure(config) -> None:
 
 
 # Files whose tests take minutes (kill/resume, DDP, Slurm sweeps, the README walk), longest first. Under
-# `make test` (xdist, whole files per worker) they start first and the short files fill in around them
-# (measured: 19 min 03 s in alphabetical order, 18 min 21 s in this one).
-LONGEST_FIRST = ("test_readme_commands.py", "test_slurm.py", "test_faults.py", "test_ddp.py", "test_memory.py",
-                 "test_preemption.py", "test_distributed.py", "test_methods.py", "test_backbones.py")
+# `make test` (xdist, whole files per worker, --no-loadscope-reorder) they start first and the short files fill in
+# around them. Without that flag xdist hands out files by their number of tests, which left test_ddp.py's three
+# long tests for last: 21 min 29 s with one worker idle for the last minutes.
+LONGEST_FIRST = ("test_readme_commands.py", "test_slurm.py", "test_faults.py", "test_ddp.py", "test_backbone_matrix.py",
+                 "test_memory.py", "test_preemption.py", "test_distributed.py", "test_methods.py", "test_backbones.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -114,6 +114,27 @@ def test_fetch_from_file_url_verifies_and_installs(tmp_path):
     assert not (cache / "y").exists() or not any((cache / "y").iterdir())  # nothing half-written left behind
 
 
+def test_gated_releases_get_the_token_and_a_401_names_the_licence_and_the_fix(tmp_path, monkeypatch):
+    import urllib.error
+
+    from osediff_lab.weights.fetch import hub_request
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abc")
+    assert hub_request("https://huggingface.co/stabilityai/sd-turbo/resolve/main/x").get_header("Authorization") == "Bearer hf_abc"
+    assert hub_request("https://download.pytorch.org/models/x.pth").get_header("Authorization") is None  # never elsewhere
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert hub_request("https://huggingface.co/x").get_header("Authorization") is None
+
+    def gated(url: str, dest: Path) -> None:
+        raise urllib.error.HTTPError(url, 401, "Unauthorized", {}, None)
+
+    entry = MANIFEST["sd3_transformer"]
+    with pytest.raises(OSError, match=r"401 .*gated \(Stability AI Community License.*set HF_TOKEN"):
+        fetch_entry(entry, tmp_path, download=gated)
+    assert not any(tmp_path.rglob("*.part"))
+
+
 def test_fetch_cli_uses_the_downloader(tmp_path, monkeypatch):
     if not NIQE_MAT.is_file():
         pytest.skip(f"{NIQE_MAT} not found (../shared is absent in a fresh clone)")

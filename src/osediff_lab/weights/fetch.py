@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +17,21 @@ from osediff_lab.weights.manifest import HF_HUB, WeightFile
 Downloader = Callable[[str, Path], None]
 
 
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # what huggingface_hub reads, in its order
+
+
+def hub_request(url: str) -> urllib.request.Request:
+    """A request for ``url``, carrying the Hugging Face token (``HF_TOKEN``) to huggingface.co only: gated
+    releases (SD-Turbo, SD3) answer 401 without the token of an account that accepted their licence."""
+    token = next((os.environ[v] for v in TOKEN_VARIABLES if os.environ.get(v)), None)
+    if token and urllib.parse.urlparse(url).hostname == "huggingface.co":
+        return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    return urllib.request.Request(url)
+
+
 def download_url(url: str, dest: Path, chunk: int = 1 << 20) -> None:
     """Stream ``url`` (http(s) or file://) to ``dest`` with a progress bar."""
-    with urllib.request.urlopen(url) as src, open(dest, "wb") as out:
+    with urllib.request.urlopen(hub_request(url)) as src, open(dest, "wb") as out:
         total = int(src.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
             while block := src.read(chunk):
@@ -52,7 +66,14 @@ def fetch_entry(entry: WeightFile, cache: str | Path, download: Downloader | Non
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
-        (download or download_url)(entry.url, part)
+        try:
+            (download or download_url)(entry.url, part)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403) and entry.licence:
+                raise OSError(f"{entry.name}: {exc.code} from {entry.url}: the release is gated ({entry.licence}). "
+                              "Accept the licence with your Hugging Face account, then set HF_TOKEN to a token of "
+                              "that account and fetch again") from exc
+            raise
         want = entry.sha256 or entry.sha256_prefix
         if want:
             digest = sha256_of(part)
