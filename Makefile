@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m osediff_lab.train +experiment=demo resume=false
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH)
