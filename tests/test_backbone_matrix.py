@@ -16,6 +16,7 @@ from diffusers import SD3Transformer2DModel
 from omegaconf import open_dict
 
 from helpers import TINY, compose_config
+from osediff_lab.errors import ConfigError
 from osediff_lab.memory import PeakTensorBytes, predict_training_memory, training_step
 from osediff_lab.models.backbone import TextEmbeds, denoiser_output, family_of, lora_groups, size_time_ids
 from osediff_lab.models.components import build_components, save_pretrained
@@ -84,6 +85,9 @@ def test_pisasr_trains_three_steps_on_every_twin_and_its_generator_infers_tiled(
     pipe = OSEDiffPipeline(module.generator, module.text_encoders, NullPrompt(), 4, options, live=True)
     out, _ = pipe.enhance(torch.rand(1, 3, 24, 20))
     assert out.shape == (1, 3, 96, 80) and torch.isfinite(out).all()
+    if model == "tiny_sd3":  # tiles must hold whole 2 x 2 patches: named before any work
+        with pytest.raises(ConfigError, match=r"latent_tiling.tile=5 .* multiples of 2"):
+            OSEDiffPipeline(module.generator, module.text_encoders, NullPrompt(), 4, {"latent_tiling": {"tile": 5, "overlap": 2}}, live=True)
 
 
 @pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])

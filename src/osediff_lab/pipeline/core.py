@@ -57,6 +57,12 @@ class OSEDiffPipeline:
         self.upsampler = "torch" if self.options.upsampler == "auto" else str(self.options.upsampler)
         self.generator, self.text_encoders = generator, text_encoders
         self._apply_lora_weights()
+        patch = latent_multiple(generator.unet)  # SD3's transformer takes whole 2 x 2 latent patches
+        lt = self.options.latent_tiling
+        if lt.tile % patch or lt.overlap % patch:
+            raise ConfigError(f"pipeline.latent_tiling.tile={lt.tile} / overlap={lt.overlap} must be multiples of "
+                              f"{patch}, the denoiser's patch size")
+        self.pixel_multiple = vae_factor(generator.vae) * patch  # input sides are padded to this
         if live:
             self.device = generator.vae.decoder.conv_in.weight.device
             self.dtype = self.decode_dtype = generator.vae.decoder.conv_in.weight.dtype
@@ -144,8 +150,7 @@ class OSEDiffPipeline:
         if lq.ndim != 4 or lq.shape[1] != 3:
             raise ValueError(f"expected an LQ batch (B, 3, h, w) in [0, 1], got shape {tuple(lq.shape)}")
         o = self.options
-        multiple = vae_factor(self.generator.vae) * latent_multiple(self.generator.unet)  # SD3: whole patches
-        plan = plan_sizes(lq.shape[-2], lq.shape[-1], self.scale, o.process_size, multiple)
+        plan = plan_sizes(lq.shape[-2], lq.shape[-1], self.scale, o.process_size, self.pixel_multiple)
         x_work, x_padded = to_network_input(lq.to(self.device, torch.float32), plan, self.upsampler)
         prompts = self.prompts(x_work)
         x_h = self.generate(x_padded * 2 - 1, self.embed(prompts))
@@ -162,10 +167,6 @@ class OSEDiffPipeline:
             with self._vae_tiling(o.vae_tiling.encoder_tile):
                 z_l = gen.encode(x_l.to(self.dtype), rng)
             lt = o.latent_tiling
-            multiple = latent_multiple(gen.unet)
-            if lt.tile % multiple or lt.overlap % multiple:
-                raise ConfigError(f"pipeline.latent_tiling.tile={lt.tile} / overlap={lt.overlap} must be multiples of "
-                                  f"{multiple}, the denoiser's patch size")
             z_h = tiled_apply(lambda z: gen.denoise(z, embeds), z_l, lt.tile, lt.overlap, lt.sigma)
             with self._vae_tiling(o.vae_tiling.decoder_tile):
                 return gen.decode(z_h.to(self.decode_dtype))
