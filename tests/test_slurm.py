@@ -133,6 +133,21 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.3)
 
 
+def preempt_at_first_checkpoint(sweep_dir: Path, proc: subprocess.Popen, commands: dict[int, list[str]],
+                                timeout: float = 300) -> None:
+    """Run each job's preemption command as soon as that job writes its step-2 checkpoint. The jobs are
+    watched together: waiting for one first would let the other run on to its end before its signal."""
+    deadline = time.time() + timeout
+    pending = dict(commands)
+    while pending:
+        for n in [n for n in pending if (sweep_dir / str(n) / "checkpoints" / "step000002.ckpt").exists()]:
+            assert not (sweep_dir / str(n) / "summary.json").exists(), f"job {n} finished before it could be preempted"
+            subprocess.run(pending.pop(n), check=True, timeout=30)
+        assert proc.poll() is None, sweep_log(sweep_dir)[-3000:]
+        assert time.time() < deadline, f"no step-2 checkpoint from jobs {sorted(pending)}"
+        time.sleep(0.2)
+
+
 def rank_pid(job: str, rank: int) -> int:
     """PID of the training process of global rank ``rank`` in the job's step 0 (`scontrol listpids`)."""
     array_id, task = job.split("_")
@@ -183,10 +198,8 @@ def test_sweep_survives_usr2_and_scontrol_requeue_with_wandb(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = sweep(sweep_dir, ["logger=wandb", "loss.vsd_weight=0,1"])
     jobs = job_ids(sweep_dir, proc, 2)
-    wait_for(sweep_dir / "0" / "checkpoints" / "step000002.ckpt", proc)
-    subprocess.run(["scancel", "--signal=USR2", jobs[0]], check=True, timeout=30)
-    wait_for(sweep_dir / "1" / "checkpoints" / "step000002.ckpt", proc)
-    subprocess.run(["scontrol", "requeue", jobs[1]], check=True, timeout=30)
+    preempt_at_first_checkpoint(sweep_dir, proc, {0: ["scancel", "--signal=USR2", jobs[0]],
+                                                  1: ["scontrol", "requeue", jobs[1]]})
     for job in jobs:
         start_requeued_now(job, proc)
         assert proc.poll() is None, "the sweep returned before the requeued attempts ran"
