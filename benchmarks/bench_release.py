@@ -67,10 +67,10 @@ def train_rows(device: str, repeats: int, compile_too: bool) -> None:
               f"first step (compile) {c_first:.1f} s | - |")
 
 
-def sync_count(device: str, steps: int, log_every: int) -> int:
+def sync_count(device: str, steps: int, log_every: int, degradation: str) -> int:
     """Host syncs in one whole training run. On CUDA: operations that synchronise with the device (torch's sync
     debug mode warns on each). On CPU, an upper bound: every scalar read of a tensor (``aten::_local_scalar_dense``:
-    ``.item()``, ``bool(tensor)``), most of them of CPU-side tensors that never stall a device."""
+    ``.item()``, ``bool(tensor)``), including reads of CPU-side tensors that never stall a device."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
@@ -78,7 +78,7 @@ def sync_count(device: str, steps: int, log_every: int) -> int:
     from osediff_lab.train import run
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config([*TRAIN, "data.crop_size=64", f"trainer.max_steps={steps}",
+        cfg = compose_config([*TRAIN, "data.crop_size=64", f"trainer.max_steps={steps}", f"degradation={degradation}",
                               f"trainer.log_every_n_steps={log_every}", "callbacks.samples.every_n_steps=0",
                               "callbacks.checkpoint.every_n_train_steps=0",
                               f"trainer.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}"], Path(tmp))
@@ -97,12 +97,14 @@ def sync_count(device: str, steps: int, log_every: int) -> int:
 def sync_row(device: str, short: int = 2, long: int = 6) -> None:
     """Host syncs per training step in the real loop (Lightning, both optimisers, clipping, the finiteness
     check, the degradation): the difference between a ``long`` and a ``short`` run over the extra steps, so
-    set-up and export drop out; with logging at every step, and with no log step inside the runs."""
-    per_step = [(sync_count(device, long, every) - sync_count(device, short, every)) / (long - short)
-                for every in (1, 10 * long)]
+    set-up and export drop out; with logging at every step, and with no log step inside the runs. Real-ESRGAN
+    draws its parameters on the CPU (its reads never wait for a GPU), so the loop alone runs with bicubic too."""
     what = "device syncs" if device.startswith("cuda") else "scalar reads (CPU run: upper bound of syncs)"
-    print(f"|   {what} per training step, steps {short + 1}-{long} | logging every step {per_step[0]:.1f} | "
-          f"no log step {per_step[1]:.1f} | - |")
+    for degradation in ("realesrgan", "bicubic"):
+        per_step = [(sync_count(device, long, every, degradation) - sync_count(device, short, every, degradation))
+                    / (long - short) for every in (1, 10 * long)]
+        print(f"|   {what} per training step, steps {short + 1}-{long}, degradation={degradation} | logging every "
+              f"step {per_step[0]:.1f} | no log step {per_step[1]:.1f} | - |")
 
 
 def whole_process_rows(repeats: int) -> None:

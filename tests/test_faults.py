@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from helpers import TINY, compose_config
 from osediff_lab.lit.callbacks import AtomicCheckpointIO
-from osediff_lab.lit.module import NonFiniteLossError
+from osediff_lab.lit.optimization import NonFiniteLossError
 from osediff_lab.lit.resume import PREEMPTED_EXIT_CODE, find_resume_checkpoint
 from osediff_lab.methods.osediff import OSEDiff
 from osediff_lab.train import run

@@ -1,4 +1,5 @@
-"""Mixed precision where real runs happen: fp16 with a real GradScaler through overflow and recovery."""
+"""Precision where real runs happen: fp16 with a real GradScaler through overflow and recovery, and the skip of a
+non-finite step decided on the device (fused AdamW through a GradScaler) with no host read in the training step."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import csv
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import TINY, compose_config
-from osediff_lab.train import run
+from osediff_lab.lit.optimization import NonFiniteLossError
+from osediff_lab.methods.base import GENERATOR, REGULARIZER
+from osediff_lab.train import build_module, run
 
 FAST = [*TINY, "data.crop_size=32", "trainer.log_every_n_steps=1", "callbacks.samples.every_n_steps=0",
         "callbacks.checkpoint.every_n_train_steps=0", "trainer.enable_progress_bar=false"]
@@ -54,3 +58,76 @@ def test_fp32_steps_with_finite_gradients_are_never_skipped(tmp_path):
     assert trainer.global_step == 3 and len(rows) == 3 and module.grad_scaler() is None
     assert all(r["train/skipped_generator"] == 0 and r["train/skipped_regularizer"] == 0 for r in rows)
     assert all(math.isfinite(r["train/grad_norm_generator"]) for r in rows)
+
+
+def test_the_training_step_never_reads_a_value_back_from_the_device():
+    """Fake tensors hold no values, so any host read of a computed tensor (``.item()``, ``bool()``, a branch on
+    a value) raises. The whole training step runs on them: generator and regularizer steps, clipping, the
+    fused finiteness check and the skip (fused AdamW through the scale-1 GradScaler). So on a GPU the step never
+    waits for the device; the skip counts are read by ``SkipCounter.report``, at log steps only."""
+    from osediff_lab.memory import predict_training_memory
+
+    cfg = compose_config([*TINY, "data.crop_size=32", "data.batch_size=1"])
+    assert cfg.optim.fused and cfg.trainer.precision in (32, "32", "32-true")
+    prediction = predict_training_memory(cfg, steps=2)
+    assert prediction.peak > prediction.static
+
+
+def adam_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor of the optimiser's state (moments and step counts), copied, in a fixed order."""
+    return [v.clone() for s in opt.state_dict()["state"].values() for _, v in sorted(s.items())]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_nonfinite_step_leaves_weights_and_adam_state_as_they_were(fused):
+    """fp32 without a trainer (the path benchmarks time): a NaN generator loss skips the generator's step
+    (weights, both moments and the step count unchanged, bit for bit) and not the regularizer's; the counts
+    stay tensors until ``report``, which warns and stops at ``optim.max_consecutive_bad_steps``."""
+    module = build_module(compose_config([*TINY, "data.crop_size=32", "data.batch_size=1", f"optim.fused={fused}"])).train()
+    optimizers = module.build_optimizers()
+    hq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def step() -> dict:
+        return module.train_step(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""])
+
+    step()  # a good step creates the Adam state
+    groups = {name: [p.detach().clone() for p in params] for name, params in module.groups.items()}
+    states = {name: adam_state(opt) for name, opt in optimizers.items()}
+    good = module.method.generator_losses
+
+    def nan_total(batch, embeds):
+        terms, state = good(batch, embeds)
+        return terms | {"total": terms["total"] * float("nan")}, state
+
+    module.method.generator_losses = nan_total
+    logs = step()
+    assert isinstance(logs["train/skipped_generator"], torch.Tensor)
+    assert float(logs["train/skipped_generator"]) == 1 and float(logs["train/skipped_regularizer"]) == 0
+    same = [torch.equal(a, b) for a, b in zip(groups[GENERATOR], module.groups[GENERATOR], strict=True)]
+    assert all(same) and all(torch.equal(a, b) for a, b in zip(states[GENERATOR], adam_state(optimizers[GENERATOR]), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(groups[REGULARIZER], module.groups[REGULARIZER], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(states[REGULARIZER], adam_state(optimizers[REGULARIZER]), strict=True))
+    module.skips.limit = 2
+    module.skips.report(1)  # one skipped step in a row: a warning, no stop
+    step()
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite steps"):
+        module.skips.report(2)
+
+
+def test_fused_adamw_by_default_and_not_for_a_tensor_listed_twice():
+    """The release lists conv_in's LoRA twice, and its AdamW then steps those tensors twice in a row; one fused
+    launch would read their moments once for both entries, so such a group keeps the foreach AdamW. Truth: the
+    same tensor stepped by two AdamW steps on its own (bias corrections of steps 1 and 2)."""
+    from osediff_lab.lit.optimization import build_optimizers
+
+    w, twice = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.full((2,), 2.0))
+    opts = build_optimizers({GENERATOR: [w, twice, twice], REGULARIZER: [w]}, {GENERATOR: 0.1, REGULARIZER: 0.1},
+                            (0.9, 0.999), 0.01, 1e-8)
+    assert not opts[GENERATOR].param_groups[0]["fused"] and opts[REGULARIZER].param_groups[0]["fused"]
+    alone = torch.nn.Parameter(twice.detach().clone())
+    reference = torch.optim.AdamW([alone], lr=0.1, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8, foreach=False)
+    twice.grad, alone.grad, w.grad = torch.full((2,), 0.5), torch.full((2,), 0.5), torch.ones(3)
+    opts[GENERATOR].step()
+    reference.step()
+    reference.step()
+    torch.testing.assert_close(twice.detach(), alone.detach(), rtol=0, atol=1e-7)

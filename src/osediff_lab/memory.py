@@ -139,7 +139,6 @@ def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = make_fake(module, mode)
     module.groups = {name: [fakes[id(p)] for p in params] for name, params in module.groups.items()}
-    module.check_finite = False  # fake tensors hold no values to test for finiteness
     static = sum(t.untyped_storage().nbytes() for t in fakes.values())
     size, batch = int(cfg.data.crop_size), int(cfg.data.batch_size)
     with mode:

@@ -14,7 +14,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from osediff_lab import resolvers  # registers ${run_id:...} before Hydra composes
@@ -26,6 +25,7 @@ from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
 from osediff_lab.lit.loggers import build_logger, close_logger
 from osediff_lab.lit.module import SRModule
+from osediff_lab.lit.precision import precision_plugin
 from osediff_lab.lit.resume import (
     PREEMPTED_EXIT_CODE,
     DataPosition,
@@ -85,16 +85,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> t
     if cfg.trainer.get("enable_progress_bar", True):
         monitors.append(StepProgress(cfg.trainer.get("log_every_n_steps", 10)))  # steps of max_steps; lines in logs
     return [ckpt, *best, samples, *monitors, *fault_tolerance], samples
-
-
-def fp16_precision(trainer_cfg: dict, scaler_cfg: DictConfig) -> MixedPrecision | None:
-    """For ``trainer.precision=16-mixed``: fp16 autocast with a GradScaler built from ``optim.grad_scaler``
-    (init scale, growth, backoff), on CUDA or on the CPU (where Lightning would silently switch to bf16)."""
-    if str(trainer_cfg.get("precision")) not in ("16-mixed", "16"):
-        return None
-    device = "cpu" if trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available() else "cuda"
-    scaler = torch.amp.GradScaler(device, **OmegaConf.to_container(scaler_cfg, resolve=True))
-    return MixedPrecision("16-mixed", device, scaler=scaler)
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
@@ -186,15 +176,14 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
     module = build_module(cfg)
     callbacks, samples = build_callbacks(cfg, run_dir, preemption)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) | val_trainer_kwargs(cfg)
-    precision = fp16_precision(trainer_cfg, cfg.optim.grad_scaler)
-    if precision is not None:
-        trainer_cfg.pop("precision")
+    precision = precision_plugin(trainer_cfg.pop("precision", "32-true"), trainer_cfg.get("accelerator"),
+                                 OmegaConf.to_container(cfg.optim.grad_scaler, resolve=True))
     trainer = pl.Trainer(
         **trainer_cfg,
         logger=build_logger(cfg, run_dir),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO(), *([precision] if precision is not None else [])],
+        plugins=[AtomicCheckpointIO(), precision],
         use_distributed_sampler=False,  # the datamodule's ResumableRandomSampler shards over ranks itself
     )
     summary: dict = {}

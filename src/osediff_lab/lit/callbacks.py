@@ -103,7 +103,8 @@ class StepProgress(ProgressBar):
             return
         self.last_step = step
         if self.bar is not None:
-            self.bar.set_postfix_str(self._metrics(trainer, pl_module), refresh=False)
+            if step % self.every == 0:  # reading the metrics waits for the device: at log steps only
+                self.bar.set_postfix_str(self._metrics(trainer, pl_module), refresh=False)
             self.bar.update(step - self.bar.n)
         elif step % self.every == 0 or step >= trainer.max_steps:
             self._print(trainer, pl_module)

@@ -24,11 +24,10 @@ from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.contents import check_contents, keep_saved
 from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
 from osediff_lab.lit.optimization import (
-    NonFiniteLossError,
+    SkipCounter,
     build_optimizers,
     build_schedulers,
     clip_gradients,
-    drop_gradients,
     poison_if_nonfinite,
 )
 from osediff_lab.lit.validation import build_validator
@@ -75,12 +74,11 @@ class SRModule(pl.LightningModule):
         # what a checkpoint stores: the trained tensors and the exported ones (PiSA-SR's frozen pixel LoRA)
         self.saved_names = self.trained_names + [n for n in exported if n not in trained]
         self.embedder = embedder
-        self._bad_steps = 0
+        self.skips = SkipCounter(int(cfg.optim.max_consecutive_bad_steps))
         self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
         self.unreadable: dict[str, str] = {}  # training images data workers found unreadable (path -> reason)
         self._grad_norms: dict[int, torch.Tensor] = {}
-        self._skipped: set[int] = set()  # ids of optimisers whose last step was skipped (non-finite gradients)
-        self.check_finite = True  # off only for the memory predictor's replay on fake tensors, which hold no values
+        self._unit_scaler: torch.amp.GradScaler | None = None  # fp32/bf16's (step_scaler)
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self._pipeline: OSEDiffPipeline | None = None
         self.validator = build_validator(cfg)  # metric networks kept outside the module's state
@@ -146,43 +144,22 @@ class SRModule(pl.LightningModule):
         model = trainer.strategy.model if trainer is not None else None
         return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
-    def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter], terms: dict[str, torch.Tensor]) -> bool:
-        """Backward, average over ranks, clip, step; a step whose gradients are not finite is skipped and counted.
-
-        Without a loss scaler the skip is decided in ``on_before_optimizer_step`` by one fused check (the
-        clipping norm). Under fp16 the GradScaler decides: it unscales, finds the overflow, skips the step
-        and halves the scale, so the next step can succeed. A non-finite loss poisons the gradients, so
-        every rank (after the all-reduce) takes the same decision and none waits on the others.
-        """
+    def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+        """Backward, average over ranks, then the optimiser step (``optimizer_update``). Returns 1.0 (on the
+        device, never read here) when the step was skipped for a non-finite loss or gradient. A non-finite
+        loss poisons the gradients, so every rank (after the all-reduce) skips alike and none waits on the others."""
         opt.zero_grad(set_to_none=True)
         with self._ddp_no_sync():
             self.backward_loss(loss)
         poison_if_nonfinite(loss, params)
         if name != REGULARIZER or self.optim_cfg.sync_regularizer_grads:
             average_gradients(params)
-        scaler = self.grad_scaler()
-        scale_before = scaler.get_scale() if scaler is not None else None
         raw = getattr(opt, "optimizer", opt)  # Lightning wraps each optimiser; the bare step gets plain ones
-        self._skipped.discard(id(raw))
         if name == GENERATOR and self.attached_trainer() is not None:
-            opt.step()  # through Lightning: its precision plugin steps the scaler, and global_step counts it
+            opt.step()  # through Lightning, which counts it in global_step; its precision plugin calls optimizer_update
         else:
-            self.uncounted_step(raw)
-        skipped = scaler.get_scale() < scale_before if scaler is not None else id(raw) in self._skipped
-        if not skipped:
-            return True
-        bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["gradient"]
-        self._bad_steps += 1
-        log.warning("step %d: non-finite %s in the %s step; optimiser step skipped", self.batches_trained, ", ".join(bad), name)
-        opt.zero_grad(set_to_none=True)
-        limit = self.optim_cfg.max_consecutive_bad_steps
-        if self._bad_steps >= limit:
-            raise NonFiniteLossError(
-                f"{self._bad_steps} consecutive non-finite steps (last: {name}, {', '.join(bad)}) at step "
-                f"{self.batches_trained}; the last good checkpoint is kept. Lower the learning rate or raise "
-                "optim.max_consecutive_bad_steps"
-            )
-        return False
+            self.optimizer_update(raw)
+        return (~torch.isfinite(self._grad_norms[id(raw)])).float()
 
     def backward_loss(self, loss: torch.Tensor) -> None:
         """Lightning's backward (loss scaling, strategy hooks) under a trainer, plain autograd without one."""
@@ -191,19 +168,20 @@ class SRModule(pl.LightningModule):
         else:
             loss.backward()
 
-    def uncounted_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """An optimiser step that Lightning does not count, so ``global_step`` counts generator steps whatever
-        ``loss.reg_steps_per_gen_step``: what Lightning's precision plugin does for a step (unscale, clip,
-        step, update the scale), with torch's public GradScaler API."""
-        scaler = self.grad_scaler()
-        if scaler is None:
-            self.on_before_optimizer_step(optimizer)
-            optimizer.step()
-            return
+    def optimizer_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """One optimiser step, the same for every precision and with or without a trainer: unscale with torch's
+        fused non-finite check over all gradients, the callbacks' ``on_before_optimizer_step``, clipping to
+        ``optim.grad_clip`` (the norm is kept for logging), then the step, which fused AdamW skips on the device
+        when a gradient is not finite (other optimisers make the GradScaler read the flag: one host sync)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        scaler = self.step_scaler(params[0].device)
         scaler.unscale_(optimizer)
-        self.on_before_optimizer_step(optimizer)
-        scaler.step(optimizer)  # skips the update when unscale_ found an inf or NaN
-        scaler.update()
+        trainer = self.attached_trainer()
+        for callback in trainer.callbacks if trainer is not None else []:
+            callback.on_before_optimizer_step(trainer, self, optimizer)
+        self._grad_norms[id(optimizer)] = clip_gradients(optimizer, self.optim_cfg.grad_clip).detach()
+        scaler.step(optimizer)
+        scaler.update(new_scale=1.0 if scaler is self._unit_scaler else None)
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """The fp16 loss scaler of the trainer's precision plugin (None for fp32/bf16 or without a trainer)."""
@@ -211,18 +189,16 @@ class SRModule(pl.LightningModule):
         scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip after AMP unscaling (Lightning calls this between unscale and step) and record the norm.
-
-        The norm doubles as the fused finiteness check: it is finite exactly when every gradient is. Without
-        a scaler a non-finite norm drops the gradients, so the optimiser leaves every parameter (and its
-        moments) untouched; under fp16 the scaler has already seen the overflow and skips the step itself.
-        """
-        norm = clip_gradients(optimizer, self.optim_cfg.grad_clip)
-        self._grad_norms[id(optimizer)] = norm.detach()
-        if self.grad_scaler() is None and self.check_finite and not bool(torch.isfinite(norm)):
-            drop_gradients(optimizer)
-            self._skipped.add(id(optimizer))
+    def step_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """The GradScaler every optimiser step goes through: fp16's, else one held at scale 1, which gives
+        fp32 and bf16 the same fused finiteness check and on-device skip (scaling by 1 changes nothing)."""
+        scaler = self.grad_scaler()
+        if scaler is not None:
+            return scaler
+        if self._unit_scaler is None:
+            self._unit_scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
+            self._unit_scaler.scale(torch.ones((), device=device))  # creates its scale tensor on the device
+        return self._unit_scaler
 
     def train_step(
         self, batch: dict[str, Any], optimizers: dict[str, Any], schedulers: tuple = (), prompts: list[str] | None = None
@@ -230,30 +206,27 @@ class SRModule(pl.LightningModule):
         """The training step (used by Lightning, the memory predictor and the benchmarks alike): the method's
         generator update, then each of its further updates (OSEDiff: ``loss.reg_steps_per_gen_step``
         regularizer steps). ``batch`` has ``hq`` and ``lq_up`` in [-1, 1]; ``optimizers`` are by parameter
-        group; ``prompts`` default to the prompt provider's. Returns the step's metrics (``train/*``)."""
+        group; ``prompts`` default to the prompt provider's. Returns the step's metrics (``train/*``) as
+        tensors: nothing here reads a value back from the device (``report_skips`` does, at log steps)."""
         embeds = self.encode_text(self.batch_prompts(batch) if prompts is None else prompts)
 
         terms, state = self.method.generator_losses(batch, embeds)
-        ok_generator = self._step(GENERATOR, optimizers[GENERATOR], terms["total"], self.groups[GENERATOR], terms)
+        skipped = {GENERATOR: self._step(GENERATOR, optimizers[GENERATOR], terms["total"], self.groups[GENERATOR])}
         losses: dict[str, list[torch.Tensor]] = {}
-        skipped = {name: 0 for name in self.groups}
-        skipped[GENERATOR] = int(not ok_generator)
         for group, loss in self.method.updates(state, embeds):
-            skipped[group] += not self._step(group, optimizers[group], loss, self.groups[group], {group: loss})
+            flag = self._step(group, optimizers[group], loss, self.groups[group])
+            skipped[group] = skipped[group] + flag if group in skipped else flag
             losses.setdefault(group, []).append(loss.detach())
-        if not any(skipped.values()):
-            self._bad_steps = 0
+        self.skips.add(self.batches_trained, skipped, {GENERATOR: terms} | {g: {g: torch.stack(v)} for g, v in losses.items()})
         for scheduler in schedulers:
             scheduler.step()
 
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
         logs |= {f"train/loss_{group}": torch.stack(values).mean() for group, values in losses.items()}
         logs |= {f"train/{k}": v for k, v in self.method.metrics.items()}
-        scaler = self.grad_scaler()
-        if scaler is not None:
-            logs["train/loss_scale"] = scaler.get_scale()
+        zero = torch.zeros_like(skipped[GENERATOR])
         for name, opt in optimizers.items():
-            logs[f"train/skipped_{name}"] = float(skipped[name])
+            logs[f"train/skipped_{name}"] = skipped.get(name, zero)
             logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
             norm = self._grad_norms.get(id(getattr(opt, "optimizer", opt)))
             if norm is not None:
@@ -269,26 +242,31 @@ class SRModule(pl.LightningModule):
         logs = self.train_step(batch, dict(zip(self.groups, optimizers, strict=True)), schedulers)
         self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
         self.log("loss", logs["train/loss_total"], prog_bar=True, on_step=True, logger=False)
-        self._write_step_metrics(logs, step)
+        if (step + 1) % self.trainer.log_every_n_steps == 0:  # the step's only host reads are here
+            self.skips.report(step)
+            self._write_step_metrics(logs, step)
         return logs["train/loss_total"]
 
+    def on_train_end(self) -> None:
+        """Skips after the last log step are reported too."""
+        self.skips.report(self.batches_trained - 1)
+
     def _write_step_metrics(self, logs: dict[str, Any], step: int) -> None:
-        """Send this step's training metrics to the logger now, not after the batch as Lightning does:
-        a checkpoint is written in between, so a kill right after it would lose the step's row."""
+        """Send this step's training metrics (and fp16's loss scale) to the logger now, not after the batch as
+        Lightning does: a checkpoint is written in between, so a kill right after it would lose the step's row."""
         logger = self.logger
-        if logger is None or self.trainer.sanity_checking:
+        if logger is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        if (step + 1) % self.trainer.log_every_n_steps:
-            return
-        if self.trainer.is_global_zero:
-            logger.log_metrics({k: float(v) for k, v in logs.items()}, step=step)
+        scaler = self.grad_scaler()
+        scale = {"train/loss_scale": scaler.get_scale()} if scaler is not None else {}
+        logger.log_metrics({k: float(v) for k, v in logs.items()} | scale, step=step)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """One AdamW per parameter group (bitsandbytes' AdamW8bit with ``optim.use_8bit``): the generator at
         ``optim.lr``, the regularizer at ``optim.reg_lr``."""
         oc = self.optim_cfg
         return build_optimizers(self.groups, {GENERATOR: oc.lr, REGULARIZER: oc.reg_lr}, tuple(oc.betas),
-                                oc.weight_decay, oc.eps, oc.use_8bit)
+                                oc.weight_decay, oc.eps, oc.use_8bit, oc.fused)
 
     def configure_optimizers(self):
         optimizers = list(self.build_optimizers().values())
