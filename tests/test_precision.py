@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import traceback
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,45 @@ def test_fused_adamw_by_default_and_not_for_a_tensor_listed_twice():
     reference.step()
     reference.step()
     torch.testing.assert_close(twice.detach(), alone.detach(), rtol=0, atol=1e-7)
+
+
+def test_the_lightning_loop_reads_no_tensor_between_log_steps(tmp_path, monkeypatch):
+    """The real loop around the step (Lightning, the module's logging, every callback of a run: run statistics,
+    the preemption check, progress, checkpoints) reads no tensor value back while a batch trains, unless it is a
+    log step: each such read is a host-device sync on a GPU. Counted at the Python level (``.item()``,
+    ``float()``, ``bool()``, ...) from the start of the first batch to the end of the one before the last (which
+    prints the final progress line), none of them a log step."""
+    import pytorch_lightning as pl
+
+    import osediff_lab.train as train
+
+    reads: list[str] = []
+
+    class Window(pl.Callback):
+        active = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            Window.active = trainer.global_step < trainer.max_steps - 1  # the last batch prints the final line
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            Window.active = False  # the last callback: every other one has run
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if Window.active:
+                reads.append(f"{name}: {''.join(traceback.format_stack(limit=12)[:-1])}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    build = train.build_callbacks
+    monkeypatch.setattr(train, "build_callbacks", lambda *a: (lambda cbs, s: ([*cbs, Window()], s))(*build(*a)))
+    cfg = compose_config([*TINY, "data.crop_size=32", "trainer.max_steps=4", "trainer.log_every_n_steps=50",
+                          "callbacks.samples.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=0"], tmp_path)
+    trainer, _, _ = run(cfg)
+    assert trainer.global_step == 4
+    assert reads == [], f"{len(reads)} reads while batches trained, the first:\n{reads[0]}"

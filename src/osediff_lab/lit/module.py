@@ -234,7 +234,10 @@ class SRModule(pl.LightningModule):
         self.batches_trained += 1
         return logs
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Lightning's step: ``train_step`` with the trainer's optimisers. Returns the step's metrics (still on
+        the device) with ``loss``: callbacks get them as ``outputs``; ``trainer.callback_metrics`` would read
+        the progress bar's values back on every access."""
         step = self.batches_trained  # the x-axis of step logs: training batches done before this one
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -245,7 +248,7 @@ class SRModule(pl.LightningModule):
         if (step + 1) % self.trainer.log_every_n_steps == 0:  # the step's only host reads are here
             self.skips.report(step)
             self._write_step_metrics(logs, step)
-        return logs["train/loss_total"]
+        return {"loss": logs["train/loss_total"], **logs}
 
     def on_train_end(self) -> None:
         """Skips after the last log step are reported too."""

@@ -140,8 +140,8 @@ class Preemption(pl.Callback):
     """On SIGTERM / SIGUSR1 / SIGUSR2 (what Slurm sends before a kill or a time limit): finish the current
     step, write last.ckpt and stop, unless the run is already at ``max_steps`` (then it just finishes).
 
-    Every rank takes the same decision: the signal numbers are gathered after each step, so ranks that
-    got the signal at different moments still stop after the same step. Handlers are installed before
+    Every rank takes the same decision: the signal numbers are reduced after each step (on the CPU, over
+    gloo), so ranks that got the signal at different moments still stop after the same step. Handlers are installed before
     any work (``install``) and again over Lightning's at train start; ``release`` puts back the ones found
     first, and ``hand_over`` lets the job's scheduler requeue a preempted run (submitit's handler, or
     ``scontrol requeue`` for a time-limit signal in a plain Slurm job). The caller then exits with
@@ -152,6 +152,7 @@ class Preemption(pl.Callback):
         self.received: int | None = None
         self.preempted = False
         self._original: dict[int, Any] = {}  # the handlers found by the first install
+        self._group: Any = None  # the gloo process group the ranks agree over (None: the default group)
 
     def _handler(self, signum: int, frame: Any) -> None:
         log.warning("received %s: checkpointing after this step, then stopping", signal.Signals(signum).name)
@@ -177,10 +178,21 @@ class Preemption(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         self.install()  # over Lightning's own SIGTERM handler, which would raise mid-step
+        if trainer.world_size > 1:  # all ranks are here: the one place to make a group collectively
+            gloo = torch.distributed.get_backend() == "gloo"
+            self._group = None if gloo else torch.distributed.new_group(backend="gloo")
+
+    def agreed_signal(self, world_size: int) -> int:
+        """The highest signal number any rank received (0: none). Across ranks by a max all-reduce of a CPU
+        tensor over gloo, so this per-step check never waits for the GPU's queue."""
+        if world_size == 1:
+            return self.received or 0
+        flag = torch.tensor([self.received or 0], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        return int(flag)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        local = torch.tensor([self.received or 0], dtype=torch.int64, device=pl_module.device)
-        signum = int(trainer.strategy.all_gather(local).max())
+        signum = self.agreed_signal(trainer.world_size)
         if signum == 0:
             return
         self.received = self.received or signum

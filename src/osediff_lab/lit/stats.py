@@ -26,6 +26,7 @@ class RunStats(pl.Callback):
         self.loss: dict[str, list[float]] = {}  # name -> [count, mean, M2]
         self.best: dict[str, float] = {}
         self.last: dict[str, float] = {}
+        self.pending: list[dict[str, torch.Tensor]] = []  # train/ scalars of batches not yet folded in
         self.started = time.monotonic()
         self.earlier_wall_s = 0.0  # wall time of the earlier attempts, from the checkpoint resumed
         self.earlier_attempts = 0
@@ -41,6 +42,7 @@ class RunStats(pl.Callback):
         return self.earlier_attempts + 1
 
     def state_dict(self) -> dict:
+        self.flush()
         return {"loss": self.loss, "best": self.best, "last": self.last, "wall_time_s": self.wall_time_s,
                 "attempts": self.attempts}
 
@@ -56,19 +58,32 @@ class RunStats(pl.Callback):
                 self.last[key] = float(value)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._record_last(trainer, "train/")
-        for key, value in trainer.callback_metrics.items():
-            if not key.startswith("train/loss_") or not torch.is_tensor(value):
-                continue
-            x = float(value)
-            if not math.isfinite(x):
-                continue
-            n, mean, m2 = self.loss.get(key, [0, 0.0, 0.0])
-            n += 1
-            delta = x - mean
-            mean += delta / n
-            m2 += delta * (x - mean)
-            self.loss[key] = [n, mean, m2]
+        """Keep the batch's ``train/*`` scalars (``outputs``: the module's step metrics) as they are, on the
+        device, and fold them in at log steps: reading them every batch would make the host wait each step."""
+        self.pending.append({k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+                             for k, v in (outputs or {}).items() if k.startswith("train/")})
+        if len(self.pending) >= trainer.log_every_n_steps:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the pending batches into the statistics with one read of all their values."""
+        if not self.pending:
+            return
+        flat = [(key, value) for batch in self.pending for key, value in batch.items()]
+        self.pending = []
+        if not flat:
+            return
+        device = next((v.device for _, v in flat if v.device.type != "cpu"), torch.device("cpu"))  # one copy back
+        values = torch.stack([value.float().reshape(()).to(device) for _, value in flat]).tolist()
+        for (key, _), x in zip(flat, values, strict=True):
+            self.last[key] = x
+            if key.startswith("train/loss_") and math.isfinite(x):
+                n, mean, m2 = self.loss.get(key, [0, 0.0, 0.0])
+                n += 1
+                delta = x - mean
+                mean += delta / n
+                m2 += delta * (x - mean)
+                self.loss[key] = [n, mean, m2]
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
         self._record_last(trainer, "val/")
@@ -84,6 +99,7 @@ class RunStats(pl.Callback):
 
     def summary(self) -> dict:
         """Loss statistics, best and last metrics, wall time and attempts over every attempt of the run."""
+        self.flush()
         losses = {k: {"mean": m, "var": m2 / (n - 1) if n > 1 else 0.0, "count": n} for k, (n, m, m2) in self.loss.items()}
         return {"loss_stats": losses, "best_metrics": dict(self.best), "last_metrics": dict(self.last),
                 "wall_time_s": round(self.wall_time_s, 2), "attempts": self.attempts}
