@@ -100,7 +100,7 @@ def sync_row(device: str, short: int = 2, long: int = 6) -> None:
     set-up and export drop out; with logging at every step, and with no log step inside the runs. Real-ESRGAN
     draws its parameters on the CPU (its reads never wait for a GPU), so the loop alone runs with bicubic too."""
     what = "device syncs" if device.startswith("cuda") else "scalar reads (CPU run: upper bound of syncs)"
-    for degradation in ("realesrgan", "bicubic"):
+    for degradation in ("realesrgan",) if device.startswith("cuda") else ("realesrgan", "bicubic"):
         per_step = [(sync_count(device, long, every, degradation) - sync_count(device, short, every, degradation))
                     / (long - short) for every in (1, 10 * long)]
         print(f"|   {what} per training step, steps {short + 1}-{long}, degradation={degradation} | logging every "

@@ -9,6 +9,8 @@
 #      sample at a time, and the batch's agreement with its samples processed alone,
 #   5. generator.compile=true (inductor) in training, tiny preset at 256 px: compile time (first step) and
 #      steady-state step time against eager,
+#   5b. host-device syncs per training step in the real loop (torch's CUDA sync debug mode), tiny preset:
+#      with logging every step and with no log step (the goal: none outside log steps),
 #   6. the new backbones at their native 1024 px (sdxl_shape, sd3_shape with T5; random weights built on the card):
 #      one training step (best memory options, batch 1) and one 4x inference (bf16), seconds and
 #      max_memory_allocated (compare with the README's predicted peaks).
@@ -29,11 +31,13 @@ timeout 70 $PY -m osediff_lab.profile model=sd21_shape profile.latency.repeats=1
 timeout 95 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches 1 8 --repeats 3 --train-cases \
   --infer-cases "plain fp32" "merged + SDPA + bf16" "merged + SDPA + bf16 + compile" 2>&1 | grep -v -i warn \
   | tee "$OUT/inference.txt" || echo "inference: timed out or failed"
-timeout 130 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
+timeout 100 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
   --train-cases "${TRAIN_CASES[@]}" 2>&1 | grep -v -i warn | tee "$OUT/training.txt" || echo "training: timed out or failed"
 timeout 25 $PY benchmarks/bench_degradation.py --device cuda --repeats 5 --threads 0 2>&1 | grep -v -i warn \
   | tee "$OUT/degradation.txt" || echo "degradation: timed out or failed"
 timeout 80 $PY benchmarks/bench_release.py --device cuda --rows train --compile --repeats 5 --threads 0 2>&1 \
   | grep -v -i warn | tee "$OUT/compile.txt" || echo "compile: timed out or failed"
+timeout 30 $PY benchmarks/bench_release.py --device cuda --rows syncs --threads 0 2>&1 | grep -v -i warn \
+  | tee "$OUT/syncs.txt" || echo "syncs: timed out or failed"
 timeout 75 $PY benchmarks/bench_backbones.py --measure --models sdxl_shape sd3_shape 2>&1 | grep -v -i warn \
   | tee "$OUT/backbones.txt" || echo "backbones: timed out or failed"
