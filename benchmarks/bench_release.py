@@ -69,11 +69,11 @@ def train_rows(device: str, repeats: int, compile_too: bool) -> None:
 
 def sync_count(device: str, steps: int, log_every: int, degradation: str) -> int:
     """Host syncs in one whole training run. On CUDA: operations that synchronise with the device (torch's sync
-    debug mode warns on each). On CPU, an upper bound: every scalar read of a tensor (``aten::_local_scalar_dense``:
-    ``.item()``, ``bool(tensor)``), including reads of CPU-side tensors that never stall a device."""
+    debug mode warns on each). On CPU, an upper bound: every Python-level read of a tensor's value (``.item()``,
+    ``float()``, ``bool()``, ``tolist()``...), CPU-side ones included (the data pipeline's sampling), which never
+    stall a device. (Reads inside CPU kernels, such as fused AdamW's of its step count, are not counted: on a
+    GPU those kernels run on the device.)"""
     import warnings
-
-    from torch.profiler import ProfilerActivity, profile
 
     from osediff_lab.train import run
 
@@ -89,9 +89,23 @@ def sync_count(device: str, steps: int, log_every: int, degradation: str) -> int
                 run(cfg)
             torch.cuda.set_sync_debug_mode("default")
             return sum("synchroniz" in str(w.message) for w in caught)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        reads = [0]
+        originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")}
+
+        def counted(original):
+            def read(self, *args, **kwargs):
+                reads[0] += 1
+                return original(self, *args, **kwargs)
+            return read
+
+        try:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, counted(original))
             run(cfg)
-    return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+    return reads[0]
 
 
 def sync_row(device: str, short: int = 2, long: int = 6) -> None:
@@ -99,7 +113,7 @@ def sync_row(device: str, short: int = 2, long: int = 6) -> None:
     check, the degradation): the difference between a ``long`` and a ``short`` run over the extra steps, so
     set-up and export drop out; with logging at every step, and with no log step inside the runs. Real-ESRGAN
     draws its parameters on the CPU (its reads never wait for a GPU), so the loop alone runs with bicubic too."""
-    what = "device syncs" if device.startswith("cuda") else "scalar reads (CPU run: upper bound of syncs)"
+    what = "device syncs" if device.startswith("cuda") else "tensor reads (CPU run: upper bound of syncs)"
     for degradation in ("realesrgan",) if device.startswith("cuda") else ("realesrgan", "bicubic"):
         per_step = [(sync_count(device, long, every, degradation) - sync_count(device, short, every, degradation))
                     / (long - short) for every in (1, 10 * long)]
