@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,21 +49,25 @@ def row(name: str, ours: str, plain: str) -> None:
     print(f"| {name} | {ours} | {plain} | {RELEASE[name]} |")
 
 
-def step_seconds(overrides: list[str], device: str, repeats: int) -> tuple[float, float]:
-    """First-step and median steady-state seconds of the project's training step (generator + regularizer)."""
+def build_step(overrides: list[str], device: str) -> Callable[[], None]:
+    """The project's training step (generator + regularizer) on a fixed batch, its first call done."""
     torch.manual_seed(0)
     module = build_module(compose_config([*TRAIN, *overrides])).to(device).train()
-    hq = torch.rand(2, 3, 256, 256, device=device) * 2 - 1
-    step = training_step(module, hq)
-    first = seconds(step, device)
-    return first, statistics.median(seconds(step, device) for _ in range(repeats))
+    step = training_step(module, torch.rand(2, 3, 256, 256, device=device) * 2 - 1)
+    return step
 
 
 def train_rows(device: str, repeats: int, compile_too: bool) -> None:
-    first, eager = step_seconds([], device, repeats)
-    row("training iteration (256 px, batch 2), in process", f"{eager:.3f} s/step", f"first step {first:.2f} s")
+    fused, foreach = build_step([], device), build_step(["optim.fused=false"], device)
+    first = seconds(fused, device)
+    seconds(foreach, device)
+    eager, plain, ratio = paired(fused, foreach, repeats, device)
+    row("training iteration (256 px, batch 2), in process", f"{eager:.3f} s/step (first step {first:.2f} s)",
+        f"foreach AdamW (optim.fused=false) {plain:.3f} s/step: fused = {1 / ratio:.2f}x its time (paired)")
     if compile_too:
-        c_first, c_steady = step_seconds(["generator.compile=true"], device, repeats)
+        compiled = build_step(["generator.compile=true"], device)
+        c_first = seconds(compiled, device)
+        c_steady = statistics.median(seconds(compiled, device) for _ in range(repeats))
         print(f"|   generator.compile=true (inductor) | {c_steady:.3f} s/step, {eager / c_steady:.2f}x eager | "
               f"first step (compile) {c_first:.1f} s | - |")
 
