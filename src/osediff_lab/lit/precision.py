@@ -37,11 +37,15 @@ class StepDoublePrecision(ModuleStep, DoublePrecision):
     """``64-true`` with the module's optimiser step."""
 
 
+ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+
+
 def precision_plugin(precision: str | int, accelerator: str | None, scaler_kwargs: dict[str, Any]) -> Precision:
     """The plugin for ``trainer.precision``. fp16 gets a GradScaler built from ``optim.grad_scaler`` (init scale,
     growth, backoff), on CUDA or on the CPU (where Lightning would silently switch to bf16)."""
     device = "cpu" if accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
-    name = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(str(precision), str(precision))
+    name = ALIASES.get(str(precision), str(precision))
     if name == "16-mixed":
         return StepMixedPrecision(name, device, scaler=torch.amp.GradScaler(device, **scaler_kwargs))
     if name == "bf16-mixed":
@@ -52,4 +56,4 @@ def precision_plugin(precision: str | int, accelerator: str | None, scaler_kwarg
         return StepPrecision()
     if name == "64-true":
         return StepDoublePrecision()
-    raise ConfigError(f"trainer.precision={precision} is not one of 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true")
+    raise ConfigError(f"trainer.precision={precision} is not one of {', '.join(PRECISIONS)}")
