@@ -9,7 +9,6 @@ functions in ``lit/optimization.py``, what a checkpoint holds in ``lit/contents.
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -37,8 +36,6 @@ from osediff_lab.models.osediff import cast_frozen, trainable_parameters
 from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import PromptProvider
-
-log = logging.getLogger(__name__)
 
 
 class SRModule(pl.LightningModule):
@@ -159,7 +156,7 @@ class SRModule(pl.LightningModule):
             opt.step()  # through Lightning, which counts it in global_step; its precision plugin calls optimizer_update
         else:
             self.optimizer_update(raw)
-        return (~torch.isfinite(self._grad_norms[id(raw)])).float()
+        return (~torch.isfinite(self._grad_norms[id(raw)])).float()  # the norm is finite iff every gradient is
 
     def backward_loss(self, loss: torch.Tensor) -> None:
         """Lightning's backward (loss scaling, strategy hooks) under a trainer, plain autograd without one."""
@@ -177,8 +174,9 @@ class SRModule(pl.LightningModule):
         scaler = self.step_scaler(params[0].device)
         scaler.unscale_(optimizer)
         trainer = self.attached_trainer()
-        for callback in trainer.callbacks if trainer is not None else []:
+        for callback in trainer.callbacks if trainer is not None else []:  # Lightning's hook order: callbacks, module
             callback.on_before_optimizer_step(trainer, self, optimizer)
+        self.on_before_optimizer_step(optimizer)
         self._grad_norms[id(optimizer)] = clip_gradients(optimizer, self.optim_cfg.grad_clip).detach()
         scaler.step(optimizer)
         scaler.update(new_scale=1.0 if scaler is self._unit_scaler else None)

@@ -1,5 +1,5 @@
-"""The optimisation mechanics of the training loop as plain functions: optimisers and schedules per
-parameter group, the fused clip-and-finiteness check, and the non-finite policy's pieces."""
+"""The optimisation mechanics of the training loop: optimisers and schedules per parameter group, clipping,
+and the non-finite policy's pieces (poisoned gradients, skip counts kept on the device)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def build_schedulers(optimizers: list[torch.optim.Optimizer], name: str, warmup_
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, clip: float | None) -> torch.Tensor:
-    """Clip the optimiser's gradients to norm ``clip`` (none: measure only) and return the total norm:
-    finite exactly when every gradient is, so it doubles as the one fused finiteness check."""
+    """Clip the optimiser's gradients to norm ``clip`` (none: measure only) and return the total norm (a
+    tensor, not read here): finite exactly when every gradient is, so it also flags a skipped step."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     return torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
 
