@@ -297,7 +297,8 @@ def test_evaluate_cli_exit_status_says_whether_a_pair_failed(tmp_path, bad_files
 @pytest.mark.parametrize(
     ("override", "key"),
     [("optim.lr=-1e-3", "optim.lr"), ("optim.reg_lr=0", "optim.reg_lr"), ("trainer.max_steps=0", "trainer.max_steps"),
-     ("trainer.max_steps=-1", "trainer.max_steps"), ("trainer.precision=8-mixed", "trainer.precision")],
+     ("trainer.max_steps=-1", "trainer.max_steps"), ("trainer.precision=8-mixed", "trainer.precision"),
+     ("trainer.precision=bf16-true", "trainer.precision")],
 )
 def test_bad_optimiser_and_step_settings_are_rejected_before_building(override, key, tmp_path, monkeypatch):
     import osediff_lab.train as train

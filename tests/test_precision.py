@@ -174,3 +174,18 @@ def test_the_lightning_loop_reads_no_tensor_between_log_steps(tmp_path, monkeypa
     trainer, _, _ = run(cfg)
     assert trainer.global_step == 4
     assert reads == [], f"{len(reads)} reads while batches trained, the first:\n{reads[0]}"
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "64"])
+def test_every_offered_precision_steps_through_the_modules_update(precision, tmp_path):
+    """bf16-mixed and 64-true (fp32 and fp16 above): Lightning's step hands over to SRModule.optimizer_update,
+    so the generator's LoRA moves and no step is skipped."""
+    from osediff_lab.lit.precision import ModuleStep
+
+    cfg = compose_config([*FAST, "trainer.max_steps=2", f"trainer.precision={precision}"], tmp_path)
+    trainer, module, _ = run(cfg)
+    assert isinstance(trainer.precision_plugin, ModuleStep) and trainer.global_step == 2
+    rows = step_rows(tmp_path)
+    assert all(r["train/skipped_generator"] == 0 and math.isfinite(r["train/grad_norm_generator"]) for r in rows)
+    assert any(k.endswith("lora_B.default_encoder.weight") and v.abs().sum() > 0
+               for k, v in module.generator_state_dict().items())

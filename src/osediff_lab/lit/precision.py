@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pytorch_lightning.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from pytorch_lightning.plugins.precision import DoublePrecision, MixedPrecision, Precision
 
 from osediff_lab.errors import ConfigError
 
@@ -29,16 +29,14 @@ class StepMixedPrecision(ModuleStep, MixedPrecision):
     """``16-mixed`` (autocast and its GradScaler) or ``bf16-mixed`` with the module's optimiser step."""
 
 
-class StepHalfPrecision(ModuleStep, HalfPrecision):
-    """``16-true`` / ``bf16-true`` with the module's optimiser step."""
-
-
 class StepDoublePrecision(ModuleStep, DoublePrecision):
     """``64-true`` with the module's optimiser step."""
 
 
 ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+# Not the *-true half precisions: for frozen weights in half precision use generator.frozen_dtype=bf16|fp16
+# with a *-mixed precision (trained LoRA weights stay fp32); 16-true's unscaled fp16 gradients underflow.
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 
 
 def precision_plugin(precision: str | int, accelerator: str | None, scaler_kwargs: dict[str, Any]) -> Precision:
@@ -50,8 +48,6 @@ def precision_plugin(precision: str | int, accelerator: str | None, scaler_kwarg
         return StepMixedPrecision(name, device, scaler=torch.amp.GradScaler(device, **scaler_kwargs))
     if name == "bf16-mixed":
         return StepMixedPrecision(name, device)
-    if name in ("16-true", "bf16-true"):
-        return StepHalfPrecision(name)
     if name == "32-true":
         return StepPrecision()
     if name == "64-true":
