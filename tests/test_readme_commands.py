@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 # Output no run may show: library noise a user cannot act on, epoch counters, crashes.
-NOISE = ("gemm_4bit_forward", "💡 Tip", "module(s) in eval mode", "LeafSpec", "Epoch ", "Traceback", "lr-AdamW")
+NOISE = ("gemm_4bit_forward", "💡 Tip", "module(s) in eval mode", "LeafSpec", "Epoch ", "Traceback", "lr-AdamW",
+         "pre-optimization state")
 
 NOT_HERE = {
     "make test": "the test suite itself",
@@ -147,8 +148,9 @@ def shell(tmp_path_factory) -> Shell:
 
 @pytest.fixture(scope="module")
 def demo(shell) -> tuple[str, Path]:
-    """The demo, two steps long: its output and its run directory (LoRA, checkpoints) for later commands."""
-    out = shell(DEMO, "trainer.max_steps=2", "resume=false")
+    """The demo, two steps long (a checkpoint after each): its output and its run directory (LoRA, checkpoints)
+    for later commands."""
+    out = shell(DEMO, "trainer.max_steps=2", "resume=false", "callbacks.checkpoint.every_n_train_steps=1")
     (run,) = (shell.root / "outputs" / "demo" / "runs").iterdir()
     return out, run
 

@@ -23,6 +23,9 @@ WARNINGS = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "inside Lightning's own pytree helper (torch API change)"),
     (r"You have overridden `on_after_batch_transfer` in `LightningModule`",
      "the module degrades batches on the device after transfer, on purpose"),
+    (r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state",
+     "a checkpoint holds the state after its step on purpose (resume continues from it); Lightning's hint, a "
+     "`saved_models` attribute, is its own test's"),
     (r"The `srun` command is available on your system but is not used",
      "plain runs on a Slurm login node are intended; Slurm jobs go through trainer=slurm / hydra/launcher=slurm"),
 )
