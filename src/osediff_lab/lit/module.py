@@ -170,8 +170,7 @@ class SRModule(pl.LightningModule):
         fused non-finite check over all gradients, the callbacks' ``on_before_optimizer_step``, clipping to
         ``optim.grad_clip`` (the norm is kept for logging), then the step, which fused AdamW skips on the device
         when a gradient is not finite (other optimisers make the GradScaler read the flag: one host sync)."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        scaler = self.step_scaler(params[0].device)
+        scaler = self.step_scaler(optimizer.param_groups[0]["params"][0].device)
         scaler.unscale_(optimizer)
         trainer = self.attached_trainer()
         for callback in trainer.callbacks if trainer is not None else []:  # Lightning's hook order: callbacks, module
