@@ -13,8 +13,7 @@ from osediff_lab.data.datamodule import data_problems
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.lit.loggers import OFFERED as LOGGER_OFFERED
-from osediff_lab.lit.precision import ALIASES as PRECISION_ALIASES
-from osediff_lab.lit.precision import PRECISIONS
+from osediff_lab.lit.precision import PRECISIONS, precision_name
 from osediff_lab.models.components import CALLER_SETTINGS as MODEL_CALLER_SETTINGS
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
 from osediff_lab.prompts import CALLER_SETTINGS
@@ -50,7 +49,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
             f"generator.frozen_dtype={gen.frozen_dtype} needs a mixed trainer precision (trainer.precision=bf16-mixed "
             f"or 16-mixed), got trainer.precision={cfg.trainer.precision}"
         )
-    if PRECISION_ALIASES.get(str(cfg.trainer.precision), str(cfg.trainer.precision)) not in PRECISIONS:
+    if precision_name(cfg.trainer.precision) not in PRECISIONS:
         problems.append(f"trainer.precision={cfg.trainer.precision} must be one of {', '.join(PRECISIONS)}")
     for key in ("unet_rank", "vae_rank", "reg_rank"):
         if gen.lora[key] < 1:

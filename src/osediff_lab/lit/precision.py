@@ -39,11 +39,16 @@ ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-tr
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "64-true")
 
 
+def precision_name(precision: str | int) -> str:
+    """``trainer.precision`` in Lightning's full spelling (``32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed``)."""
+    return ALIASES.get(str(precision), str(precision))
+
+
 def precision_plugin(precision: str | int, accelerator: str | None, scaler_kwargs: dict[str, Any]) -> Precision:
     """The plugin for ``trainer.precision``. fp16 gets a GradScaler built from ``optim.grad_scaler`` (init scale,
     growth, backoff), on CUDA or on the CPU (where Lightning would silently switch to bf16)."""
     device = "cpu" if accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
-    name = ALIASES.get(str(precision), str(precision))
+    name = precision_name(precision)
     if name == "16-mixed":
         return StepMixedPrecision(name, device, scaler=torch.amp.GradScaler(device, **scaler_kwargs))
     if name == "bf16-mixed":
