@@ -1,4 +1,5 @@
-"""Real-ESRGAN degradation throughput: 512x512 pairs/s for batch 8, batched vs one sample at a time.
+"""Real-ESRGAN degradation throughput: 512x512 pairs/s for batch 8, batched vs one sample at a time, and vs
+the plain path (``degradation.blur=plain``, one sample at a time: the blur work of Real-ESRGAN's own code).
 
 `python benchmarks/bench_degradation.py [--device cpu|cuda] [--repeats N] [--threads N] [--blur]`; prints
 numbers, asserts nothing. Batched and one-at-a-time calls alternate (paired), medians are reported; the
@@ -43,17 +44,19 @@ def paired(a: Callable[[], object], b: Callable[[], object], repeats: int, devic
 
 
 def blur_methods(device: str, size: int, batch: int, repeats: int) -> None:
-    """Milliseconds per image of each correlation method by kernel size."""
-    x = torch.rand(batch, 3, size, size, device=device)
-    print(f"\nblur of {batch} x {size}x{size}, ms per image (DIRECT_MAX = {DIRECT_MAX}):")
+    """Milliseconds per image of each correlation method by kernel size, for one image and for a batch."""
+    print(f"\nblur of {size}x{size} RGB, ms per image (DIRECT_MAX = {DIRECT_MAX}):")
     for k in range(3, 22, 2):
-        kernels = torch.rand(batch, k, k, device=device)
         row = []
-        for direct_max in (k, k - 1):  # k: grouped convolution; k - 1: FFT
-            correlate(x, kernels, direct_max=direct_max)
-            row.append(statistics.median(
-                seconds(lambda d=direct_max, k=kernels: correlate(x, k, direct_max=d), device) for _ in range(repeats)))
-        print(f"  k={k:2d}: direct {1e3 * row[0] / batch:7.1f}   fft {1e3 * row[1] / batch:7.1f}")
+        for b in (1, batch):
+            x, kernels = torch.rand(b, 3, size, size, device=device), torch.rand(b, k, k, device=device)
+            for direct_max in (k, k - 1):  # k: grouped convolution; k - 1: FFT
+                correlate(x, kernels, direct_max=direct_max)
+                row.append(1e3 / b * statistics.median(
+                    seconds(lambda d=direct_max, k=kernels, x=x: correlate(x, k, direct_max=d), device)
+                    for _ in range(repeats)))
+        print(f"  k={k:2d}: batch 1: direct {row[0]:6.1f}  fft {row[1]:6.1f}   "
+              f"batch {batch}: direct {row[2]:6.1f}  fft {row[3]:6.1f}")
 
 
 def main() -> None:
@@ -81,6 +84,17 @@ def main() -> None:
     print(f"batched (one call, batch {args.batch}):    {args.batch / t_batched:7.2f} pairs/s  ({t_batched:.3f} s/batch)")
     print(f"one sample at a time ({args.batch} calls):  {args.batch / t_single:7.2f} pairs/s  ({t_single:.3f} s/batch)")
     print(f"batched / one-at-a-time throughput: {ratio:.2f}x (median of pair ratios)")
+
+    plain_cfg = cfg.copy()
+    plain_cfg.blur = "plain"
+    plain = build_degradation(plain_cfg, 4)
+    plain(hq[:1])
+    _, t_plain, ratio_plain = paired(
+        lambda: batched(hq), lambda: [plain(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device
+    )
+    print(f"plain path, one sample at a time with blur=plain (every blur a full {cfg.kernel_size}x{cfg.kernel_size} "
+          f"grouped convolution, as Real-ESRGAN's filter2D): {args.batch / t_plain:7.2f} pairs/s; "
+          f"batched = {ratio_plain:.2f}x its throughput")
 
     shared_cfg = cfg.copy()
     shared_cfg.resize_per_sample = False

@@ -28,6 +28,7 @@ from osediff_lab.data.realesrgan import (
     RealESRGANDegradation,
     blur_each,
     correlate,
+    depthwise_correlate,
     describe,
     fft_size,
     filter_each,
@@ -189,6 +190,34 @@ def test_blur_each_groups_by_support_and_size():
         torch.testing.assert_close(o[None], reference_filter(x[None], k), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[3], xs[3])
     assert support(kernels) == [3, 7, 10, 0]
+
+
+@pytest.mark.parametrize(("b", "h"), [(1, 37), (1, 128), (2, 50), (8, 40)])
+def test_rows_cut_into_strips_give_the_plain_convolution_bit_for_bit(b, h):
+    """Few channels: the rows go through the convolution as overlapping strips stacked as channels (37 rows:
+    two strips, the last one filled with zero rows; 8 samples: 24 channels, no strips). Each output pixel
+    sees the same taps, so the result is the plain grouped convolution's, exactly."""
+    g = torch.Generator().manual_seed(b * h)
+    x, k = torch.rand(b, 3, h + 6, 29, generator=g), torch.rand(b, 7, 7, generator=g)
+    plain = F.conv2d(x.reshape(1, 3 * b, h + 6, 29), k.repeat_interleave(3, 0)[:, None], groups=3 * b)
+    assert torch.equal(depthwise_correlate(x, k), plain.view(b, 3, h, 23))
+
+
+def test_plain_blur_is_the_full_kernel_convolution_and_auto_agrees_with_it(cfg):
+    """blur=plain is Real-ESRGAN's filter2D (the test's reference filter); blur=auto (support crop, strips,
+    FFT above DIRECT_MAX) gives the same degradation up to float rounding, which 8-bit JPEG can round to a
+    neighbouring level in rare pixels."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.rand(3, 40, 36, generator=g), torch.rand(3, 33, 29, generator=g)]
+    kernels = torch.zeros(2, 21, 21)
+    kernels[0, 7:14, 7:14], kernels[1] = torch.rand(7, 7, generator=g), torch.rand(21, 21, generator=g)
+    for x, k, o in zip(xs, kernels, blur_each(xs, kernels, method="plain"), strict=True):
+        assert torch.equal(o[None], reference_filter(x[None], k))
+    auto, plain = make(cfg, seed=5), make(cfg, seed=5, blur="plain")
+    hq = torch.rand(4, 3, 96, 96, generator=g) * 2 - 1
+    params = auto.sample(4, (96, 96))
+    diff = (auto.apply(hq, params) - plain.apply(hq, params)).abs()
+    assert diff.max() <= 2 / 255 + 1e-6 and (diff > 1e-5).float().mean() < 0.01
 
 
 def test_correlate_falls_back_to_replicate_on_tiny_images():

@@ -116,6 +116,7 @@ def test_realesrgan_settings_are_frozen_dataclasses_built_once():
         ("degradation.second.resize_probs=[0.5,0.5]", "degradation.second.resize_probs"),
         ("degradation.resize_modes=[area,lanczos]", "degradation.resize_modes"),
         ("degradation.border=mirror", "degradation.border"),
+        ("degradation.blur=sharp", "degradation.blur"),
         ("+degradation.first.blur_strength=2", "degradation.first"),
         ("+degradation.sharpen=true", "degradation.sharpen"),
     ],

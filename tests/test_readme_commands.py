@@ -54,6 +54,8 @@ NOT_HERE = {
     "python benchmarks/bench_memory.py": "a benchmark (make bench runs it)",
     "python benchmarks/bench_release.py --rows syncs": "a benchmark (make bench runs it; tests/test_precision.py "
     "holds the loop to no reads between log steps)",
+    "python benchmarks/bench_degradation.py [--blur]": "a benchmark (make bench runs it; tests/test_degradation.py "
+    "holds the batch to each sample alone and the strips to the plain convolution, bit for bit)",
     "python benchmarks/bench_backbones.py": "a benchmark (make bench runs it; its table is in the README)",
     "python -m osediff_lab.train +experiment=osediff_sd3": "needs SD3-medium weights and GPUs (tests/test_configs.py "
     "builds each backbone recipe on its tiny twin)",

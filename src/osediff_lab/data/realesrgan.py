@@ -28,6 +28,13 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 # Supports up to this size are correlated directly (a grouped convolution), larger ones through the FFT,
 # whose cost does not grow with the kernel (`python benchmarks/bench_degradation.py --blur` measures both).
 DIRECT_MAX = 11
+# oneDNN's depthwise convolution vectorises across channels: with fewer than this many (one RGB image has 3)
+# most lanes idle, so rows are cut into strips stacked as channels (same taps per pixel: the same result).
+MIN_CHANNELS = 24
+MIN_STRIP_ROWS = 16
+# auto: each kernel cropped to its support, then direct or FFT as above; plain: the full kernel in one grouped
+# convolution, as Real-ESRGAN's filter2D (the reference; the same as auto to float rounding, and slower).
+BLUR_METHODS = ("auto", "plain")
 
 
 # ---- operations on groups of samples (pure functions, images in [0, 1]) -----------------------------
@@ -76,14 +83,48 @@ def fft_size(n: int) -> int:
         n += 1
 
 
-def correlate(x: torch.Tensor, kernels: torch.Tensor, border: str = "reflect", direct_max: int = DIRECT_MAX) -> torch.Tensor:
+def depthwise_correlate(xp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Each sample of the padded xp (B, C, H + 2r, W + 2r) correlated with its kernel (B, 2r + 1, 2r + 1) -> (B, C, H, W).
+
+    One grouped convolution; below ``MIN_CHANNELS`` channels the rows are cut into overlapping strips
+    stacked as channels (zero rows fill the last strip and are dropped).
+    """
+    b, c, hp, wp = xp.shape
+    r = kernels.shape[-1] // 2
+    h, w, n = hp - 2 * r, wp - 2 * r, b * c
+    strips = max(1, min(-(-MIN_CHANNELS // n), h // MIN_STRIP_ROWS))
+    weight = kernels.repeat_interleave(c, dim=0)[:, None]
+    if strips == 1:
+        return F.conv2d(xp.reshape(1, n, hp, wp), weight, groups=n).view(b, c, h, w)
+    rows = -(-h // strips)
+    x = F.pad(xp, (0, 0, 0, rows * strips - h)).reshape(1, n, rows * strips + 2 * r, wp)
+    x = torch.cat([x[:, :, i * rows : (i + 1) * rows + 2 * r] for i in range(strips)], dim=1)
+    y = F.conv2d(x, weight.repeat(strips, 1, 1, 1), groups=n * strips)
+    return torch.cat(y.split(n, dim=1), dim=2)[:, :, :h].reshape(b, c, h, w)
+
+
+def fft_correlate(xp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """``depthwise_correlate`` as a product of spectra (the same to float rounding, ~1e-6); its cost does not
+    grow with the kernel. On the CPU one sample at a time: a batch's spectra would not stay in cache."""
+    if xp.device.type == "cpu" and xp.shape[0] > 1:
+        return torch.cat([fft_correlate(xp[i : i + 1], kernels[i : i + 1]) for i in range(xp.shape[0])])
+    r = kernels.shape[-1] // 2
+    h, w = xp.shape[-2] - 2 * r, xp.shape[-1] - 2 * r
+    size = (fft_size(h + 2 * r), fft_size(w + 2 * r))
+    spectrum = torch.fft.rfft2(xp, s=size) * torch.fft.rfft2(kernels.flip(-2, -1), s=size)[:, None]
+    return torch.fft.irfft2(spectrum, s=size)[..., 2 * r : 2 * r + h, 2 * r : 2 * r + w].contiguous()
+
+
+def correlate(
+    x: torch.Tensor, kernels: torch.Tensor, border: str = "reflect", direct_max: int = DIRECT_MAX, plain: bool = False
+) -> torch.Tensor:
     """Correlate each sample of x (B, C, H, W) with its own odd kernel (B, k, k); ``border`` pads the edges.
 
     Reflect padding needs sides longer than k // 2; smaller images fall back to edge replication.
-    Kernels up to ``direct_max`` run as one grouped convolution, larger ones as a product of spectra (the
-    same result to float rounding, ~1e-6).
+    Kernels up to ``direct_max`` are convolved directly, larger ones through the FFT; ``plain``: one grouped
+    convolution whatever the kernel, no strips (Real-ESRGAN's filter2D).
     """
-    b, c, h, w = x.shape
+    h, w = x.shape[-2:]
     k = kernels.to(x)
     r = k.shape[-1] // 2
     if r == 0:
@@ -91,20 +132,24 @@ def correlate(x: torch.Tensor, kernels: torch.Tensor, border: str = "reflect", d
     if border == "reflect" and min(h, w) <= r:
         border = "replicate"
     xp = F.pad(x, (r, r, r, r), mode=border)
-    if k.shape[-1] <= direct_max:
+    if plain:
+        b, c = x.shape[:2]
         weight = k.repeat_interleave(c, dim=0)[:, None]
-        return F.conv2d(xp.reshape(1, b * c, h + 2 * r, w + 2 * r), weight, groups=b * c).view(b, c, h, w)
-    size = (fft_size(h + 2 * r), fft_size(w + 2 * r))
-    spectrum = torch.fft.rfft2(xp, s=size) * torch.fft.rfft2(k.flip(-2, -1), s=size)[:, None]
-    return torch.fft.irfft2(spectrum, s=size)[..., 2 * r : 2 * r + h, 2 * r : 2 * r + w].contiguous()
+        return F.conv2d(xp.reshape(1, b * c, *xp.shape[-2:]), weight, groups=b * c).view(b, c, h, w)
+    return depthwise_correlate(xp, k) if k.shape[-1] <= direct_max else fft_correlate(xp, k)
 
 
-def blur_each(xs: list[torch.Tensor], kernels: torch.Tensor, border: str = "reflect") -> list[torch.Tensor]:
-    """Correlate sample i (C, H_i, W_i) with kernels[i] (B, K, K).
+def blur_each(
+    xs: list[torch.Tensor], kernels: torch.Tensor, border: str = "reflect", method: str = "auto"
+) -> list[torch.Tensor]:
+    """Correlate sample i (C, H_i, W_i) with kernels[i] (B, K, K) by ``method`` (one of ``BLUR_METHODS``).
 
-    Supports up to ``DIRECT_MAX`` are cropped and convolved, one call per (size, support); larger ones go
-    through the FFT at the full size K, whose cost does not depend on the support: one call per size.
+    auto: supports up to ``DIRECT_MAX`` are cropped and convolved, one call per (size, support); larger ones
+    go through the FFT at the full size K, whose cost does not depend on the support: one call per size.
+    plain: the full K x K kernel in one grouped convolution per size.
     """
+    if method == "plain":
+        return map_groups(xs, [tuple(x.shape) for x in xs], lambda x, idx: correlate(x, kernels[idx], border, plain=True))
     halves, c = support(kernels), kernels.shape[-1] // 2
 
     def fn(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -246,6 +291,7 @@ class Settings:
     resize_per_sample: bool
     antialias: bool
     border: str
+    blur: str
     poisson_levels: float
     first: Stage
     second: Stage
@@ -271,8 +317,11 @@ def section(kind: type[S], value: S | Mapping[str, Any], key: str) -> S:
     return kind(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in value.items()})
 
 
-def settings_problems(first: Stage, second: Stage, resize_modes: tuple[str, ...], border: str, pool: Pool) -> list[str]:
-    """Unknown kernel types, resize modes or border, mismatched probability lists and an empty pool, each naming its key."""
+def settings_problems(
+    first: Stage, second: Stage, resize_modes: tuple[str, ...], border: str, blur: str, pool: Pool
+) -> list[str]:
+    """Unknown kernel types, resize modes, border or blur method, mismatched probability lists and an empty pool,
+    each naming its key."""
     problems = []
     for name, st in (("first", first), ("second", second)):
         bad = [t for t in st.kernel_types if t not in KERNEL_TYPES]
@@ -286,6 +335,8 @@ def settings_problems(first: Stage, second: Stage, resize_modes: tuple[str, ...]
         problems.append(f"degradation.resize_modes {bad} unknown; choose from {RESIZE_MODES}")
     if border not in BORDERS:
         problems.append(f"degradation.border='{border}' must be one of {list(BORDERS)}")
+    if blur not in BLUR_METHODS:
+        problems.append(f"degradation.blur='{blur}' must be one of {list(BLUR_METHODS)}")
     if pool.enabled and pool.size < 1:
         problems.append(f"degradation.pool.size={pool.size} must be >= 1 (a multiple of the batch size)")
     return problems
@@ -388,7 +439,8 @@ class RealESRGANDegradation:
                 problems.append(str(exc))
         if problems:
             return problems
-        return settings_problems(parts["first"], parts["second"], tuple(args["resize_modes"]), str(args["border"]), parts["pool"])
+        return settings_problems(parts["first"], parts["second"], tuple(args["resize_modes"]), str(args["border"]),
+                                 str(args["blur"]), parts["pool"])
 
     def __init__(
         self,
@@ -402,6 +454,7 @@ class RealESRGANDegradation:
         resize_per_sample: bool,
         antialias: bool,
         border: str,
+        blur: str,
         poisson_levels: float,
         first: Stage | Mapping[str, Any],
         second: Stage | Mapping[str, Any],
@@ -409,7 +462,7 @@ class RealESRGANDegradation:
         pool: Pool | Mapping[str, Any],
     ) -> None:
         parts = {"first": first, "second": second, "final": final, "pool": pool}
-        raise_problems(self.argument_problems({**parts, "resize_modes": resize_modes, "border": border}), "degradation=realesrgan")
+        raise_problems(self.argument_problems({**parts, "resize_modes": resize_modes, "border": border, "blur": blur}), "degradation=realesrgan")
         self.settings = Settings(
             kernel_size=int(kernel_size),
             kernel_size_range=(int(kernel_size_range[0]), int(kernel_size_range[1])),
@@ -419,6 +472,7 @@ class RealESRGANDegradation:
             resize_per_sample=bool(resize_per_sample),
             antialias=bool(antialias),
             border=str(border),
+            blur=str(blur),
             poisson_levels=float(poisson_levels),
             first=section(Stage, first, "degradation.first"),
             second=section(Stage, second, "degradation.second"),
@@ -507,14 +561,14 @@ class RealESRGANDegradation:
         xs = self._stage(xs, params["sizes2"], p2, gens)
         first = pf["jpeg_first"].tolist()
         xs = jpeg_each(xs, p2["quality"], where=first)
-        xs = blur_each(resize_each(xs, [lq_size] * b, pf["mode"], s.antialias), pf["kernels"], s.border)
+        xs = blur_each(resize_each(xs, [lq_size] * b, pf["mode"], s.antialias), pf["kernels"], s.border, s.blur)
         x = torch.stack(jpeg_each([x.clamp(0, 1) for x in xs], p2["quality"], where=[not f for f in first]))
         return (x * 2 - 1).to(hq.dtype)
 
     def _stage(self, xs: list[torch.Tensor], out_sizes, p: dict[str, Any], gens: list[torch.Generator]) -> list[torch.Tensor]:
         """Blur, resize, noise (no JPEG) for one stage, sample by sample in groups."""
         s = self.settings
-        xs = blur_each(xs, p["kernels"], s.border)
+        xs = blur_each(xs, p["kernels"], s.border, s.blur)
         xs = resize_each(xs, out_sizes, p["mode"], s.antialias)
         return noise_each(xs, p, gens, s.poisson_levels)
 
