@@ -26,7 +26,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE
 # The tiny training run every start-up and step measurement uses (bench_release's rows too).
 TRAIN = ["model=tiny", "data=demo", "logger=csv", "val=none", "degradation=realesrgan", "data.crop_size=256",
          "data.batch_size=2", "loss.lpips_weight=0"]
-HEAVY = ("pytorch_lightning", "lightning", "wandb", "lpips", "pyiqa", "timm", "torchmetrics", "kornia")
+HEAVY = ("pytorch_lightning", "lightning", "wandb", "lpips", "pyiqa", "timm", "torchmetrics")
 
 
 def run_child(args: list[str]) -> tuple[float, float, float, str]:

@@ -14,11 +14,11 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-import kornia
 import torch
 import torch.nn.functional as F
 
 from osediff_lab.build import raise_problems
+from osediff_lab.data.jpeg import RGB_TO_YCC, jpeg_compress
 from osediff_lab.data.kernels import KERNEL_TYPES, KernelSpec, describe_kernel, sample_kernels
 from osediff_lab.data.resize import resize
 from osediff_lab.errors import ConfigError
@@ -184,10 +184,16 @@ def gaussian_noise(shape: torch.Size, sigma: torch.Tensor, gray: bool, gens: lis
     return n.expand(b, c, h, w) * sigma.to(device=device, dtype=n.dtype)[:, None, None, None]
 
 
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """JFIF's Y of RGB x (B, 3, H, W) -> (B, 1, H, W), on x's scale."""
+    (wr, wg, wb), (r, g, b) = RGB_TO_YCC[0], x.unbind(1)
+    return (wr * r + wg * g + wb * b)[:, None]
+
+
 def poisson_noise(x: torch.Tensor, scale: torch.Tensor, gray: bool, levels: float, gens: list[torch.Generator]) -> torch.Tensor:
     """Shot noise (Poisson(x * levels) / levels - x) * scale, sample i from ``gens[i]``; ``gray`` uses the
     luminance for every channel. x in [0, 1]; the noise std at intensity v is scale * sqrt(v / levels)."""
-    v = (kornia.color.rgb_to_grayscale(x) if gray else x).clamp(0, 1)
+    v = (luminance(x) if gray else x).clamp(0, 1)
     n = torch.stack([torch.poisson(v[j] * levels, generator=g) for j, g in enumerate(gens)]) / levels - v
     return n.expand_as(x) * scale.to(x)[:, None, None, None]
 
@@ -207,20 +213,10 @@ def noise_each(xs: list[torch.Tensor], p: dict[str, Any], gens: list[torch.Gener
     return map_groups(xs, keys, fn)
 
 
-def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """JPEG encode/decode per sample quality (IJG tables, 8x8 DCT, 4:2:0 chroma) via kornia; 8-bit output in [0, 1].
-
-    ``quality`` stays where it is (the CPU, for sampled parameters): kornia reads its range before moving it to
-    the image's device, which on a GPU would otherwise be a device sync per call."""
-    q = quality.to(dtype=torch.float32)
-    out = kornia.enhance.jpeg_codec_differentiable(x.float().clamp(0, 1), q)
-    return (out.clamp(0, 1) * 255).round() / 255
-
-
 def jpeg_each(xs: list[torch.Tensor], quality: torch.Tensor, where: list[bool] | None = None) -> list[torch.Tensor]:
     """JPEG each sample (only those with ``where[i]``) at its quality; one call per size."""
     keys = [tuple(x.shape) if where is None or where[i] else None for i, x in enumerate(xs)]
-    return map_groups(xs, keys, lambda x, idx: jpeg(x, quality[idx]))
+    return map_groups(xs, keys, lambda x, idx: jpeg_compress(x, quality[idx]))
 
 
 def pulse(n: int, size: int) -> torch.Tensor:
