@@ -2,7 +2,7 @@
 the plain path (``degradation.blur=plain``, one sample at a time: the blur work of Real-ESRGAN's own code).
 
 `python benchmarks/bench_degradation.py [--device cpu|cuda] [--repeats N] [--threads N] [--blur]`; prints
-numbers, asserts nothing. Batched and one-at-a-time calls alternate (paired), medians are reported; the
+numbers, asserts nothing. Every path runs on the same parameter draws in turn, medians are reported; the
 batch's agreement with its samples processed alone is printed too. ``--blur`` times the two correlation
 methods (grouped convolution, FFT) per kernel support, which is how ``DIRECT_MAX`` was chosen.
 """
@@ -59,6 +59,37 @@ def blur_methods(device: str, size: int, batch: int, repeats: int) -> None:
               f"batch {batch}: direct {row[2]:6.1f}  fft {row[3]:6.1f}")
 
 
+def same_work(paths: dict[str, Callable[[torch.Tensor, dict], object]], d, hq: torch.Tensor, repeats: int,
+              device: str) -> dict[str, list[float]]:
+    """Seconds of each path per repeat, all on the same freshly drawn parameters (their cost swings by tens of
+    percent from draw to draw), the paths taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        params = d.sample(hq.shape[0], tuple(hq.shape[-2:]))
+        for name, path in paths.items():
+            times[name].append(seconds(lambda p=path, q=params: p(hq, q), device))
+    return times
+
+
+def one_at_a_time(d) -> Callable[[torch.Tensor, dict], list[torch.Tensor]]:
+    """Each sample through ``d.apply`` alone, with its own parameters."""
+    return lambda hq, params: [d.apply(hq[i : i + 1], select_samples(params, [i])) for i in range(hq.shape[0])]
+
+
+def degradation_paths(cfg, device: str) -> tuple[object, dict[str, Callable[[torch.Tensor, dict], object]]]:
+    """The degradation and its three paths: batched, one at a time, and the plain path one at a time
+    (``degradation.blur=plain``: every blur a full kernel_size^2 grouped convolution, Real-ESRGAN's filter2D)."""
+    plain_cfg = cfg.copy()
+    plain_cfg.blur = "plain"
+    d, plain = build_degradation(cfg, 4), build_degradation(plain_cfg, 4)
+    return d, {"batched": d.apply, "one at a time": one_at_a_time(d), "plain, one at a time": one_at_a_time(plain)}
+
+
+def ratio(times: dict[str, list[float]], slow: str, fast: str) -> float:
+    """Median over draws of slow / fast time."""
+    return statistics.median(s / f for s, f in zip(times[slow], times[fast], strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -72,43 +103,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = compose_config(["degradation=realesrgan"]).degradation
     hq = torch.rand(args.batch, 3, args.size, args.size, device=args.device) * 2 - 1
-    batched, single = build_degradation(cfg, 4), build_degradation(cfg, 4)
-    batched(hq)  # warm-up (kernel caches, allocator)
-    single(hq[:1])
-
-    t_batched, t_single, ratio = paired(
-        lambda: batched(hq), lambda: [single(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device
-    )
+    d, paths = degradation_paths(cfg, args.device)
+    same_work(paths, d, hq, 1, args.device)  # warm-up (kernel caches, allocator)
+    times = same_work(paths, d, hq, args.repeats, args.device)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, {args.batch} x {args.size}x{args.size}, "
-          f"median of {args.repeats} alternating pairs")
-    print(f"batched (one call, batch {args.batch}):    {args.batch / t_batched:7.2f} pairs/s  ({t_batched:.3f} s/batch)")
-    print(f"one sample at a time ({args.batch} calls):  {args.batch / t_single:7.2f} pairs/s  ({t_single:.3f} s/batch)")
-    print(f"batched / one-at-a-time throughput: {ratio:.2f}x (median of pair ratios)")
-
-    plain_cfg = cfg.copy()
-    plain_cfg.blur = "plain"
-    plain = build_degradation(plain_cfg, 4)
-    plain(hq[:1])
-    _, t_plain, ratio_plain = paired(
-        lambda: batched(hq), lambda: [plain(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device
-    )
-    print(f"plain path, one sample at a time with blur=plain (every blur a full {cfg.kernel_size}x{cfg.kernel_size} "
-          f"grouped convolution, as Real-ESRGAN's filter2D): {args.batch / t_plain:7.2f} pairs/s; "
-          f"batched = {ratio_plain:.2f}x its throughput")
+          f"{args.repeats} parameter draws, every path on each draw")
+    for name, t in times.items():
+        print(f"  {name:22s} {args.batch / statistics.median(t):7.2f} pairs/s  ({statistics.median(t):.3f} s/batch)")
+    print(f"batched / one-at-a-time throughput: {ratio(times, 'one at a time', 'batched'):.2f}x; batched / plain "
+          f"one at a time: {ratio(times, 'plain, one at a time', 'batched'):.2f}x (medians over draws)")
 
     shared_cfg = cfg.copy()
     shared_cfg.resize_per_sample = False
     shared = build_degradation(shared_cfg, 4)
-    shared(hq)
-    t_shared, _, ratio_shared = paired(
-        lambda: shared(hq), lambda: [single(hq[i : i + 1]) for i in range(args.batch)], args.repeats, args.device
-    )
-    print(f"batched, one resize per batch (resize_per_sample=false): {args.batch / t_shared:7.2f} pairs/s  "
-          f"({ratio_shared:.2f}x one-at-a-time)")
+    shared_times = same_work({"shared": shared.apply, "alone": one_at_a_time(shared)}, shared, hq, args.repeats,
+                             args.device)
+    print(f"one resize per batch (resize_per_sample=false): batched {ratio(shared_times, 'alone', 'shared'):.2f}x "
+          f"one at a time")
 
-    params = batched.sample(args.batch, (args.size, args.size))
-    lq = batched.apply(hq, params)
-    gap = max((lq[i : i + 1] - batched.apply(hq[i : i + 1], select_samples(params, [i]))).abs().max().item()
+    params = d.sample(args.batch, (args.size, args.size))
+    lq = d.apply(hq, params)
+    gap = max((lq[i : i + 1] - d.apply(hq[i : i + 1], select_samples(params, [i]))).abs().max().item()
               for i in range(args.batch))
     print(f"batch vs each sample alone (same parameters): max |difference| {gap:.2e}")
     if args.blur:

@@ -21,11 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_degradation import paired, seconds
+from bench_degradation import degradation_paths, paired, ratio, same_work, seconds
 from bench_startup import TRAIN, bench_infer, bench_train, run_child
 from common import compose_config
 
-from osediff_lab.data.degradation import build_degradation
 from osediff_lab.memory import training_step
 from osediff_lab.train import build_module
 
@@ -159,18 +158,15 @@ def infer_row(repeats: int) -> None:
 
 
 def degradation_row(device: str, repeats: int) -> None:
-    cfg = compose_config(["degradation=realesrgan"]).degradation
-    plain_cfg = cfg.copy()
-    plain_cfg.blur = "plain"
     hq = torch.rand(8, 3, 512, 512, device=device) * 2 - 1
-    d, plain = build_degradation(cfg, 4), build_degradation(plain_cfg, 4)
-    d(hq)
-    plain(hq[:1])
-    t_batch, t_single, ratio = paired(lambda: d(hq), lambda: [d(hq[i : i + 1]) for i in range(8)], repeats, device)
-    _, t_plain, ratio_plain = paired(lambda: d(hq), lambda: [plain(hq[i : i + 1]) for i in range(8)], repeats, device)
-    row("Real-ESRGAN degradation, batch 1 / batch 8", f"{8 / t_single:.2f} / {8 / t_batch:.2f} pairs/s",
-        f"batch 8 = {ratio:.2f}x one at a time; plain one at a time (blur=plain, the release's blur work) "
-        f"{8 / t_plain:.2f} pairs/s: batch 8 = {ratio_plain:.2f}x")
+    d, paths = degradation_paths(compose_config(["degradation=realesrgan"]).degradation, device)
+    same_work(paths, d, hq, 1, device)
+    times = same_work(paths, d, hq, repeats, device)
+    rate = {name: 8 / statistics.median(t) for name, t in times.items()}
+    row("Real-ESRGAN degradation, batch 1 / batch 8", f"{rate['one at a time']:.2f} / {rate['batched']:.2f} pairs/s",
+        f"batch 8 = {ratio(times, 'one at a time', 'batched'):.2f}x one at a time; plain one at a time (blur=plain, "
+        f"the release's blur work) {rate['plain, one at a time']:.2f} pairs/s: batch 8 = "
+        f"{ratio(times, 'plain, one at a time', 'batched'):.2f}x (same parameter draws)")
 
 
 def evaluation_row() -> None:
