@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-THEN = "8bd02b0"  # the last commit before the degradation work of issue 19 (2026-12-01)
+THEN = "d65741c"  # the code issue 19 was filed on (2026-11-26; its degradation unchanged until f106bf3)
 RELEASE_SINGLE_RATIO = 0.85  # then / release, one sample at a time (issue 19's table)
 
 
