@@ -6,7 +6,8 @@
 #   3. training step time and peak CUDA memory at 512x512, batch 1, per memory option (compare with the
 #      prediction `python benchmarks/bench_memory.py --batches 1` prints on any machine).
 #   4. Real-ESRGAN degradation on CUDA, 8 x 512x512: batched (grouped per sample, no shared canvas) vs one
-#      sample at a time, and the batch's agreement with its samples processed alone,
+#      sample at a time vs the plain path (blur=plain) on the same parameter draws, and the batch's agreement
+#      with its samples processed alone,
 #   5. generator.compile=true (inductor) in training, tiny preset at 256 px: compile time (first step) and
 #      steady-state step time against eager,
 #   5b. host-device syncs per training step in the real loop (torch's CUDA sync debug mode), tiny preset:
@@ -33,7 +34,7 @@ timeout 95 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches 
   | tee "$OUT/inference.txt" || echo "inference: timed out or failed"
 timeout 100 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
   --train-cases "${TRAIN_CASES[@]}" 2>&1 | grep -v -i warn | tee "$OUT/training.txt" || echo "training: timed out or failed"
-timeout 25 $PY benchmarks/bench_degradation.py --device cuda --repeats 5 --threads 0 2>&1 | grep -v -i warn \
+timeout 25 $PY benchmarks/bench_degradation.py --device cuda --repeats 3 --threads 0 2>&1 | grep -v -i warn \
   | tee "$OUT/degradation.txt" || echo "degradation: timed out or failed"
 timeout 80 $PY benchmarks/bench_release.py --device cuda --rows train --compile --repeats 5 --threads 0 2>&1 \
   | grep -v -i warn | tee "$OUT/compile.txt" || echo "compile: timed out or failed"
