@@ -1,4 +1,5 @@
-"""The precision names configs use (fp32 / bf16 / fp16), their torch dtypes, and what "auto" means."""
+"""The precision names configs use (fp32 / bf16 / fp16), their torch dtypes, what "auto" means, and moving
+host-drawn values to a device without waiting for it."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ def resolve_dtype(
     if precision not in DTYPES:
         raise ValueError(f"{key} must be auto, {', '.join(DTYPES)}; got '{precision}'")
     return DTYPES[precision]
+
+
+def host_to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` (drawn on the CPU) on ``device``, in ``dtype`` (default: its own). To a GPU through pinned memory,
+    which does not wait for the work queued there (a copy from pageable memory synchronises the stream)."""
+    t = t.to(dtype=dtype or t.dtype)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

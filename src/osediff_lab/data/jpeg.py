@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from osediff_lab.dtypes import host_to_device
+
 # Annex K.1 (luminance) and K.2 (chrominance) quantization tables, in natural (row-major) order.
 LUMA_TABLE = (
     16, 11, 10, 16, 24, 40, 51, 61,
@@ -96,7 +98,7 @@ def jpeg_compress(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """x (B, 3, H, W) in [0, 1] JPEG-compressed at ``quality`` (B,) in (0, 100] and decoded: 8-bit levels in [0, 1]."""
     b, _, h, w = x.shape
     _, to_ycc, ycc_bias, to_rgb, rgb_bias = constants(x.device)
-    tables = quantization_tables(quality).to(x.device)
+    tables = host_to_device(quantization_tables(quality), x.device)
     ph, pw = -h % 16, -w % 16
     rgb = x.float().clamp(0, 1)
     if ph or pw:

@@ -21,6 +21,7 @@ from osediff_lab.build import raise_problems
 from osediff_lab.data.jpeg import RGB_TO_YCC, jpeg_compress
 from osediff_lab.data.kernels import KERNEL_TYPES, KernelSpec, describe_kernel, sample_kernels
 from osediff_lab.data.resize import resize
+from osediff_lab.dtypes import host_to_device
 from osediff_lab.errors import ConfigError
 
 RESIZE_DIRECTIONS = ("up", "down", "keep")
@@ -125,7 +126,7 @@ def correlate(
     convolution whatever the kernel, no strips (Real-ESRGAN's filter2D).
     """
     h, w = x.shape[-2:]
-    k = kernels.to(x)
+    k = host_to_device(kernels, x.device, x.dtype)
     r = k.shape[-1] // 2
     if r == 0:
         return x * k[:, :, 0, None, None]
@@ -181,7 +182,7 @@ def gaussian_noise(shape: torch.Size, sigma: torch.Tensor, gray: bool, gens: lis
     b, c, h, w = shape
     device = gens[0].device
     n = torch.stack([torch.randn((1 if gray else c, h, w), generator=g, device=device) for g in gens])
-    return n.expand(b, c, h, w) * sigma.to(device=device, dtype=n.dtype)[:, None, None, None]
+    return n.expand(b, c, h, w) * host_to_device(sigma, n.device, n.dtype)[:, None, None, None]
 
 
 def luminance(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,7 @@ def poisson_noise(x: torch.Tensor, scale: torch.Tensor, gray: bool, levels: floa
     luminance for every channel. x in [0, 1]; the noise std at intensity v is scale * sqrt(v / levels)."""
     v = (luminance(x) if gray else x).clamp(0, 1)
     n = torch.stack([torch.poisson(v[j] * levels, generator=g) for j, g in enumerate(gens)]) / levels - v
-    return n.expand_as(x) * scale.to(x)[:, None, None, None]
+    return n.expand_as(x) * host_to_device(scale, x.device, x.dtype)[:, None, None, None]
 
 
 def noise_each(xs: list[torch.Tensor], p: dict[str, Any], gens: list[torch.Generator], levels: float) -> list[torch.Tensor]:
@@ -622,7 +623,7 @@ class PairPool:
             self.lq[self.filled : self.filled + b] = lq
             self.filled += b
             return hq, lq
-        perm = torch.randperm(self.size, generator=g).to(hq.device)
+        perm = host_to_device(torch.randperm(self.size, generator=g), hq.device)
         self.hq, self.lq = self.hq[perm], self.lq[perm]
         out_hq, out_lq = self.hq[:b].clone(), self.lq[:b].clone()
         self.hq[:b], self.lq[:b] = hq, lq

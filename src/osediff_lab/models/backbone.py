@@ -17,6 +17,8 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import nn
 
+from osediff_lab.dtypes import host_to_device
+
 FAMILIES = ("sd", "sdxl", "sd3")
 
 
@@ -87,7 +89,7 @@ def size_time_ids(latent: torch.Tensor, factor: int) -> torch.Tensor:
     """SDXL's micro-conditioning for an uncropped image of the latent's pixel size: (original h, w, crop top,
     left, target h, w) per sample, in the latent's dtype."""
     h, w = latent.shape[-2] * factor, latent.shape[-1] * factor
-    ids = torch.tensor([h, w, 0, 0, h, w], device=latent.device, dtype=latent.dtype)
+    ids = host_to_device(torch.tensor([h, w, 0, 0, h, w]), latent.device, latent.dtype)
     return ids.expand(latent.shape[0], -1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from osediff_lab.dtypes import host_to_device
 from osediff_lab.models.schedules import EpsilonSchedule
 
 
@@ -57,5 +58,4 @@ def sample_timesteps(batch: int, t_min: int, t_max: int, device) -> torch.Tensor
     """Integer timesteps uniform in [t_min, t_max), one per sample (global torch RNG, saved on resume)."""
     if not 0 <= t_min < t_max:
         raise ValueError(f"need 0 <= t_min < t_max, got [{t_min}, {t_max})")
-    t = torch.randint(t_min, t_max, (batch,), device="cpu")
-    return t.to(device)
+    return host_to_device(torch.randint(t_min, t_max, (batch,), device="cpu"), torch.device(device))
