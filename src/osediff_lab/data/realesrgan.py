@@ -84,16 +84,16 @@ def fft_size(n: int) -> int:
         n += 1
 
 
-def depthwise_correlate(xp: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+def depthwise_correlate(xp: torch.Tensor, kernels: torch.Tensor, strip: bool = True) -> torch.Tensor:
     """Each sample of the padded xp (B, C, H + 2r, W + 2r) correlated with its kernel (B, 2r + 1, 2r + 1) -> (B, C, H, W).
 
-    One grouped convolution; below ``MIN_CHANNELS`` channels the rows are cut into overlapping strips
-    stacked as channels (zero rows fill the last strip and are dropped).
+    One grouped convolution; with ``strip``, below ``MIN_CHANNELS`` channels the rows are cut into
+    overlapping strips stacked as channels (zero rows fill the last strip and are dropped).
     """
     b, c, hp, wp = xp.shape
     r = kernels.shape[-1] // 2
     h, w, n = hp - 2 * r, wp - 2 * r, b * c
-    strips = max(1, min(-(-MIN_CHANNELS // n), h // MIN_STRIP_ROWS))
+    strips = max(1, min(-(-MIN_CHANNELS // n), h // MIN_STRIP_ROWS)) if strip else 1
     weight = kernels.repeat_interleave(c, dim=0)[:, None]
     if strips == 1:
         return F.conv2d(xp.reshape(1, n, hp, wp), weight, groups=n).view(b, c, h, w)
@@ -133,11 +133,9 @@ def correlate(
     if border == "reflect" and min(h, w) <= r:
         border = "replicate"
     xp = F.pad(x, (r, r, r, r), mode=border)
-    if plain:
-        b, c = x.shape[:2]
-        weight = k.repeat_interleave(c, dim=0)[:, None]
-        return F.conv2d(xp.reshape(1, b * c, *xp.shape[-2:]), weight, groups=b * c).view(b, c, h, w)
-    return depthwise_correlate(xp, k) if k.shape[-1] <= direct_max else fft_correlate(xp, k)
+    if plain or k.shape[-1] <= direct_max:
+        return depthwise_correlate(xp, k, strip=not plain)
+    return fft_correlate(xp, k)
 
 
 def blur_each(
