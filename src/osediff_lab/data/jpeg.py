@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +59,26 @@ def dct_matrix() -> torch.Tensor:
     return d
 
 
+class Constants(NamedTuple):
+    """The codec's fixed matrices on one device: the 2-D DCT of a row-major block as a 64 x 64 matrix (uv, xy),
+    and the colour conversions as 1x1 convolutions (weight, bias): RGB in [0, 1] -> YCbCr in [0, 255] (Cb, Cr
+    offset by 128), and back to RGB in [0, 255]."""
+
+    dct: torch.Tensor
+    to_ycc: torch.Tensor
+    ycc_bias: torch.Tensor
+    to_rgb: torch.Tensor
+    rgb_bias: torch.Tensor
+
+
 @functools.cache
-def constants(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per device, made once (a tensor built from host data on a GPU waits for it): the 2-D DCT of a row-major
-    block as a 64 x 64 matrix (uv, xy), and the colour conversions as 1x1 convolutions (weight, bias):
-    RGB in [0, 1] -> YCbCr in [0, 255] (Cb, Cr offset by 128) and back to RGB in [0, 255]."""
+def constants(device: torch.device) -> Constants:
+    """``Constants`` on ``device``, made once per device (a tensor built from host data on a GPU waits for it)."""
     d = dct_matrix()
     to_ycc, to_rgb = torch.tensor(RGB_TO_YCC, dtype=torch.float64), torch.tensor(YCC_TO_RGB, dtype=torch.float64)
     offset = torch.tensor((0.0, 128.0, 128.0), dtype=torch.float64)
     mats = (torch.kron(d, d), 255 * to_ycc[:, :, None, None], offset, to_rgb[:, :, None, None], -to_rgb @ offset)
-    return tuple(m.float().to(device) for m in mats)
+    return Constants(*(m.float().to(device) for m in mats))
 
 
 def to_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +96,7 @@ def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
 def quantize_blocks(samples: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """8-bit samples (B, C, H, W) through level shift, FDCT, rounding to multiples of ``tables`` (B, 8, 8),
     and back through the IDCT: the decoded samples, clipped to [0, 255] and rounded as a decoder does."""
-    basis = constants(samples.device)[0]
+    basis = constants(samples.device).dct
     blocks = to_blocks(samples - 128)
     q = tables.reshape(-1, 1, 1, 1, 64)
     coeffs = (blocks.reshape(-1, 64) @ basis.T).view(blocks.shape).div_(q).round_().mul_(q)
@@ -96,18 +107,18 @@ def quantize_blocks(samples: torch.Tensor, tables: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def jpeg_compress(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """x (B, 3, H, W) in [0, 1] JPEG-compressed at ``quality`` (B,) in (0, 100] and decoded: 8-bit levels in [0, 1]."""
-    b, _, h, w = x.shape
-    _, to_ycc, ycc_bias, to_rgb, rgb_bias = constants(x.device)
+    h, w = x.shape[-2:]
+    k = constants(x.device)
     tables = host_to_device(quantization_tables(quality), x.device)
     ph, pw = -h % 16, -w % 16
     rgb = x.float().clamp(0, 1)
     if ph or pw:
         rgb = F.pad(rgb, (0, pw, 0, ph), mode="replicate")
-    ycc = F.conv2d(rgb, to_ycc, ycc_bias).clamp_(0, 255).round_()
+    ycc = F.conv2d(rgb, k.to_ycc, k.ycc_bias).clamp_(0, 255).round_()
     y = quantize_blocks(ycc[:, :1], tables[:, 0])
     c = ycc[:, 1:]
     chroma = quantize_blocks(((c[..., ::2, ::2] + c[..., 1::2, ::2] + c[..., ::2, 1::2] + c[..., 1::2, 1::2]) / 4).round_(),
                              tables[:, 1])
     chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)
-    out = F.conv2d(torch.cat([y, chroma], dim=1), to_rgb, rgb_bias)
+    out = F.conv2d(torch.cat([y, chroma], dim=1), k.to_rgb, k.rgb_bias)
     return out[..., :h, :w].clamp(0, 255).round_().div_(255).to(x.dtype)
