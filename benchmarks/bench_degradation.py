@@ -62,12 +62,14 @@ def blur_methods(device: str, size: int, batch: int, repeats: int) -> None:
 def same_work(paths: dict[str, Callable[[torch.Tensor, dict], object]], d, hq: torch.Tensor, repeats: int,
               device: str) -> dict[str, list[float]]:
     """Seconds of each path per repeat, all on the same freshly drawn parameters (their cost swings by tens of
-    percent from draw to draw), the paths taking turns."""
+    percent from draw to draw), the paths taking turns, after one draw left out (kernel caches, allocator)."""
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(repeats):
+    for repeat in range(repeats + 1):
         params = d.sample(hq.shape[0], tuple(hq.shape[-2:]))
         for name, path in paths.items():
-            times[name].append(seconds(lambda p=path, q=params: p(hq, q), device))
+            t = seconds(lambda p=path, q=params: p(hq, q), device)
+            if repeat:
+                times[name].append(t)
     return times
 
 
@@ -76,7 +78,7 @@ def one_at_a_time(d) -> Callable[[torch.Tensor, dict], list[torch.Tensor]]:
     return lambda hq, params: [d.apply(hq[i : i + 1], select_samples(params, [i])) for i in range(hq.shape[0])]
 
 
-def degradation_paths(cfg, device: str) -> tuple[object, dict[str, Callable[[torch.Tensor, dict], object]]]:
+def degradation_paths(cfg) -> tuple[object, dict[str, Callable[[torch.Tensor, dict], object]]]:
     """The degradation and its three paths: batched, one at a time, and the plain path one at a time
     (``degradation.blur=plain``: every blur a full kernel_size^2 grouped convolution, Real-ESRGAN's filter2D)."""
     plain_cfg = cfg.copy()
@@ -103,8 +105,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = compose_config(["degradation=realesrgan"]).degradation
     hq = torch.rand(args.batch, 3, args.size, args.size, device=args.device) * 2 - 1
-    d, paths = degradation_paths(cfg, args.device)
-    same_work(paths, d, hq, 1, args.device)  # warm-up (kernel caches, allocator)
+    d, paths = degradation_paths(cfg)
     times = same_work(paths, d, hq, args.repeats, args.device)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, {args.batch} x {args.size}x{args.size}, "
           f"{args.repeats} parameter draws, every path on each draw")

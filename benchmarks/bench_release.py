@@ -159,8 +159,7 @@ def infer_row(repeats: int) -> None:
 
 def degradation_row(device: str, repeats: int) -> None:
     hq = torch.rand(8, 3, 512, 512, device=device) * 2 - 1
-    d, paths = degradation_paths(compose_config(["degradation=realesrgan"]).degradation, device)
-    same_work(paths, d, hq, 1, device)
+    d, paths = degradation_paths(compose_config(["degradation=realesrgan"]).degradation)
     times = same_work(paths, d, hq, repeats, device)
     rate = {name: 8 / statistics.median(t) for name, t in times.items()}
     row("Real-ESRGAN degradation, batch 1 / batch 8", f"{rate['one at a time']:.2f} / {rate['batched']:.2f} pairs/s",

@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_startup import TRAIN
+
 THEN = "d65741c"  # the code issue 19 was filed on (2026-11-26)
 RELEASE_STEP_RATIO = 1.05  # then / release, training iteration in process (0.995 with the same regularizer work)
 RELEASE_SINGLE_RATIO = 0.85  # then / release, degradation throughput one sample at a time
-TRAIN = ["model=tiny", "data=demo", "logger=csv", "val=none", "data.crop_size=256", "data.batch_size=2",
-         "loss.lpips_weight=0"]
 
 
 def child(tree: Path, row: str, degradation: str) -> None:
@@ -48,7 +48,8 @@ def child(tree: Path, row: str, degradation: str) -> None:
         from osediff_lab.memory import training_step
         from osediff_lab.train import build_module
 
-        module = build_module(compose_config([*TRAIN, f"degradation={degradation}"])).train()
+        overrides = [o for o in TRAIN if not o.startswith("degradation=")] + [f"degradation={degradation}"]
+        module = build_module(compose_config(overrides)).train()
         step = training_step(module, torch.rand(2, 3, 256, 256, generator=g) * 2 - 1)
         variants = {"step": step}
     else:
