@@ -7,8 +7,8 @@ code) and times them in alternating pairs on the same inputs, so both see the sa
   L2 + VSD + regularizer), with ``degradation=bicubic`` (the training default) and ``degradation=realesrgan``;
 - degradation: Real-ESRGAN, 8 x 512x512, one call and one sample at a time, fresh parameters per call.
 The issue measured REV against the authors' release (its table, constants below); the release is estimated
-through those ratios. REV's degradation needs kornia (``pip install kornia``), which the project no longer
-uses. Prints numbers, asserts nothing; not part of ``make bench`` (it needs the git history).
+through those ratios. REV's code imports kornia (``pip install kornia``) for both rows, which the project
+no longer uses. Prints numbers, asserts nothing; not part of ``make bench`` (it needs the git history).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ DIRECT_MAX = 11
 # oneDNN's depthwise convolution vectorises across channels: with fewer than this many (one RGB image has 3)
 # most lanes idle, so rows are cut into strips stacked as channels (same taps per pixel: the same result).
 MIN_CHANNELS = 24
-MIN_STRIP_ROWS = 16
+MIN_STRIP_ROWS = 16  # shorter strips would spend more on their overlapping border rows than they save
 # auto: each kernel cropped to its support, then direct or FFT as above; plain: the full kernel in one grouped
 # convolution, as Real-ESRGAN's filter2D (the reference; the same as auto to float rounding, and slower).
 BLUR_METHODS = ("auto", "plain")
