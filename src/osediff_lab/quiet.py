@@ -13,6 +13,9 @@ LOG_NOTICES = (
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward",
      "peft imports bitsandbytes at every start; the optional `kernels` package only speeds up 4-bit CPU layers, "
      "which nothing here uses"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+     "the same import on CPUs with AVX512-BF16: bitsandbytes asks `kernels` for that optional kernel, and in Hub "
+     "offline mode `kernels` says it skips a trust check before that lookup fails as in the entry above"),
     ("pytorch_lightning.utilities.rank_zero", "💡 Tip:", "Lightning advertising a logging service"),
 )
 
