@@ -112,14 +112,26 @@ def test_size_mismatch_fails_the_pair_naming_the_files_unless_center_crop(tmp_pa
     assert summary["metrics"]["psnr"]["value"] == pytest.approx(float(ref(str(tmp_path / "same.png"), str(tmp_path / "same.png"))))
 
 
-def test_unmatched_names_are_an_error(tmp_path):
+def test_unmatched_names_are_an_error_naming_every_unmatched_file_of_both_folders(tmp_path):
     sr, gt = tmp_path / "sr", tmp_path / "gt"
-    sr.mkdir()
+    (sr / "sub").mkdir(parents=True)
     gt.mkdir()
-    Image.new("RGB", (8, 8)).save(sr / "x.png")
-    Image.new("RGB", (8, 8)).save(gt / "y.png")
-    with pytest.raises(ConfigError, match=r"x\.png has no GT"):
-        evaluate(eval_cfg([f"sr_dir={sr}", f"gt_dir={gt}", f"out_dir={tmp_path / 'o'}", "metrics=[psnr]"]))
+    sr_only = ["x0", "x1", "x2", "x3", "x4", "x5", "sub/x6"]  # more than a short report would name
+    gt_only = ["y0", "y1"]
+    for name in ["both", *sr_only]:
+        Image.new("RGB", (8, 8)).save(sr / f"{name}.png")
+    for name in ["both", *gt_only]:
+        Image.new("RGB", (8, 8)).save(gt / f"{name}.png")
+    base = [f"sr_dir={sr}", f"gt_dir={gt}", f"out_dir={tmp_path / 'o'}", "metrics=[psnr]"]
+    with pytest.raises(ConfigError) as error:
+        evaluate(eval_cfg(base))
+    lines = str(error.value).splitlines()
+    assert sorted(lines[1:-1]) == sorted([f"  {sr / n}.png has no GT in {gt}" for n in sr_only]
+                                         + [f"  {gt / n}.png has no SR in {sr}" for n in gt_only])
+    assert lines[-1] == "set allow_subset=true to score only the 1 GT image(s) that have an SR image"
+    with pytest.raises(ConfigError) as error:  # GT without SR allowed: only the SR images without GT remain
+        evaluate(eval_cfg([*base, "allow_subset=true"]))
+    assert sorted(str(error.value).splitlines()[1:]) == sorted(f"  {sr / n}.png has no GT in {gt}" for n in sr_only)
 
 
 def test_16bit_sr_keeps_precision(tmp_path):

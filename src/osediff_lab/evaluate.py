@@ -34,16 +34,12 @@ from osediff_lab.tables import markdown_table
 log = logging.getLogger(__name__)
 
 
-def _report(names: list[str]) -> str:
-    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-    return "; ".join(names[:5]) + more
-
-
 def match_by_name(sr_dir: str | Path, gt_dir: str | Path, allow_subset: bool = False) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """(name, SR path, GT path) matched by relative path without extension, and the GT names left out.
 
-    An SR image without GT is an error; GT images without SR are an error unless ``allow_subset``. Relative
-    folders missing from the working directory are taken from the repository root (as data roots are)."""
+    SR images without GT are an error; GT images without SR are an error unless ``allow_subset``; the error
+    names every unmatched file of both folders. Relative folders missing from the working directory are taken
+    from the repository root (as data roots are)."""
     sr_dir, gt_dir = resolve_dir(sr_dir), resolve_dir(gt_dir)  # ~ expanded; ../shared/... also from elsewhere
     for key, d in (("sr_dir", sr_dir), ("gt_dir", gt_dir)):
         if not d.is_dir():
@@ -52,17 +48,23 @@ def match_by_name(sr_dir: str | Path, gt_dir: str | Path, allow_subset: bool = F
     gts = {p.relative_to(gt_dir).with_suffix("").as_posix(): p for p in list_images(gt_dir)}
     if not srs:
         raise ConfigError(f"evaluate: no images in sr_dir={sr_dir}")
-    no_gt = [f"{srs[k]} has no GT in {gt_dir}" for k in sorted(set(srs) - set(gts))]
+    no_gt = sorted(set(srs) - set(gts))
     left_out = sorted(set(gts) - set(srs))
-    if no_gt:
-        raise ConfigError("evaluate: files not matched by name: " + _report(no_gt))
-    if left_out and not allow_subset:
-        missing = [f"{gts[k]} has no SR in {sr_dir}" for k in left_out]
-        raise ConfigError(
-            f"evaluate: files not matched by name: {_report(missing)}; set allow_subset=true to score only the "
-            f"{len(srs)} GT image(s) that have an SR image"
-        )
+    if no_gt or (left_out and not allow_subset):
+        raise ConfigError(unmatched_message(
+            [srs[k] for k in no_gt], gt_dir, [] if allow_subset else [gts[k] for k in left_out], sr_dir, len(srs) - len(no_gt)
+        ))
     return [(k, srs[k], gts[k]) for k in sorted(srs)], left_out
+
+
+def unmatched_message(no_gt: list[Path], gt_dir: Path, no_sr: list[Path], sr_dir: Path, matched: int) -> str:
+    """The error for files not matched by name: every SR image without GT and every GT image without SR, one a line."""
+    lines = ["evaluate: files not matched by name (by relative path without extension):"]
+    lines += [f"  {p} has no GT in {gt_dir}" for p in no_gt]
+    lines += [f"  {p} has no SR in {sr_dir}" for p in no_sr]
+    if no_sr:
+        lines.append(f"set allow_subset=true to score only the {matched} GT image(s) that have an SR image")
+    return "\n".join(lines)
 
 
 def read_pair(sr_path: Path, gt_path: Path, allow_crop: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
