@@ -270,7 +270,7 @@ def test_evaluate_subset_needs_the_switch_and_says_how_many_were_left_out(tmp_pa
     for n in ("c", "d"):
         (sr / f"{n}.png").unlink()
     base = [f"sr_dir={sr}", f"gt_dir={gt}", f"paths.weights_dir={tmp_path / 'w'}", "metrics=[psnr]"]
-    with pytest.raises(ConfigError, match=r"c\.png has no SR.*allow_subset=true"):
+    with pytest.raises(ConfigError, match=r"(?s)c\.png has no SR.*d\.png has no SR.*allow_subset=true"):
         evaluate(eval_cfg([*base, f"out_dir={tmp_path / 'o1'}"]))
     summary = evaluate(eval_cfg([*base, f"out_dir={tmp_path / 'o2'}", "allow_subset=true"]))
     assert summary["count"] == 2 and summary["left_out"] == ["c", "d"] and summary["failed"] == []
@@ -450,13 +450,22 @@ def test_a_config_error_is_one_message_without_traceback_and_exit_status_2(tmp_p
 
 
 @pytest.mark.slow
-def test_train_cli_exit_status_says_images_were_skipped(tmp_path, photo_folder):
-    args = [*TRAIN, f"data.root={photo_folder}", "trainer.max_steps=1", "callbacks.checkpoint.every_n_train_steps=0",
-            f"paths.output_root={tmp_path / 'out'}"]
-    proc = subprocess.run([sys.executable, "-m", "osediff_lab.train", *args], cwd=tmp_path, env=ENV, capture_output=True,
-                          text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-3000:]
-    assert "SKIPPED image" in out and "zero.png: empty file (0 bytes)" in out and "exit status 1" in out
-    (run,) = (tmp_path / "out" / "train" / "runs").iterdir()
-    assert (run / "lora" / "osediff_lora.safetensors").is_file()  # the run itself finished and was exported
+def test_train_cli_exits_0_listing_skipped_images_and_1_with_strict_images(tmp_path, photo_folder):
+    """A run that finished without some unreadable images is a complete model (`sbatch --dependency=afterok`
+    chains go on): exit 0, the files in the log and summary.json; strict_images=true makes it exit 1."""
+    args = [*TRAIN, f"data.root={photo_folder}", "trainer.max_steps=1", "callbacks.checkpoint.every_n_train_steps=0"]
+    for strict, status in ((False, 0), (True, 1)):
+        out_root = tmp_path / f"strict_{strict}"
+        proc = subprocess.run([sys.executable, "-m", "osediff_lab.train", *args, f"strict_images={str(strict).lower()}",
+                               f"paths.output_root={out_root}"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                              timeout=900)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == status, out[-3000:]
+        assert "2 training image(s) were unreadable and skipped, listed in summary.json" in out
+        assert ("exit status 1 (strict_images=true)" in out) == strict
+        (run,) = (out_root / "train" / "runs").iterdir()
+        logged = (run / "train.log").read_text()  # the job's log file holds every skipped file with its reason
+        assert f"  {photo_folder / 'zero.png'}: empty file (0 bytes)" in logged and "truncated_png.png" in logged
+        skipped = json.loads((run / "summary.json").read_text())["skipped_images"]
+        assert sorted(Path(s["path"]).name for s in skipped) == ["truncated_png.png", "zero.png"]
+        assert (run / "lora" / "osediff_lora.safetensors").is_file()  # the run itself finished and was exported

@@ -268,8 +268,11 @@ def _print_outputs(summary: dict) -> None:
 def main(cfg: DictConfig) -> dict:
     """The CLI: a failure is logged with its traceback (into the job's own log, not only the sweep's) and
     recorded in the run directory's failure.json for ``report``, then raised (non-zero exit). Returns the
-    summary (a sweep's job table reads it). A single run that skipped unreadable images exits with 1."""
+    summary (a sweep's job table reads it). Unreadable training images that were skipped are logged and listed
+    in summary.json; with ``strict_images=true`` a single run that skipped any exits with 1."""
     run_dir = Path(cfg.paths.output_dir)
+    if not isinstance(cfg.strict_images, bool):
+        raise ConfigError(f"strict_images={cfg.strict_images} must be true or false")
     try:
         summary = train(cfg)
     except Exception as exc:
@@ -279,10 +282,13 @@ def main(cfg: DictConfig) -> dict:
         raise
     clear_failure(run_dir)
     skipped = summary.get("skipped_images", [])
-    if skipped and not _multirun():  # a sweep's jobs report through their summaries instead
-        log.warning("%d training image(s) were unreadable and skipped (listed above and in summary.json): exit status 1",
-                    len(skipped))
-        raise SystemExit(1)
+    if skipped:
+        strict = cfg.strict_images and not _multirun()  # a sweep's jobs report through their summaries
+        log.warning("%d training image(s) were unreadable and skipped, listed in summary.json%s:\n%s", len(skipped),
+                    "; exit status 1 (strict_images=true)" if strict else "",
+                    "\n".join(f"  {item['path']}: {item['reason']}" for item in skipped))
+        if strict:
+            raise SystemExit(1)
     return summary
 
 

@@ -233,7 +233,7 @@ def slurm_job_id() -> str | None:
 
 # Keys that may differ between the attempts of one run: stop rule, machine, output and logging settings.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.devices", "trainer.num_nodes", "trainer.enable_progress_bar",
-                     "trainer.log_every_n_steps", "paths", "resume", "ckpt_path", "logger", "callbacks.samples",
+                     "trainer.log_every_n_steps", "paths", "resume", "ckpt_path", "strict_images", "logger", "callbacks.samples",
                      "data.num_workers", "val.every_n_steps")
 
 
