@@ -77,31 +77,89 @@ def test_conf_dir_is_the_checkout_and_follows_the_environment_variable(tmp_path:
         paths.find_conf_dir()
 
 
-def test_conf_dir_falls_back_to_the_installed_copy(tmp_path: Path, monkeypatch):
-    """Without the checkout's conf/ (a non-editable install), the copy under <prefix>/share/osediff_lab/conf."""
-    share = tmp_path / paths.SHARE
-    share.mkdir(parents=True)
-    (share / "train.yaml").write_text("seed: 0\n")
+def test_the_packaged_conf_comes_before_the_checkout(tmp_path: Path, monkeypatch):
+    """A non-editable install carries conf/ inside the package (osediff_lab/conf); only without it (editable
+    installs, the checkout) is the checkout's conf/ used. A stand-in package shows the order."""
+    package = tmp_path / "stand_in_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv(paths.CONF_ENV, raising=False)
-    monkeypatch.setattr(paths.sys, "prefix", str(tmp_path))
-    checkout, *installed = paths.conf_candidates()
-    assert share in installed
-    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "site-packages")  # where an installed package sits: no conf/
-    assert paths.find_conf_dir() == share
+    monkeypatch.setattr(paths, "PACKAGE", "stand_in_pkg")
+    assert paths.conf_candidates() == [package / "conf", paths.REPO_ROOT / "conf"]
+    assert paths.find_conf_dir() == paths.REPO_ROOT / "conf"
+    (package / "conf").mkdir()
+    (package / "conf" / "train.yaml").write_text("seed: 0\n")
+    assert paths.find_conf_dir() == package / "conf"
 
 
-def test_every_conf_folder_ships_with_the_package():
-    """pyproject's data-files list every folder of conf/ holding YAML (a wheel installs them under share/)."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+def build_wheel(tmp_path: Path, python: str = sys.executable) -> Path:
+    """`pip wheel` of a copy of the checkout (the build writes build/ and egg-info next to the sources)."""
     root = Path(__file__).resolve().parents[1]
-    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
-    folders = {p.parent.relative_to(root).as_posix() for p in (root / "conf").rglob("*.yaml")}
-    assert {f"share/osediff_lab/{f}": [f"{f}/*.yaml"] for f in sorted(folders)} == data_files
+    source = tmp_path / "source"
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "*.egg-info",
+                                                                "build", "__pycache__", ".pytest_cache", ".ruff_cache"))
+    proc = subprocess.run([python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path / "dist"), str(source)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("osediff_lab-*.whl")
+    return wheel
+
+
+# Run from an installed copy: where the package and conf/ are, every YAML file shipped, the train config composed.
+COMPOSE = (
+    "import json, sys\n"
+    "from pathlib import Path\n"
+    "import osediff_lab.paths as p\n"
+    "from hydra import compose, initialize_config_dir\n"
+    "from omegaconf import OmegaConf\n"
+    "from osediff_lab import resolvers\n"
+    "with initialize_config_dir(config_dir=str(p.CONF_DIR), version_base='1.3'):\n"
+    "    cfg = compose(config_name='train', overrides=['+experiment=demo'])\n"
+    "files = sorted(f.relative_to(p.CONF_DIR).as_posix() for f in p.CONF_DIR.rglob('*.yaml'))\n"
+    "print(json.dumps({'module': p.__file__, 'conf': str(p.CONF_DIR), 'files': files, 'config': OmegaConf.to_yaml(cfg)}))\n"
+)
+
+
+@pytest.mark.slow
+def test_target_and_prefix_installs_carry_conf_and_compose_the_train_config(tmp_path: Path):
+    """`pip install --target` and `--prefix` of the wheel (no deps, no build isolation): each copy finds its own
+    conf/ (package data, every YAML file of the checkout's conf/) and composes the train config from another folder."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    wheel = build_wheel(tmp_path)
+    expected = sorted(f.relative_to(root / "conf").as_posix() for f in (root / "conf").rglob("*.yaml"))
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        checkout_config = OmegaConf.to_yaml(compose(config_name="train", overrides=["+experiment=demo"]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in ENV.items() if k not in ("PYTHONPATH", paths.CONF_ENV)}
+    for option in ("--target", "--prefix"):
+        dest = tmp_path / option.strip("-")
+        # --ignore-installed: without it `--prefix` first uninstalls this environment's (editable) osediff_lab
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--ignore-installed", "--no-warn-script-location", option, str(dest), str(wheel)],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert pip.returncode == 0, pip.stderr[-3000:]
+        site_dir = dest if option == "--target" else next((dest / "lib").glob("python3*/site-packages"))
+        run = subprocess.run([sys.executable, "-c", COMPOSE], cwd=elsewhere, env=env | {"PYTHONPATH": str(site_dir)},
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        found = json.loads(run.stdout.strip().splitlines()[-1])
+        assert found["module"] == str(site_dir / "osediff_lab" / "paths.py"), found["module"]
+        assert found["conf"] == str(site_dir / "osediff_lab" / "conf")
+        assert found["files"] == expected
+        assert found["config"] == checkout_config  # the same train config as the checkout's
+    ours = subprocess.run([sys.executable, "-c", "import osediff_lab.paths as p; print(p.__file__)"], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert ours.stdout.strip() == str(root / "src" / "osediff_lab" / "paths.py"), "this environment's install was touched"
 
 
 @pytest.mark.slow
 def test_a_non_editable_install_trains_the_demo_from_another_directory(tmp_path: Path):
-    """`pip install .` (a wheel: package, assets, conf/ as data files) into a fresh venv, then the demo from a
+    """`pip install .` (a wheel: package, assets, conf/ as package data) into a fresh venv, then the demo from a
     folder that is not the checkout. The venv reaches this environment's libraries through a path file, but
     not its editable osediff_lab (path files inside that folder are not read)."""
     root = Path(__file__).resolve().parents[1]
@@ -122,7 +180,7 @@ def test_a_non_editable_install_trains_the_demo_from_another_directory(tmp_path:
     where = subprocess.run([str(python), "-c", "import osediff_lab.paths as p; print(p.__file__); print(p.CONF_DIR)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     module_file, conf_dir = where.stdout.split()
-    assert module_file.startswith(str(venv)) and conf_dir == str(venv / paths.SHARE), where.stdout + where.stderr
+    assert module_file.startswith(str(venv)) and conf_dir == str(Path(module_file).parent / "conf"), where.stdout + where.stderr
     demo = subprocess.run([str(python), "-m", "osediff_lab.train", "+experiment=demo", "trainer.max_steps=1", "resume=false",
                            f"paths.output_root={elsewhere / 'outputs'}"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)

@@ -1,20 +1,19 @@
 """Where the Hydra configuration (conf/) lives; core layer: imports nothing else of the package.
 
-Looked up in order: ``$OSEDIFF_LAB_CONF``; the source checkout's ``conf/`` (editable installs and running
-from the repository); the copy a wheel installs as data files (``<prefix>/share/osediff_lab/conf``, for
-the environment's prefix and the user base).
+Looked up in order: ``$OSEDIFF_LAB_CONF``; the copy a non-editable install (``pip install .``, ``--target``,
+``--prefix``) carries inside the package as ``osediff_lab/conf``, found through ``importlib.resources``
+(setup.py copies it from conf/ when a wheel is built); the source checkout's ``conf/`` (editable installs and
+running from the repository).
 """
 
 from __future__ import annotations
 
 import os
-import site
-import sys
-import sysconfig
+from importlib import resources
 from pathlib import Path
 
 CONF_ENV = "OSEDIFF_LAB_CONF"
-SHARE = Path("share") / "osediff_lab" / "conf"
+PACKAGE = __name__.rpartition(".")[0]
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the source checkout (meaningless for an installed copy)
 
 
@@ -27,13 +26,17 @@ def resolve_dir(path: str | Path) -> Path:
     return REPO_ROOT / p
 
 
+def packaged_conf() -> Path:
+    """conf/ as package data (present in non-editable installs only): ``osediff_lab/conf``."""
+    return Path(str(resources.files(PACKAGE) / "conf"))
+
+
 def conf_candidates() -> list[Path]:
     """Every place conf/ may be, in the order they are tried (only ``$OSEDIFF_LAB_CONF`` when it is set)."""
     env = os.environ.get(CONF_ENV)
     if env:
         return [Path(env).expanduser()]
-    prefixes = [sysconfig.get_path("data"), sys.prefix, site.USER_BASE or ""]
-    return [REPO_ROOT / "conf", *(Path(p) / SHARE for p in dict.fromkeys(prefixes) if p)]
+    return [packaged_conf(), REPO_ROOT / "conf"]
 
 
 def find_conf_dir() -> Path:
