@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from PIL import Image
 
 from helpers import compose_config
-from osediff_lab.data.degradation import build_degradation
+from osediff_lab.data.degradation import BicubicDegradation, build_degradation, degrade_pair
 from osediff_lab.data.jpeg import jpeg_compress, quantization_tables
 from osediff_lab.data.kernels import (
     KERNEL_TYPES,
@@ -399,15 +399,23 @@ def test_pair_pool_keeps_partners_together_and_mixes_batches():
         PairPool(5)(hq, lq, g)
 
 
-def test_pool_enabled_call_overwrites_hq_with_partners(cfg):
+def test_pool_pairs_come_back_and_the_input_hq_is_left_alone(cfg):
+    """Issue 26: the pool's (HQ, LQ) partners are returned (``pair`` / ``degrade_pair``), never written into the
+    caller's HQ; the plain call refuses while the pool is on; a degradation without ``pair`` gives (hq, LQ)."""
     d = make(cfg, seed=5, pool={"enabled": True, "size": 2})
     first = torch.rand(2, 3, 32, 32) * 2 - 1
-    lq_first = d(first.clone())
+    _, lq_first = degrade_pair(d, first)
     second = torch.rand(2, 3, 32, 32) * 2 - 1
-    batch = second.clone()
-    lq = d(batch)
-    assert {round(float(v), 5) for v in batch[:, 0, 0, 0]} == {round(float(v), 5) for v in first[:, 0, 0, 0]}
+    kept = second.clone()
+    hq, lq = degrade_pair(d, second)
+    assert torch.equal(second, kept)
+    assert {round(float(v), 5) for v in hq[:, 0, 0, 0]} == {round(float(v), 5) for v in first[:, 0, 0, 0]}
     assert {round(float(v), 5) for v in lq[:, 0, 0, 0]} == {round(float(v), 5) for v in lq_first[:, 0, 0, 0]}
+    with pytest.raises(ValueError, match="pair"):
+        d(second)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    same, down = degrade_pair(BicubicDegradation(4), x)
+    assert same is x and down.shape == (1, 3, 4, 4)
 
 
 def test_preview_writes_a_grid_with_one_column_per_sample(tmp_path):

@@ -13,11 +13,19 @@ from osediff_lab.errors import ConfigError
 
 
 class Degradation(Protocol):
-    """HQ batch in [-1, 1], shape (B, 3, H, W) -> LQ batch in [-1, 1], shape (B, 3, H/scale, W/scale)."""
+    """HQ batch in [-1, 1], shape (B, 3, H, W) -> LQ batch in [-1, 1], shape (B, 3, H/scale, W/scale); the HQ is
+    left as it is. One that changes the HQ side too (Real-ESRGAN's pair pool) also has ``pair(hq) -> (hq, lq)``."""
 
     scale: int
 
     def __call__(self, hq: torch.Tensor) -> torch.Tensor: ...
+
+
+def degrade_pair(degradation: Degradation, hq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HQ, LQ) in [-1, 1] for a training batch ``hq`` in [-1, 1]: the degradation's ``pair`` where it has one,
+    else ``hq`` and its LQ."""
+    pair = getattr(degradation, "pair", None)
+    return pair(hq) if pair is not None else (hq, degradation(hq))
 
 
 class BicubicDegradation:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from osediff_lab.data.datamodule import HQDataModule
-from osediff_lab.data.degradation import build_degradation
+from osediff_lab.data.degradation import build_degradation, degrade_pair
 from osediff_lab.data.realesrgan import describe
 from osediff_lab.errors import user_errors
 from osediff_lab.io import atomic_write_text
@@ -61,7 +61,7 @@ def write_preview(cfg: DictConfig) -> tuple[Path, list[dict[str, str]]]:
     batch = next(iter(dm.train_dataloader()))
     hq = batch["hq"]
     degradation = build_degradation(cfg.degradation, cfg.scale)
-    lq = degradation(hq)
+    hq, lq = degrade_pair(degradation, hq)
     records = getattr(degradation, "last_params", None)
     captions = [describe(r) for r in records] if records else [[f"{cfg.degradation.name} x{cfg.scale}"]] * hq.shape[0]
     out = Path(cfg.paths.output_dir) / "preview" / f"degradation_{cfg.degradation.name}_seed{cfg.seed}.png"

@@ -6,6 +6,8 @@ there is no shared canvas: every operation runs once per group of samples that a
 alone, and each sample's result equals processing it on its own (``apply`` on ``select_samples``).
 All random parameters come from one seeded CPU generator owned by the object (``state_dict`` resumes it);
 noise fields come from a device generator per sample, seeded from it per call.
+The public releases' quirks (OSEDiff's and PiSA-SR's basicsr-based pipeline) are switches: ``jpeg_codec``,
+``resize_rule``, ``poisson_levels`` and ``clamp_lq`` (docs/degradation_quirks.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 from osediff_lab.build import raise_problems
 from osediff_lab.data.jpeg import RGB_TO_YCC, jpeg_compress
 from osediff_lab.data.kernels import KERNEL_TYPES, KernelSpec, describe_kernel, sample_kernels
-from osediff_lab.data.resize import resize
+from osediff_lab.data.release_jpeg import release_jpeg
+from osediff_lab.data.resize import resize, resize_by_factor
 from osediff_lab.dtypes import host_to_device
 from osediff_lab.errors import ConfigError
 
@@ -36,6 +39,19 @@ MIN_STRIP_ROWS = 16  # shorter strips would spend more on their overlapping bord
 # auto: each kernel cropped to its support, then direct or FFT as above; plain: the full kernel in one grouped
 # convolution, as Real-ESRGAN's filter2D (the reference; the same as auto to float rounding, and slower).
 BLUR_METHODS = ("auto", "plain")
+# libjpeg: what an 8-bit JPEG file decodes to (data/jpeg.py); release_diffjpeg: basicsr's DiffJPEG approximation,
+# which the public releases run (data/release_jpeg.py).
+JPEG_CODECS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "libjpeg": jpeg_compress,
+    "release_diffjpeg": release_jpeg,
+}
+# The first stage's resize: size = to exactly floor(size * factor); scale_factor = F.interpolate(scale_factor=factor)
+# as the releases call it (the same output size, but the sampling grid spaced 1 / factor: content stretched).
+RESIZE_RULES = ("size", "scale_factor")
+# poisson_levels takes a number, or this: the releases' count (basicsr's generate_poisson_noise_pt, see release_poisson_noise).
+RELEASE_LEVELS = "release"
+# torchvision's rgb_to_grayscale weights, which basicsr's gray Poisson noise uses (degradations.py:631).
+TORCHVISION_GRAY = (0.2989, 0.587, 0.114)
 
 
 # ---- operations on groups of samples (pure functions, images in [0, 1]) -----------------------------
@@ -172,6 +188,12 @@ def resize_each(xs: list[torch.Tensor], out_sizes: list[tuple[int, int]], modes:
     return map_groups(xs, keys, lambda x, idx: resize(x, out_sizes[idx[0]], modes[idx[0]], antialias))
 
 
+def rescale_each(xs: list[torch.Tensor], factors: list[float], modes: list[str], antialias: bool) -> list[torch.Tensor]:
+    """Resize sample i by ``factors[i]`` with ``modes[i]`` (``resize_by_factor``); one call per (size, factor, mode)."""
+    keys = [(tuple(x.shape), f, m) for x, f, m in zip(xs, factors, modes, strict=True)]
+    return map_groups(xs, keys, lambda x, idx: resize_by_factor(x, factors[idx[0]], modes[idx[0]], antialias))
+
+
 def gaussian_noise(shape: torch.Size, sigma: torch.Tensor, gray: bool, gens: list[torch.Generator]) -> torch.Tensor:
     """N(0, sigma^2) noise for (B, C, H, W), sample i from ``gens[i]`` (sigma per sample, on the [0, 1] scale).
 
@@ -197,25 +219,66 @@ def poisson_noise(x: torch.Tensor, scale: torch.Tensor, gray: bool, levels: floa
     return n.expand_as(x) * host_to_device(scale, x.device, x.dtype)[:, None, None, None]
 
 
-def noise_each(xs: list[torch.Tensor], p: dict[str, Any], gens: list[torch.Generator], levels: float) -> list[torch.Tensor]:
-    """Add each sample's Gaussian or Poisson noise and clamp to [0, 1]; one call per (size, kind, gray)."""
+def gray_torchvision(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's grayscale of RGB x (B, 3, H, W) -> (B, 1, H, W), on x's scale (``TORCHVISION_GRAY``)."""
+    (wr, wg, wb), (r, g, b) = TORCHVISION_GRAY, x.unbind(1)
+    return (wr * r + wg * g + wb * b)[:, None]
+
+
+def distinct_8bit(v: torch.Tensor) -> torch.Tensor:
+    """How many distinct values each sample of v (B, ...) holds, v holding 8-bit levels k / 255 -> (B,) int64."""
+    k = (v.flatten(1) * 255).round().long()
+    return torch.zeros(v.shape[0], 256, dtype=torch.bool, device=v.device).scatter_(1, k, True).sum(1)
+
+
+def release_levels(counts: torch.Tensor) -> torch.Tensor:
+    """basicsr's Poisson level count 2 ** ceil(log2(n)) for n distinct values (degradations.py:647), counts (B,)
+    in [1, 256], exactly: 2 to the number of powers 1, 2, ..., 128 that n exceeds."""
+    powers = 2 ** torch.arange(8, device=counts.device)
+    return 2 ** (counts[:, None] > powers).sum(1)
+
+
+def release_poisson_noise(x: torch.Tensor, scale: torch.Tensor, gray: bool, gens: list[torch.Generator]) -> torch.Tensor:
+    """basicsr's ``generate_poisson_noise_pt`` (degradations.py:610-655), sample i from ``gens[i]``; x in [0, 1].
+
+    The noise is drawn around x (``gray``: its torchvision grayscale, for every channel) rounded to 8 bits and
+    clipped, at ``release_levels`` of that rounded image's distinct values (of all its channels):
+    (Poisson(v * L) / L - v) * scale."""
+    v = ((gray_torchvision(x) if gray else x) * 255).round().clamp(0, 255) / 255
+    levels = release_levels(distinct_8bit(v)).to(v.dtype)[:, None, None, None]
+    n = torch.stack([torch.poisson(v[j] * levels[j], generator=g) for j, g in enumerate(gens)]) / levels - v
+    return n.expand_as(x) * host_to_device(scale, x.device, x.dtype)[:, None, None, None]
+
+
+def noise_each(
+    xs: list[torch.Tensor], p: dict[str, Any], gens: list[torch.Generator], levels: float | str
+) -> list[torch.Tensor]:
+    """Add each sample's Gaussian or Poisson noise and clamp to [0, 1]; one call per (size, kind, gray).
+
+    ``levels``: the Poisson intensity levels, or ``RELEASE_LEVELS`` (``release_poisson_noise``)."""
 
     def fn(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
         gray, g = bool(p["gray"][idx[0]]), [gens[i] for i in idx]
         if p["gaussian"][idx[0]]:
             noise = gaussian_noise(x.shape, p["sigma"][idx], gray, g)
+        elif levels == RELEASE_LEVELS:
+            noise = release_poisson_noise(x, p["poisson"][idx], gray, g)
         else:
-            noise = poisson_noise(x, p["poisson"][idx], gray, levels, g)
+            noise = poisson_noise(x, p["poisson"][idx], gray, float(levels), g)
         return (x + noise).clamp(0, 1)
 
     keys = [(tuple(x.shape), bool(p["gaussian"][i]), bool(p["gray"][i])) for i, x in enumerate(xs)]
     return map_groups(xs, keys, fn)
 
 
-def jpeg_each(xs: list[torch.Tensor], quality: torch.Tensor, where: list[bool] | None = None) -> list[torch.Tensor]:
-    """JPEG each sample (only those with ``where[i]``) at its quality; one call per size."""
+def jpeg_each(
+    xs: list[torch.Tensor], quality: torch.Tensor, where: list[bool] | None = None, codec: str = "libjpeg"
+) -> list[torch.Tensor]:
+    """JPEG each sample (only those with ``where[i]``) at its quality with ``codec`` (a ``JPEG_CODECS`` key); one
+    call per size."""
     keys = [tuple(x.shape) if where is None or where[i] else None for i, x in enumerate(xs)]
-    return map_groups(xs, keys, lambda x, idx: jpeg_compress(x, quality[idx]))
+    compress = JPEG_CODECS[codec]
+    return map_groups(xs, keys, lambda x, idx: compress(x, quality[idx]))
 
 
 def pulse(n: int, size: int) -> torch.Tensor:
@@ -287,7 +350,10 @@ class Settings:
     antialias: bool
     border: str
     blur: str
-    poisson_levels: float
+    jpeg_codec: str
+    resize_rule: str
+    poisson_levels: float | str
+    clamp_lq: bool
     first: Stage
     second: Stage
     final: Final
@@ -334,6 +400,21 @@ def settings_problems(
         problems.append(f"degradation.blur='{blur}' must be one of {list(BLUR_METHODS)}")
     if pool.enabled and pool.size < 1:
         problems.append(f"degradation.pool.size={pool.size} must be >= 1 (a multiple of the batch size)")
+    return problems
+
+
+def quirk_problems(jpeg_codec: Any, resize_rule: Any, poisson_levels: Any, clamp_lq: Any) -> list[str]:
+    """Unknown values of the switches for the releases' quirks, each naming its key."""
+    problems = []
+    if jpeg_codec not in JPEG_CODECS:
+        problems.append(f"degradation.jpeg_codec='{jpeg_codec}' must be one of {list(JPEG_CODECS)}")
+    if resize_rule not in RESIZE_RULES:
+        problems.append(f"degradation.resize_rule='{resize_rule}' must be one of {list(RESIZE_RULES)}")
+    number = isinstance(poisson_levels, int | float) and not isinstance(poisson_levels, bool)
+    if not (poisson_levels == RELEASE_LEVELS or number and poisson_levels > 0):
+        problems.append(f"degradation.poisson_levels={poisson_levels!r} must be a number > 0 or '{RELEASE_LEVELS}'")
+    if not isinstance(clamp_lq, bool):
+        problems.append(f"degradation.clamp_lq={clamp_lq!r} must be true or false")
     return problems
 
 
@@ -419,8 +500,8 @@ class RealESRGANDegradation:
 
     Built from ``degradation=realesrgan`` (the arguments are its keys; ``first``/``second``/``final``/``pool``
     take mappings or their frozen settings). ``last_params`` holds the sampled parameters of the latest call,
-    one dict per sample; ``describe`` turns one into text. With ``pool.enabled`` the call also swaps pairs with
-    a pool (see ``pair``).
+    one dict per sample; ``describe`` turns one into text. ``pair`` gives (HQ, LQ) through the training-pair pool
+    (``pool.enabled``), which swaps both sides; the call gives the LQ alone and refuses while the pool is on.
     """
 
     @classmethod
@@ -435,7 +516,8 @@ class RealESRGANDegradation:
         if problems:
             return problems
         return settings_problems(parts["first"], parts["second"], tuple(args["resize_modes"]), str(args["border"]),
-                                 str(args["blur"]), parts["pool"])
+                                 str(args["blur"]), parts["pool"]) + quirk_problems(
+            args["jpeg_codec"], args["resize_rule"], args["poisson_levels"], args["clamp_lq"])
 
     def __init__(
         self,
@@ -450,14 +532,19 @@ class RealESRGANDegradation:
         antialias: bool,
         border: str,
         blur: str,
-        poisson_levels: float,
+        jpeg_codec: str,
+        resize_rule: str,
+        poisson_levels: float | str,
+        clamp_lq: bool,
         first: Stage | Mapping[str, Any],
         second: Stage | Mapping[str, Any],
         final: Final | Mapping[str, Any],
         pool: Pool | Mapping[str, Any],
     ) -> None:
-        parts = {"first": first, "second": second, "final": final, "pool": pool}
-        raise_problems(self.argument_problems({**parts, "resize_modes": resize_modes, "border": border, "blur": blur}), "degradation=realesrgan")
+        args = {"first": first, "second": second, "final": final, "pool": pool, "resize_modes": resize_modes,
+                "border": border, "blur": blur, "jpeg_codec": jpeg_codec, "resize_rule": resize_rule,
+                "poisson_levels": poisson_levels, "clamp_lq": clamp_lq}
+        raise_problems(self.argument_problems(args), "degradation=realesrgan")
         self.settings = Settings(
             kernel_size=int(kernel_size),
             kernel_size_range=(int(kernel_size_range[0]), int(kernel_size_range[1])),
@@ -468,7 +555,10 @@ class RealESRGANDegradation:
             antialias=bool(antialias),
             border=str(border),
             blur=str(blur),
-            poisson_levels=float(poisson_levels),
+            jpeg_codec=str(jpeg_codec),
+            resize_rule=str(resize_rule),
+            poisson_levels=poisson_levels if poisson_levels == RELEASE_LEVELS else float(poisson_levels),
+            clamp_lq=bool(clamp_lq),
             first=section(Stage, first, "degradation.first"),
             second=section(Stage, second, "degradation.second"),
             final=section(Final, final, "degradation.final"),
@@ -498,15 +588,16 @@ class RealESRGANDegradation:
         self._gen.set_state(state["generator"])
 
     def __call__(self, hq: torch.Tensor) -> torch.Tensor:
-        """LQ for ``hq`` in [-1, 1]. With the pool enabled ``hq`` is overwritten in place by the LQ's HQ partners."""
-        if self.pool is None:
-            return self.degrade(hq)
-        new_hq, lq = self.pair(hq)
-        hq.copy_(new_hq)
-        return lq
+        """The LQ of ``hq`` in [-1, 1] (``degrade``). With the pool enabled the HQ changes too: that is ``pair``'s
+        work, and this raises a ValueError saying so."""
+        if self.pool is not None:
+            raise ValueError("degradation.pool.enabled: the pool swaps the HQ side as well; take both from "
+                             "pair(hq) (osediff_lab.data.degradation.degrade_pair)")
+        return self.degrade(hq)
 
     def pair(self, hq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(HQ, LQ) in [-1, 1], passed through the training-pair pool when it is enabled (shuffles pairs across batches)."""
+        """(HQ, LQ) in [-1, 1], passed through the training-pair pool when it is enabled (shuffles pairs across
+        batches); ``hq`` itself is left as it is."""
         lq = self.degrade(hq)
         if self.pool is None:
             return hq, lq
@@ -514,7 +605,8 @@ class RealESRGANDegradation:
 
     @torch.no_grad()
     def degrade(self, hq: torch.Tensor) -> torch.Tensor:
-        """The degradation itself, no pool: HQ in [-1, 1] -> LQ in [-1, 1] at exactly H/scale x W/scale."""
+        """The degradation itself, no pool: HQ in [-1, 1] -> LQ at exactly H/scale x W/scale, in [-1, 1] unless
+        ``clamp_lq`` is false."""
         b, _, h, w = hq.shape
         if h % self.scale or w % self.scale:
             raise ValueError(f"HQ size {h}x{w} is not divisible by scale {self.scale}")
@@ -545,26 +637,36 @@ class RealESRGANDegradation:
 
     @torch.no_grad()
     def apply(self, hq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
-        """HQ (B, 3, H, W) in [-1, 1] -> LQ in [-1, 1] with given parameters (``sample``'s, one entry per sample)."""
+        """HQ (B, 3, H, W) in [-1, 1] -> LQ with given parameters (``sample``'s, one entry per sample), in [-1, 1]
+        unless ``clamp_lq`` is false: then samples whose last operation is the final resize and sinc filter
+        (JPEG first) keep their overshoot, as the releases' do until their resize back clamps."""
         s = self.settings
         b, _, h, w = hq.shape
         lq_size = (h // self.scale, w // self.scale)
         p1, p2, pf = params["first"], params["second"], params["final"]
         gens = [torch.Generator(device=hq.device).manual_seed(int(s)) for s in params["noise_seed"]]
         xs = list(((hq.float() + 1) / 2).unbind(0))
-        xs = jpeg_each(self._stage(xs, params["sizes1"], p1, gens), p1["quality"])
+        factors = p1["factor"].tolist() if s.resize_rule == "scale_factor" else None
+        xs = jpeg_each(self._stage(xs, params["sizes1"], p1, gens, factors), p1["quality"], codec=s.jpeg_codec)
         xs = self._stage(xs, params["sizes2"], p2, gens)
         first = pf["jpeg_first"].tolist()
-        xs = jpeg_each(xs, p2["quality"], where=first)
+        xs = jpeg_each(xs, p2["quality"], where=first, codec=s.jpeg_codec)
         xs = blur_each(resize_each(xs, [lq_size] * b, pf["mode"], s.antialias), pf["kernels"], s.border, s.blur)
-        x = torch.stack(jpeg_each([x.clamp(0, 1) for x in xs], p2["quality"], where=[not f for f in first]))
+        xs = [x.clamp(0, 1) if s.clamp_lq or not f else x for x, f in zip(xs, first, strict=True)]
+        x = torch.stack(jpeg_each(xs, p2["quality"], where=[not f for f in first], codec=s.jpeg_codec))
         return (x * 2 - 1).to(hq.dtype)
 
-    def _stage(self, xs: list[torch.Tensor], out_sizes, p: dict[str, Any], gens: list[torch.Generator]) -> list[torch.Tensor]:
-        """Blur, resize, noise (no JPEG) for one stage, sample by sample in groups."""
+    def _stage(
+        self, xs: list[torch.Tensor], out_sizes, p: dict[str, Any], gens: list[torch.Generator], factors=None
+    ) -> list[torch.Tensor]:
+        """Blur, resize (to ``out_sizes``, or by ``factors``: ``resize_rule=scale_factor``), noise (no JPEG) for
+        one stage, sample by sample in groups."""
         s = self.settings
         xs = blur_each(xs, p["kernels"], s.border, s.blur)
-        xs = resize_each(xs, out_sizes, p["mode"], s.antialias)
+        if factors is None:
+            xs = resize_each(xs, out_sizes, p["mode"], s.antialias)
+        else:
+            xs = rescale_each(xs, factors, p["mode"], s.antialias)
         return noise_each(xs, p, gens, s.poisson_levels)
 
     @staticmethod
