@@ -1,10 +1,11 @@
-"""Test helpers: compose the train config as the CLI would, locate ../shared."""
+"""Test helpers: compose the train config as the CLI would, locate ../shared, the epsilon schedule by hand."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -30,3 +31,20 @@ def compose_config(overrides: list[str] | None = None, run_dir: Path | None = No
 
 
 TINY = ["model=tiny", "data=demo", "logger=csv", "loss.lpips.pretrained=false", "loss.lpips.net=alex", "data.crop_size=64", "data.batch_size=2"]
+
+
+def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t in fp32 on ``like``'s device, one per sample, shaped to broadcast against ``like``."""
+    return alphas_cumprod.to(like.device)[t.to(like.device).long()].float().reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Clean-latent estimate of an epsilon-prediction model, by hand: (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    abar = _abar(alphas_cumprod, t, z_t)
+    return ((z_t.float() - (1.0 - abar).sqrt() * eps.float()) / abar.sqrt()).to(z_t.dtype)
+
+
+def add_noise(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion q(z_t | z_0) by hand: sqrt(abar_t) z0 + sqrt(1 - abar_t) noise."""
+    abar = _abar(alphas_cumprod, t, z0)
+    return (abar.sqrt() * z0.float() + (1.0 - abar).sqrt() * noise.float()).to(z0.dtype)

@@ -15,7 +15,7 @@ from helpers import TINY, compose_config
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.export import main as export_main
 from osediff_lab.models.components import build_components, save_pretrained
-from osediff_lab.models.lora_files import export_lora
+from osediff_lab.models.lora_files import config_hash, export_lora
 from osediff_lab.models.osediff import build_osediff
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import NullPrompt
@@ -82,7 +82,8 @@ def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "last.ckpt")
-    weights, _ = export_main([f"ckpt={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'lora.safetensors'}"])
+    weights, sidecar = export_main([f"ckpt={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'lora.safetensors'}"])
+    assert json.loads(sidecar.read_text())["config_hash"] == config_hash(cfg)  # as the end-of-training export's
     assert torch.equal(OSEDiffPipeline.from_checkpoint(weights, options=OPTS)(LQ), reference)
     assert torch.equal(OSEDiffPipeline.from_checkpoint(tmp_path / "last.ckpt", options=OPTS)(LQ), reference)
 

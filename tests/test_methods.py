@@ -15,13 +15,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import TINY, compose_config
+from helpers import TINY, add_noise, compose_config, x0_from_eps
 from osediff_lab.checks import config_problems, validate_config
 from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import Method, weighted_total
 from osediff_lab.models.components import build_components
 from osediff_lab.models.pisasr import build_pisa_generator
-from osediff_lab.models.vsd import add_noise, classifier_free_guidance, sample_timesteps, x0_from_eps
+from osediff_lab.models.vsd import classifier_free_guidance, sample_timesteps
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.train import build_module, run

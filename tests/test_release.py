@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, compose_config
+from helpers import TINY, add_noise, compose_config, x0_from_eps
 from osediff_lab.data.resize import upsample_input, upsample_to
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.lora import lora_layers, merge_and_unload
 from osediff_lab.models.lora_files import save_lora_tensors
-from osediff_lab.models.vsd import add_noise, classifier_free_guidance, x0_from_eps
+from osediff_lab.models.vsd import classifier_free_guidance
 from osediff_lab.pipeline.sizes import plan_sizes, to_network_input
 from osediff_lab.train import build_module, run
 

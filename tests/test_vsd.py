@@ -1,4 +1,4 @@
-"""VSD and diffusion math against hand-worked values and diffusers' DDPMScheduler."""
+"""VSD and diffusion math (and the tests' hand-written epsilon schedule) against hand-worked values and diffusers' DDPMScheduler."""
 
 from __future__ import annotations
 
@@ -7,14 +7,8 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
-from osediff_lab.models.vsd import (
-    add_noise,
-    classifier_free_guidance,
-    diffusion_loss,
-    vsd_loss,
-    vsd_weight,
-    x0_from_eps,
-)
+from helpers import add_noise, x0_from_eps
+from osediff_lab.models.vsd import classifier_free_guidance, diffusion_loss, vsd_loss, vsd_weight
 
 
 def sd_scheduler() -> DDPMScheduler:

@@ -1,8 +1,10 @@
-"""LoRA exactly as OSEDiff places it: target selection by module-name suffix, adapters, LoRA-only tensors.
+"""LoRA mechanics every method shares: target layers picked by module-name suffix, named PEFT adapters injected
+over them, switched off for a call, merged or unloaded, and a frozen copy of the base without them.
 
-Denoiser layers are split into three adapters (``models.backbone.lora_groups``: encoder, decoder, others),
-the VAE encoder (incl. quant_conv) gets one adapter. Only Linear and
-Conv2d layers are ever wrapped, so biases and normalisation layers are never adapted.
+Which layers a method adapts and how it groups them into adapters is its builder's choice (OSEDiff's three
+denoiser adapters, ``models.backbone.lora_groups``, and its VAE adapters: ``models.osediff``; PiSA-SR's:
+``models.pisasr``). Only Linear and Conv2d layers are ever wrapped, so biases and normalisation layers are
+never adapted.
 """
 
 from __future__ import annotations
@@ -77,11 +79,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
                 p.requires_grad_(grads[id(p)])
 
 
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    """Names of every LoRA tensor (lora_A / lora_B) in a model."""
-    return [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-
-
 def merge_lora(model: nn.Module) -> None:
     """Fold every active adapter into its base weight (inference speed; outputs unchanged up to fp error)."""
     for layer in lora_layers(model):
@@ -110,6 +107,3 @@ def frozen_base_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     unload_adapters(base)
     return base.to(dtype).requires_grad_(False).eval()
 
-
-def count_parameters(params: Iterable[torch.Tensor]) -> int:
-    return sum(p.numel() for p in params)

@@ -27,8 +27,10 @@ NUMPY_ARRAYS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype] + [  # [0]: t
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """sha256 of the resolved config (hydra section excluded), to tie weights to the run that made them."""
-    text = OmegaConf.to_yaml(cfg, resolve=False, sort_keys=True)
+    """sha256 of the config with its interpolations resolved (a job's config has no ``hydra`` section), to tie
+    weights to the run that made them: the end-of-training export and an export from any of the run's training
+    checkpoints (which store the config resolved) carry the same hash."""
+    text = OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -140,10 +142,7 @@ def training_checkpoint_parts(checkpoint: dict, source: str) -> tuple[dict, Dict
 
 
 def export_from_checkpoint(ckpt: str | Path, out: str | Path) -> tuple[Path, Path]:
-    """Write the LoRA-only safetensors + sidecar for a Lightning training checkpoint.
-
-    The config hash is of the checkpoint's resolved config, so it can differ from the end-of-training
-    export's hash (taken before interpolations were resolved).
-    """
+    """Write the LoRA-only safetensors + sidecar for a Lightning training checkpoint (its config hash is the
+    end-of-training export's)."""
     state, cfg, targets = training_checkpoint_parts(load_torch_weights(ckpt), str(ckpt))
     return export_lora(state, cfg, targets, out)

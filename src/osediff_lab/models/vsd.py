@@ -1,8 +1,8 @@
 """Pure functions for OSEDiff's diffusion math: guidance, VSD, the regularizer loss and timestep sampling.
 
-Everything here works on latents (4-channel, scaled by the VAE scaling factor). The schedule-dependent
-parts (noising, x0 from the model output) live in ``osediff_lab.models.schedules``; ``x0_from_eps`` and
-``add_noise`` are the epsilon schedule's for a bare ``alphas_cumprod``, testable on hand-made tensors.
+Everything here works on latents of any channel count (4 for SD2.1 and SDXL, 16 for SD3), scaled by the VAE
+scaling factor. The schedule-dependent parts (noising, x0 from the model output) live in
+``osediff_lab.models.schedules``.
 """
 
 from __future__ import annotations
@@ -11,17 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from osediff_lab.dtypes import host_to_device
-from osediff_lab.models.schedules import EpsilonSchedule
-
-
-def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Clean-latent estimate of an epsilon-prediction model: (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    return EpsilonSchedule(alphas_cumprod).x0_from_output(z_t, eps, t)
-
-
-def add_noise(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion q(z_t | z_0): sqrt(abar_t) z0 + sqrt(1 - abar_t) noise."""
-    return EpsilonSchedule(alphas_cumprod).add_noise(z0, noise, t)
 
 
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
