@@ -1,4 +1,5 @@
-"""`python -m osediff_lab.train [overrides]`: train OSEDiff as configured in conf/ (Hydra)."""
+"""`python -m osediff_lab.train [overrides]`: train the configured method (`method=`: OSEDiff, PiSA-SR or any other)
+on the configured backbone, as conf/ (Hydra) composes it."""
 
 from __future__ import annotations
 
