@@ -15,6 +15,7 @@ from omegaconf import open_dict
 from torchvision.transforms.functional import rgb_to_grayscale
 
 from helpers import compose_config
+from osediff_lab.data import realesrgan
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.data.jpeg import CHROMA_TABLE, LUMA_TABLE, jpeg_compress
 from osediff_lab.data.realesrgan import (
@@ -280,6 +281,29 @@ def test_release_batch_equals_each_sample_processed_alone(name):
     for i in range(8):
         alone = d.apply(hq[i : i + 1], select_samples(params, [i]))
         torch.testing.assert_close(batched[i : i + 1], alone, atol=2e-5, rtol=0)
+
+
+def test_release_pipeline_runs_every_jpeg_through_the_release_codec_and_its_poisson_rule(monkeypatch):
+    """Wiring: the first-stage JPEG and the final one, in either order, go through ``release_diffjpeg``, never
+    libjpeg; Poisson samples go through the release's level rule."""
+    calls = {"libjpeg": 0, "release_diffjpeg": 0, "poisson": 0}
+
+    def counting(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return wrapped
+
+    for name in ("libjpeg", "release_diffjpeg"):
+        monkeypatch.setitem(realesrgan.JPEG_CODECS, name, counting(name, realesrgan.JPEG_CODECS[name]))
+    monkeypatch.setattr(realesrgan, "release_poisson_noise", counting("poisson", realesrgan.release_poisson_noise))
+    d = make("realesrgan_osediff_release", seed=6, resize_per_sample=False)
+    params = d.sample(4, (64, 64))
+    params["final"]["jpeg_first"] = torch.tensor([True, True, False, False])
+    params["first"]["gaussian"][:] = False
+    d.apply(torch.rand(4, 3, 64, 64) * 2 - 1, params)
+    assert calls["libjpeg"] == 0 and calls["release_diffjpeg"] == 3 and calls["poisson"] >= 1
 
 
 def test_release_configs_hold_the_releases_values():
