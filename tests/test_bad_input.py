@@ -296,7 +296,11 @@ def test_evaluate_cli_exit_status_says_whether_a_pair_failed(tmp_path, bad_files
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("optim.lr=-1e-3", "optim.lr"), ("optim.reg_lr=0", "optim.reg_lr"), ("trainer.max_steps=0", "trainer.max_steps"),
+    [("method.optim.generator.lr=-1e-3", "method.optim.generator.lr"), ("method.optim.regularizer.lr=0", "method.optim.regularizer.lr"),
+     ("optim.lr=1e-4", "method.optim.generator.lr"), ("optim.reg_lr=1e-4", "method.optim.regularizer.lr"),
+     ("method.optim.regularizer.betas=[0.9,1.0]", "method.optim.regularizer.betas"),
+     ("optim.accumulate_grad_batches=0", "optim.accumulate_grad_batches"),
+     ("+method.optim.discriminator={lr:1e-4}", "method.optim.discriminator"), ("trainer.max_steps=0", "trainer.max_steps"),
      ("trainer.max_steps=-1", "trainer.max_steps"), ("trainer.precision=8-mixed", "trainer.precision"),
      ("trainer.precision=bf16-true", "trainer.precision")],
 )

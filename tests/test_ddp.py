@@ -131,7 +131,7 @@ def test_ddp_validation_is_sharded_and_its_means_equal_one_process(tmp_path, rea
     """3 RealSR pairs over 2 ranks (2 + 1 images): scored once each, means equal to a single process.
     The learning rate is 1e-30 so both runs validate the same (initial) weights after one step."""
     args = [*CLI, "trainer.max_steps=1", "val=realsr", f"val.root={realsr}", "val.limit=3", "val.every_n_steps=1",
-            "+val.pipeline.process_size=128", "optim.lr=1e-30", "optim.reg_lr=1e-30"]
+            "+val.pipeline.process_size=128", "method.optim.generator.lr=1e-30", "method.optim.regularizer.lr=1e-30"]
     results = {}
     for name, extra in (("single", []), ("ddp", ["trainer=ddp_cpu"])):
         run_dir = tmp_path / name
@@ -146,10 +146,10 @@ def test_ddp_validation_is_sharded_and_its_means_equal_one_process(tmp_path, rea
 
 @pytest.mark.slow
 def test_unsynced_regularizer_trains_per_rank_while_the_generator_stays_shared(tmp_path):
-    """optim.sync_regularizer_grads=false (the public release): ranks end with different regularizers;
+    """method.optim.regularizer.sync_grads=false (the public release): ranks end with different regularizers;
     with the default they agree (tests/test_distributed.py)."""
     run_dir = tmp_path / "run"
-    finish(train_cli([*CLI, "trainer=ddp_cpu", "trainer.max_steps=1", "optim.sync_regularizer_grads=false",
+    finish(train_cli([*CLI, "trainer=ddp_cpu", "trainer.max_steps=1", "method.optim.regularizer.sync_grads=false",
                       f"hydra.run.dir={run_dir}"], tmp_path))
     ranks = [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["generator_sha256"] == ranks[1]["generator_sha256"]

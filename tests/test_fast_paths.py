@@ -96,7 +96,7 @@ def tiny_module(overrides: list[str]):
     torch.manual_seed(0)
     module = build_module(cfg)
     with torch.no_grad():
-        for p in module.groups["generator"]:  # trained-looking LoRA (B starts at 0)
+        for p in module.groups["generator"].params:  # trained-looking LoRA (B starts at 0)
             p.add_(torch.randn_like(p) * 0.05)
     return module.train()
 
@@ -110,8 +110,9 @@ def batch(module, size: int = 32) -> dict:
 def generator_grads(module, b: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The generator loss (L2 + LPIPS; VSD is off in ``tiny_module``) and its trainable tensors' gradients."""
     terms, _ = module.method.generator_losses(b, module.encode_text([""] * b["hq"].shape[0]))
-    grads = torch.autograd.grad(terms["total"], module.groups["generator"], allow_unused=True)
-    return terms["total"].detach(), [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, module.groups["generator"], strict=True)]
+    params = module.groups["generator"].params
+    grads = torch.autograd.grad(terms["total"], params, allow_unused=True)
+    return terms["total"].detach(), [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
 
 
 def saved_bytes(module, b: dict) -> int:
@@ -154,7 +155,7 @@ def test_frozen_bf16_losses_match_fp32():
     for key in ("l2", "lpips", "vsd", "total"):
         assert abs(terms_lo[key].float() - terms_ref[key]) <= 5e-2 * terms_ref[key].abs(), key
     terms_lo["total"].backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lo.groups["generator"] if p.grad is not None)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lo.groups["generator"].params if p.grad is not None)
 
 
 def test_bf16_lpips_matches_fp32_and_passes_gradients():

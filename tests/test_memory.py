@@ -67,7 +67,7 @@ def test_predicted_and_benchmarked_step_is_the_training_step():
     step()
     opt_g, opt_r = built[0]["generator"], built[0]["regularizer"]
     assert {int(s["step"]) for s in opt_g.state.values()} == {1} and {int(s["step"]) for s in opt_r.state.values()} == {2}
-    after_clip = [p.grad.norm() for p in module.groups["generator"] if p.grad is not None]
+    after_clip = [p.grad.norm() for p in module.groups["generator"].params if p.grad is not None]
     assert torch.stack(after_clip).norm() <= 1e-6 * 1.01  # clipped by optim.grad_clip
     before = {n: p.detach().clone() for n, p in module.trained_state_dict().items()}
     build_losses = module.method.generator_losses

@@ -13,7 +13,8 @@ import torch
 
 from helpers import TINY, compose_config
 from osediff_lab.lit.optimization import NonFiniteLossError
-from osediff_lab.methods.base import GENERATOR, REGULARIZER
+from osediff_lab.methods.osediff import REGULARIZER
+from osediff_lab.step import GENERATOR
 from osediff_lab.train import build_module, run
 
 FAST = [*TINY, "data.crop_size=32", "trainer.log_every_n_steps=1", "callbacks.samples.every_n_steps=0",
@@ -92,7 +93,7 @@ def test_a_nonfinite_step_leaves_weights_and_adam_state_as_they_were(fused):
         return module.train_step(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""])
 
     step()  # a good step creates the Adam state
-    groups = {name: [p.detach().clone() for p in params] for name, params in module.groups.items()}
+    groups = {name: [p.detach().clone() for p in group.params] for name, group in module.groups.items()}
     states = {name: adam_state(opt) for name, opt in optimizers.items()}
     good = module.method.generator_losses
 
@@ -104,9 +105,9 @@ def test_a_nonfinite_step_leaves_weights_and_adam_state_as_they_were(fused):
     logs = step()
     assert isinstance(logs["train/skipped_generator"], torch.Tensor)
     assert float(logs["train/skipped_generator"]) == 1 and float(logs["train/skipped_regularizer"]) == 0
-    same = [torch.equal(a, b) for a, b in zip(groups[GENERATOR], module.groups[GENERATOR], strict=True)]
+    same = [torch.equal(a, b) for a, b in zip(groups[GENERATOR], module.groups[GENERATOR].params, strict=True)]
     assert all(same) and all(torch.equal(a, b) for a, b in zip(states[GENERATOR], adam_state(optimizers[GENERATOR]), strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(groups[REGULARIZER], module.groups[REGULARIZER], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(groups[REGULARIZER], module.groups[REGULARIZER].params, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(states[REGULARIZER], adam_state(optimizers[REGULARIZER]), strict=True))
     module.skips.limit = 2
     module.skips.report(1)  # one skipped step in a row: a warning, no stop
@@ -119,11 +120,13 @@ def test_fused_adamw_by_default_and_not_for_a_tensor_listed_twice():
     """The release lists conv_in's LoRA twice, and its AdamW then steps those tensors twice in a row; one fused
     launch would read their moments once for both entries, so such a group keeps the foreach AdamW. Truth: the
     same tensor stepped by two AdamW steps on its own (bias corrections of steps 1 and 2)."""
-    from osediff_lab.lit.optimization import build_optimizers
+    from osediff_lab.step import GroupSettings, ParamGroup, build_optimizer
 
     w, twice = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.full((2,), 2.0))
-    opts = build_optimizers({GENERATOR: [w, twice, twice], REGULARIZER: [w]}, {GENERATOR: 0.1, REGULARIZER: 0.1},
-                            (0.9, 0.999), 0.01, 1e-8)
+    settings = GroupSettings(lr=0.1, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    adamw = {"_target_": "torch.optim.AdamW"}
+    opts = {GENERATOR: build_optimizer(ParamGroup([w, twice, twice], settings), adamw),
+            REGULARIZER: build_optimizer(ParamGroup([w], settings), adamw)}
     assert not opts[GENERATOR].param_groups[0]["fused"] and opts[REGULARIZER].param_groups[0]["fused"]
     alone = torch.nn.Parameter(twice.detach().clone())
     reference = torch.optim.AdamW([alone], lr=0.1, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8, foreach=False)
@@ -178,8 +181,8 @@ def test_the_lightning_loop_reads_no_tensor_between_log_steps(tmp_path, monkeypa
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "64"])
 def test_every_offered_precision_steps_through_the_modules_update(precision, tmp_path):
-    """bf16-mixed and 64-true (fp32 and fp16 above): Lightning's step hands over to SRModule.optimizer_update,
-    so the generator's LoRA moves and no step is skipped."""
+    """bf16-mixed and 64-true (fp32 and fp16 above): Lightning's step runs the module's plain-torch update
+    (osediff_lab.step), so the generator's LoRA moves and no step is skipped."""
     from osediff_lab.lit.precision import ModuleStep
 
     cfg = compose_config([*FAST, "trainer.max_steps=2", f"trainer.precision={precision}"], tmp_path)

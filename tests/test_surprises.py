@@ -52,7 +52,7 @@ def test_auto_resume_refuses_a_run_whose_config_changed(tmp_path):
     with pytest.raises(ConfigError, match=r"loss.vsd_weight: 1.0 -> 0.5(.|\n)*resume=false"):
         run(compose_config([*fast, "trainer.max_steps=2", "loss.vsd_weight=0.5"], tmp_path))
     assert config_changes({"trainer": {"max_steps": 1}, "a": 1, "old": 2}, {"trainer": {"max_steps": 9}, "a": 1}) == []
-    assert config_changes({"optim": {"lr": 1e-4}}, {"optim": {"lr": 5e-5}}) == ["optim.lr: 0.0001 -> 5e-05"]
+    assert config_changes({"optim": {"grad_clip": 1.0}}, {"optim": {"grad_clip": 0.5}}) == ["optim.grad_clip: 1.0 -> 0.5"]
 
 
 def test_resume_with_other_lora_ranks_is_one_clear_error(tmp_path):

@@ -1,6 +1,6 @@
 """Held-out L2 before and after a short OSEDiff run on the nano base (the learning test's measurement).
 
-    python experiments/vsd/nano_probe.py intact 40 /tmp/probe loss.vsd_weight=0.1 optim.lr=1e-3
+    python experiments/vsd/nano_probe.py intact 40 /tmp/probe loss.vsd_weight=0.1 method.optim.generator.lr=1e-3
     python experiments/vsd/nano_probe.py detached 40 /tmp/probe_det     # generator output detached on purpose
 
 Prints one JSON line: start and end L2 (RGB, [0, 1]) on the val=demo crops, the relative drop, wall and CPU

@@ -80,7 +80,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         )
     problems.extend(method_problems(cfg.method))
     problems.extend(release_switch_problems(gen))
-    problems.extend(optim_problems(cfg.optim))
+    problems.extend(optim_problems(cfg.optim, cfg.method))
     problems.extend(step_problems(cfg.trainer))
     problems.extend(data_problems(cfg))
     if cfg.get("prompt") is not None:
@@ -113,18 +113,18 @@ def release_switch_problems(gen: DictConfig) -> list[str]:
     return problems
 
 
-def optim_problems(optim: DictConfig) -> list[str]:
-    """Optimiser values torch would refuse only after the model is built, or that train nothing."""
-    problems = []
-    for key in ("lr", "reg_lr"):
-        if not optim[key] > 0:
-            problems.append(f"optim.{key}={optim[key]} must be > 0")
-    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
-        problems.append(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
-    if optim.weight_decay < 0:
-        problems.append(f"optim.weight_decay={optim.weight_decay} must be >= 0")
-    if not optim.eps > 0:
-        problems.append(f"optim.eps={optim.eps} must be > 0")
+MOVED_OPTIM_KEYS = {
+    "lr": "method.optim.generator.lr", "reg_lr": "method.optim.regularizer.lr", "betas": "method.optim.<group>.betas",
+    "weight_decay": "method.optim.<group>.weight_decay", "eps": "method.optim.<group>.eps",
+    "sync_regularizer_grads": "method.optim.regularizer.sync_grads",
+}
+
+
+def optim_problems(optim: DictConfig, method: DictConfig) -> list[str]:
+    """The loop's optimisation values torch would refuse only after the model is built, or that train nothing;
+    keys that moved to the method's groups, named with their new place."""
+    problems = [f"optim.{key} moved: set {new} (each parameter group has its own settings)"
+                for key, new in MOVED_OPTIM_KEYS.items() if optim.get(key) is not None]
     if optim.grad_clip is not None and optim.grad_clip < 0:
         problems.append(f"optim.grad_clip={optim.grad_clip} must be >= 0 (0 or null: no clipping)")
     if optim.warmup_steps < 0:
@@ -132,6 +132,13 @@ def optim_problems(optim: DictConfig) -> list[str]:
     schedules = [s.value for s in SchedulerType]
     if optim.scheduler not in schedules:
         problems.append(f"optim.scheduler='{optim.scheduler}' must be one of {schedules}")
+    accumulate = optim.get("accumulate_grad_batches", 1)
+    if accumulate < 1:
+        problems.append(f"optim.accumulate_grad_batches={accumulate} must be >= 1")
+    repeated = [name for name, group in (method.get("optim") or {}).items() if int(group.get("updates", 1)) > 1]
+    if accumulate > 1 and repeated:
+        problems.append(f"optim.accumulate_grad_batches={accumulate} with method.optim.{repeated[0]}.updates > 1: a group "
+                        "updated several times per generator step cannot also accumulate micro-batches; set one of them to 1")
     return problems
 
 

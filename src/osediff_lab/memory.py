@@ -98,8 +98,8 @@ def make_fake(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> d
 
 
 def training_step(module: SRModule, hq: torch.Tensor) -> Callable[[], None]:
-    """The module's own training step (``SRModule.train_step``: clipping, non-finite skips,
-    ``loss.reg_steps_per_gen_step``) without a trainer, with its own optimisers and trainer.precision's
+    """The module's own training step (``SRModule.train_step``: clipping, non-finite skips, every group's
+    updates) without a trainer, with its own optimisers and trainer.precision's
     autocast, on a batch degraded from ``hq`` in [-1, 1]; text is the empty prompt. The benchmarks time it."""
     optimizers = module.build_optimizers()
     autocast = AUTOCAST.get(str(module.cfg.trainer.precision))
@@ -138,7 +138,8 @@ def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction
         module = build_module(cfg).train()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = make_fake(module, mode)
-    module.groups = {name: [fakes[id(p)] for p in params] for name, params in module.groups.items()}
+    for group in module.groups.values():
+        group.params = [fakes[id(p)] for p in group.params]
     static = sum(t.untyped_storage().nbytes() for t in fakes.values())
     size, batch = int(cfg.data.crop_size), int(cfg.data.batch_size)
     with mode:

@@ -39,6 +39,7 @@ from osediff_lab.data.datamodule import source_files
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.heldout import heldout_dataset
 from osediff_lab.data.loader import WatchedDataLoader
+from osediff_lab.ema import EMA
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.models.components import Components, build_random, load_pretrained
@@ -159,31 +160,6 @@ def heldout_reconstruction(vae: AutoencoderKL, cfg: DictConfig) -> dict[str, flo
     }
 
 
-class EMA:
-    """Exponential moving average of a module's parameters (warm-up: decay min(d, (1+n)/(10+n)))."""
-
-    def __init__(self, module: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        self.n = 0
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        self.n += 1
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"shadow": self.shadow, "n": self.n}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow, self.n = state["shadow"], state["n"]
-
-
 def fit(
     cfg: DictConfig,
     stage: str,
@@ -197,7 +173,7 @@ def fit(
     out = Path(cfg.out_dir)
     ckpt = out / "checkpoints" / stage / "last.pt"
     opt = torch.optim.AdamW(model.parameters(), lr=float(sc.lr), betas=tuple(sc.betas), weight_decay=float(sc.weight_decay))
-    ema = EMA(model, float(sc.ema_decay)) if sc.ema_decay else None
+    ema = EMA(model.state_dict(), float(sc.ema_decay), warmup=int(sc.ema_warmup)) if sc.ema_decay else None
     step, wall, history = 0, 0.0, []
     if cfg.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -237,7 +213,7 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(sc.grad_clip))
                 opt.step()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model.state_dict())
                 step += 1
                 for k, v in terms.items():
                     running[k] = running.get(k, float(v.detach())) * 0.95 + float(v.detach()) * 0.05

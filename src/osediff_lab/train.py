@@ -18,12 +18,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from osediff_lab import resolvers  # registers ${run_id:...} before Hydra composes
+from osediff_lab.build import build
 from osediff_lab.checks import validate_config
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.errors import USER_ERRORS, ConfigError, user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
+from osediff_lab.lit.ema import find_ema
 from osediff_lab.lit.loggers import build_logger, close_logger
 from osediff_lab.lit.module import SRModule
 from osediff_lab.lit.precision import precision_plugin
@@ -85,7 +87,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> t
     monitors = [stats, RankReport(run_dir / "ranks")]  # learning rates: the module logs train/lr_*
     if cfg.trainer.get("enable_progress_bar", True):
         monitors.append(StepProgress(cfg.trainer.get("log_every_n_steps", 10)))  # steps of max_steps; lines in logs
-    return [ckpt, *best, samples, *monitors, *fault_tolerance], samples
+    return [ckpt, *best, samples, *monitors, *fault_tolerance, *configured_callbacks(cc)], samples
+
+
+def configured_callbacks(cc: DictConfig) -> list[pl.Callback]:
+    """Every entry of ``callbacks`` that names its class (``_target_``), built from its keys (EMA: ``callbacks=ema``)."""
+    return [build(entry, f"callbacks.{key}") for key, entry in cc.items()
+            if isinstance(entry, DictConfig) and entry.get("_target_")]
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
@@ -177,8 +185,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
     module = build_module(cfg)
     callbacks, samples = build_callbacks(cfg, run_dir, preemption)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) | val_trainer_kwargs(cfg)
-    precision = precision_plugin(trainer_cfg.pop("precision", "32-true"), trainer_cfg.get("accelerator"),
-                                 OmegaConf.to_container(cfg.optim.grad_scaler, resolve=True))
+    precision = precision_plugin(trainer_cfg.pop("precision", "32-true"), trainer_cfg.get("accelerator"))
     trainer = pl.Trainer(
         **trainer_cfg,
         logger=build_logger(cfg, run_dir),
@@ -207,9 +214,16 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
             ],
         } | stats.summary()
         if trainer.is_global_zero:
+            stem = module.method.export_stem
             lora, sidecar = export_lora(
-                module.generator_state_dict(), cfg, module.lora_targets, run_dir / "lora" / "osediff_lora.safetensors"
+                module.generator_state_dict(), cfg, module.lora_targets, run_dir / "lora" / f"{stem}.safetensors"
             )
+            ema = find_ema(trainer)
+            if ema is not None and ema.export:  # the same files with the EMA weights, beside the live ones
+                with ema.weights(module):
+                    ema_lora, _ = export_lora(module.generator_state_dict(), cfg, module.lora_targets,
+                                              run_dir / "lora" / "ema" / f"{stem}.safetensors", ema.settings())
+                summary["lora_ema"] = str(ema_lora)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
             summary |= {
                 "last_metrics": summary["last_metrics"] | metrics,  # earlier attempts' values where this one has none
@@ -217,7 +231,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
                 "lora_sidecar": str(sidecar),
                 **{stem: str(save_lora_tensors(tensors, run_dir / "lora" / f"{stem}.safetensors", f"osediff-lab-{stem}/1"))
                    for stem, tensors in module.method.extra_exports().items()},
-                "lora_best": export_best(trainer, run_dir / "lora" / "best" / "osediff_lora.safetensors"),
+                "lora_best": export_best(trainer, run_dir / "lora" / "best" / f"{stem}.safetensors"),
                 "checkpoint_dir": str(run_dir / "checkpoints"),
                 "samples_dir": str(samples.out_dir),
                 "last_sample_grid": str(samples.last_path) if samples.last_path else None,
@@ -301,5 +315,5 @@ def _multirun() -> bool:
 
 
 if __name__ == "__main__":
-    sys.argv = resolvers.quote_null_choices(sys.argv)
+    resolvers.refuse_renamed_choices(sys.argv)
     main()

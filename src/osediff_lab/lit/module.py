@@ -1,14 +1,17 @@
-"""SRModule: the training loop for any one-step SR method (``osediff_lab.methods``), manual optimisation.
+"""SRModule: the training loop for any one-step SR method, manual optimisation.
 
 Per batch: degrade on device, prompts to text embeddings, the method's generator losses and step, then the
-method's further updates (OSEDiff: its regularizer). Here live only the loop's concerns: backward, DDP sync,
-clipping, fp16 loss scaling and non-finite skips, logging, validation; the optimisers and gradient checks are
-functions in ``lit/optimization.py``, what a checkpoint holds in ``lit/contents.py``.
+method's further groups (OSEDiff: its regularizer; a GAN: its discriminator). The step itself (backward,
+accumulation, DDP sync, clipping, loss scaling, non-finite skips) is plain torch in ``osediff_lab.step``; here
+live the Lightning plumbing, logging and validation; what a checkpoint holds is in ``lit/contents.py``. The
+method comes built (``Method``, ``osediff_lab.methods.base``): this module imports no method.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,21 +24,16 @@ from osediff_lab.data.degradation import Degradation
 from osediff_lab.data.resize import upsample_input
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.contents import check_contents, keep_saved
-from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
-from osediff_lab.lit.optimization import (
-    SkipCounter,
-    build_optimizers,
-    build_schedulers,
-    clip_gradients,
-    poison_if_nonfinite,
-)
+from osediff_lab.lit.distributed import gather_objects, own_rank_state
+from osediff_lab.lit.optimization import SkipCounter, build_schedulers
+from osediff_lab.lit.precision import precision_name
 from osediff_lab.lit.validation import build_validator
-from osediff_lab.methods.base import GENERATOR, REGULARIZER, Method
 from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.osediff import cast_frozen, trainable_parameters
 from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import PromptProvider
+from osediff_lab.step import GENERATOR, Stepper, build_optimizer, further_updates, unit_scaler
 
 
 class SRModule(pl.LightningModule):
@@ -43,7 +41,7 @@ class SRModule(pl.LightningModule):
 
     def __init__(
         self,
-        method: Method,
+        method: nn.Module,
         text_encoders: TextEncoders,
         embedder: PromptEmbedder,
         prompts: PromptProvider,
@@ -74,8 +72,10 @@ class SRModule(pl.LightningModule):
         self.skips = SkipCounter(int(cfg.optim.max_consecutive_bad_steps))
         self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
         self.unreadable: dict[str, str] = {}  # training images data workers found unreadable (path -> reason)
-        self._grad_norms: dict[int, torch.Tensor] = {}
-        self._unit_scaler: torch.amp.GradScaler | None = None  # fp32/bf16's (step_scaler)
+        self.accumulate = int(cfg.optim.get("accumulate_grad_batches", 1))  # micro-batches per optimiser step
+        self._scaler: torch.amp.GradScaler | None = None  # built at the first step (step_scaler)
+        self._unit_scale = False
+        self._scaler_state: dict[str, Any] | None = None  # a resumed checkpoint's loss-scaler state
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self._pipeline: OSEDiffPipeline | None = None
         self.validator = build_validator(cfg)  # metric networks kept outside the module's state
@@ -127,7 +127,7 @@ class SRModule(pl.LightningModule):
             return self.prompts(hq01, hq01, paths=batch.get("path"))
         return self.prompts(lq01, hq01)
 
-    # ---- optimisation -------------------------------------------------------------------------
+    # ---- optimisation (osediff_lab.step) -------------------------------------------------------
     def attached_trainer(self) -> pl.Trainer | None:
         """The trainer this module runs under, or None (the memory predictor and benchmarks run it bare)."""
         try:
@@ -135,99 +135,81 @@ class SRModule(pl.LightningModule):
         except RuntimeError:  # Lightning: "... is not attached to a `Trainer`"
             return None
 
-    def _ddp_no_sync(self):
-        """Keep DDP's reducer out of our backward passes: each optimiser syncs its own grads instead."""
+    def _ddp_no_sync(self) -> contextlib.AbstractContextManager:
+        """Keep DDP's reducer out of our backward passes: each group averages its own gradients instead."""
         trainer = self.attached_trainer()
         model = trainer.strategy.model if trainer is not None else None
         return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
-    def _step(self, name: str, opt, loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
-        """Backward, average over ranks, then the optimiser step (``optimizer_update``). Returns 1.0 (on the
-        device, never read here) when the step was skipped for a non-finite loss or gradient. A non-finite
-        loss poisons the gradients, so every rank (after the all-reduce) skips alike and none waits on the others."""
-        opt.zero_grad(set_to_none=True)
-        with self._ddp_no_sync():
-            self.backward_loss(loss)
-        poison_if_nonfinite(loss, params)
-        if name != REGULARIZER or self.optim_cfg.sync_regularizer_grads:
-            average_gradients(params)
-        raw = getattr(opt, "optimizer", opt)  # Lightning wraps each optimiser; the bare step gets plain ones
-        if name == GENERATOR and self.attached_trainer() is not None:
-            opt.step()  # through Lightning, which counts it in global_step; its precision plugin calls optimizer_update
-        else:
-            self.optimizer_update(raw)
-        return (~torch.isfinite(self._grad_norms[id(raw)])).float()  # the norm is finite iff every gradient is
-
-    def backward_loss(self, loss: torch.Tensor) -> None:
-        """Lightning's backward (loss scaling, strategy hooks) under a trainer, plain autograd without one."""
-        if self.attached_trainer() is not None:
-            self.manual_backward(loss)
-        else:
-            loss.backward()
-
-    def optimizer_update(self, optimizer: torch.optim.Optimizer) -> None:
-        """One optimiser step, the same for every precision and with or without a trainer: unscale with torch's
-        fused non-finite check over all gradients, the callbacks' ``on_before_optimizer_step``, clipping to
-        ``optim.grad_clip`` (the norm is kept for logging), then the step, which fused AdamW skips on the device
-        when a gradient is not finite (other optimisers make the GradScaler read the flag: one host sync)."""
-        scaler = self.step_scaler(optimizer.param_groups[0]["params"][0].device)
-        scaler.unscale_(optimizer)
-        trainer = self.attached_trainer()
-        for callback in trainer.callbacks if trainer is not None else []:  # Lightning's hook order: callbacks, module
-            callback.on_before_optimizer_step(trainer, self, optimizer)
-        self.on_before_optimizer_step(optimizer)
-        self._grad_norms[id(optimizer)] = clip_gradients(optimizer, self.optim_cfg.grad_clip).detach()
-        scaler.step(optimizer)
-        scaler.update(new_scale=1.0 if scaler is self._unit_scaler else None)
-
     def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """The fp16 loss scaler of the trainer's precision plugin (None for fp32/bf16 or without a trainer)."""
-        trainer = self.attached_trainer()
-        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
-        return scaler if scaler is not None and scaler.is_enabled() else None
+        """fp16's loss scaler (``optim.grad_scaler``); None for the other precisions."""
+        return self._scaler if self._scaler is not None and not self._unit_scale else None
 
     def step_scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        """The GradScaler every optimiser step goes through: fp16's, else one held at scale 1, which gives
-        fp32 and bf16 the same fused finiteness check and on-device skip (scaling by 1 changes nothing)."""
-        scaler = self.grad_scaler()
-        if scaler is not None:
-            return scaler
-        if self._unit_scaler is None:
-            self._unit_scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
-            self._unit_scaler.scale(torch.ones((), device=device))  # creates its scale tensor on the device
-        return self._unit_scaler
+        """The GradScaler every optimiser step goes through: fp16's, else one held at scale 1, which gives fp32
+        and bf16 the same fused finiteness check and on-device skip. Built on first use, on ``device``."""
+        if self._scaler is None:
+            if precision_name(self.cfg.trainer.get("precision", "32-true")) == "16-mixed":
+                kwargs = OmegaConf.to_container(self.optim_cfg.grad_scaler, resolve=True)
+                self._scaler, self._unit_scale = torch.amp.GradScaler(device.type, **kwargs), False
+            else:
+                self._scaler, self._unit_scale = unit_scaler(device), True
+            if self._scaler_state is not None:
+                self._scaler.load_state_dict(self._scaler_state)
+        return self._scaler
+
+    def stepper(self, optimizers: dict[str, torch.optim.Optimizer]) -> Stepper:
+        """The plain-torch step over this method's groups with ``optimizers`` (one per group)."""
+        device = next(iter(self.groups.values())).params[0].device
+        return Stepper(self.groups, optimizers, self.step_scaler(device), self.optim_cfg.grad_clip,
+                       self.accumulate, self._unit_scale, self._ddp_no_sync)
 
     def train_step(
-        self, batch: dict[str, Any], optimizers: dict[str, Any], schedulers: tuple = (), prompts: list[str] | None = None
+        self,
+        batch: dict[str, Any],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: tuple = (),
+        prompts: list[str] | None = None,
+        count_step: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
     ) -> dict[str, Any]:
-        """The training step (used by Lightning, the memory predictor and the benchmarks alike): the method's
-        generator update, then each of its further updates (OSEDiff: ``loss.reg_steps_per_gen_step``
-        regularizer steps). ``batch`` has ``hq`` and ``lq_up`` in [-1, 1]; ``optimizers`` are by parameter
-        group; ``prompts`` default to the prompt provider's. Returns the step's metrics (``train/*``) as
-        tensors: nothing here reads a value back from the device (``report_skips`` does, at log steps)."""
+        """One micro-batch (used by Lightning, the memory predictor and the benchmarks alike): the method's
+        generator losses and backward, then every further group's losses (``method.optim.<group>.updates``
+        times each); at the last micro-batch of ``optim.accumulate_grad_batches`` each group is stepped right
+        after its backward. ``batch`` has ``hq`` and ``lq_up`` in [-1, 1]; ``optimizers`` are by group;
+        ``prompts`` default to the prompt provider's; ``count_step`` runs the generator's update (Lightning
+        counts it). Returns the metrics (``train/*``) as tensors: nothing here reads the device back."""
+        stepper = self.stepper(optimizers)
+        first, last = self.batches_trained % self.accumulate == 0, (self.batches_trained + 1) % self.accumulate == 0
         embeds = self.encode_text(self.batch_prompts(batch) if prompts is None else prompts)
 
         terms, state = self.method.generator_losses(batch, embeds)
-        skipped = {GENERATOR: self._step(GENERATOR, optimizers[GENERATOR], terms["total"], self.groups[GENERATOR])}
+        stepper.backward(GENERATOR, terms["total"], fresh=first)
+        skipped: dict[str, torch.Tensor] = {}
+        if last:
+            update = partial(stepper.step, GENERATOR)
+            skipped[GENERATOR] = update() if count_step is None else count_step(update)
         losses: dict[str, list[torch.Tensor]] = {}
-        for group, loss in self.method.updates(state, embeds):
-            flag = self._step(group, optimizers[group], loss, self.groups[group])
-            skipped[group] = skipped[group] + flag if group in skipped else flag
+        for group in further_updates(self.groups):
+            loss = self.method.group_loss(group, state, embeds)
+            stepper.backward(group, loss, fresh=first)
+            if last:
+                flag = stepper.step(group)
+                skipped[group] = skipped[group] + flag if group in skipped else flag
             losses.setdefault(group, []).append(loss.detach())
-        self.skips.add(self.batches_trained, skipped, {GENERATOR: terms} | {g: {g: torch.stack(v)} for g, v in losses.items()})
-        for scheduler in schedulers:
-            scheduler.step()
+        if last:
+            self.skips.add(self.batches_trained, skipped,
+                           {GENERATOR: terms} | {g: {g: torch.stack(v)} for g, v in losses.items()})
+            for scheduler in schedulers:
+                scheduler.step()
 
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
         logs |= {f"train/loss_{group}": torch.stack(values).mean() for group, values in losses.items()}
         logs |= {f"train/{k}": v for k, v in self.method.metrics.items()}
-        zero = torch.zeros_like(skipped[GENERATOR])
-        for name, opt in optimizers.items():
-            logs[f"train/skipped_{name}"] = skipped.get(name, zero)
-            logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
-            norm = self._grad_norms.get(id(getattr(opt, "optimizer", opt)))
-            if norm is not None:
-                logs[f"train/grad_norm_{name}"] = norm
+        if last:
+            for name, opt in optimizers.items():
+                logs[f"train/skipped_{name}"] = skipped[name]
+                logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
+                logs[f"train/grad_norm_{name}"] = stepper.grad_norms[name]
         self.batches_trained += 1
         return logs
 
@@ -239,7 +221,13 @@ class SRModule(pl.LightningModule):
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        logs = self.train_step(batch, dict(zip(self.groups, optimizers, strict=True)), schedulers)
+        counted = optimizers[0]  # Lightning counts the generator's updates (global_step) through its wrapper
+
+        def count_step(update: Callable[[], torch.Tensor]) -> torch.Tensor:
+            return counted.step(closure=update)  # the precision plugin runs the closure (lit/precision.py)
+
+        raw = {name: opt.optimizer for name, opt in zip(self.groups, optimizers, strict=True)}
+        logs = self.train_step(batch, raw, schedulers, count_step=count_step)
         self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
         self.log("loss", logs["train/loss_total"], prog_bar=True, on_step=True, logger=False)
         if (step + 1) % self.trainer.log_every_n_steps == 0:  # the step's only host reads are here
@@ -262,11 +250,10 @@ class SRModule(pl.LightningModule):
         logger.log_metrics({k: float(v) for k, v in logs.items()} | scale, step=step)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """One AdamW per parameter group (bitsandbytes' AdamW8bit with ``optim.use_8bit``): the generator at
-        ``optim.lr``, the regularizer at ``optim.reg_lr``."""
+        """One optimiser per parameter group (``optim.optimizer``) with the group's own settings."""
         oc = self.optim_cfg
-        return build_optimizers(self.groups, {GENERATOR: oc.lr, REGULARIZER: oc.reg_lr}, tuple(oc.betas),
-                                oc.weight_decay, oc.eps, oc.use_8bit, oc.fused)
+        spec = OmegaConf.to_container(oc.optimizer, resolve=True)
+        return {name: build_optimizer(group, spec, oc.use_8bit, oc.fused) for name, group in self.groups.items()}
 
     def configure_optimizers(self):
         optimizers = list(self.build_optimizers().values())
@@ -289,6 +276,8 @@ class SRModule(pl.LightningModule):
                                  "batches_trained": self.batches_trained}
         if hasattr(self.degradation, "state_dict"):  # every rank's random stream continues exactly after a resume
             checkpoint["degradation"] = {"ranks": gather_objects(self.degradation.state_dict())}
+        if self.grad_scaler() is not None:  # fp16's loss scale and growth tracker
+            checkpoint["loss_scaler"] = self.grad_scaler().state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not hold exactly this model's trained tensors."""
@@ -297,12 +286,19 @@ class SRModule(pl.LightningModule):
             if state is not None:
                 self.degradation.load_state_dict(state)
         check_contents(checkpoint, self.saved_names, dict(self.named_parameters()), self.cfg.generator.lora)
+        self._scaler_state = checkpoint.get("loss_scaler")
+        if self._scaler is not None and self._scaler_state is not None:
+            self._scaler.load_state_dict(self._scaler_state)
         self.batches_trained = int(checkpoint.get("osediff", {}).get("batches_trained", checkpoint.get("global_step", 0)))
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores, by their module names."""
         params = dict(self.named_parameters())
         return {n: params[n] for n in self.saved_names}
+
+    def ema_tensors(self) -> dict[str, torch.Tensor]:
+        """The generator's trained tensors (the live parameters), keyed as in its export: what an EMA follows."""
+        return {k: p for k, p in self.method.export_state_dict().items() if p.requires_grad}
 
     def generator_state_dict(self) -> dict[str, torch.Tensor]:
         """The generator tensors of the LoRA export, keyed relative to the generator (``unet.*``, ``vae.*``)."""

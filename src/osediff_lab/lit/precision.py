@@ -1,5 +1,6 @@
-"""Lightning precision plugins whose optimiser step is the module's own (``SRModule.optimizer_update``), so
-every precision gets the same step: one fused finiteness check, clipping, and a skip decided on the device."""
+"""Lightning precision plugins that give the forward pass its autocast and leave the optimiser step to the
+module: Lightning's step runs the module's closure, which is the whole plain-torch update (``osediff_lab.step``),
+so every precision gets the same step and Lightning only counts it (``global_step``)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from osediff_lab.errors import ConfigError
 
 
 class ModuleStep:
-    """Mixin for a Lightning precision plugin: its optimiser step hands over to the LightningModule's
-    ``optimizer_update(optimizer)``. Manual optimisation: backward ran before, the closure only marks the step."""
+    """Mixin for a Lightning precision plugin: its optimiser step runs the closure it is given, the module's
+    plain-torch update (backward, unscaling, clipping and the skip are the module's: manual optimisation)."""
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        closure()
-        return model.optimizer_update(optimizer)
+        return closure()
 
 
 class StepPrecision(ModuleStep, Precision):
@@ -44,13 +44,13 @@ def precision_name(precision: str | int) -> str:
     return ALIASES.get(str(precision), str(precision))
 
 
-def precision_plugin(precision: str | int, accelerator: str | None, scaler_kwargs: dict[str, Any]) -> Precision:
-    """The plugin for ``trainer.precision``. fp16 gets a GradScaler built from ``optim.grad_scaler`` (init scale,
-    growth, backoff), on CUDA or on the CPU (where Lightning would silently switch to bf16)."""
+def precision_plugin(precision: str | int, accelerator: str | None) -> Precision:
+    """The plugin for ``trainer.precision``: its autocast, on CUDA or on the CPU (where Lightning would silently
+    switch fp16 to bf16). fp16's loss scaler is the module's own (``optim.grad_scaler``): the plugin's is off."""
     device = "cpu" if accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
     name = precision_name(precision)
     if name == "16-mixed":
-        return StepMixedPrecision(name, device, scaler=torch.amp.GradScaler(device, **scaler_kwargs))
+        return StepMixedPrecision(name, device, scaler=torch.amp.GradScaler(device, enabled=False))
     if name == "bf16-mixed":
         return StepMixedPrecision(name, device)
     if name == "32-true":

@@ -1,27 +1,29 @@
 """The interface between a one-step SR method and the training loop (``lit/module.py``).
 
 Per batch the loop encodes the prompts, calls ``generator_losses``, steps the ``generator`` parameter group
-on ``terms["total"]``, then steps the group named by each ``(group, loss)`` that ``updates`` yields, in order.
-Backward, gradient sync, clipping, loss scaling and non-finite skips are the loop's; a method holds only its
-networks and its math. Adding a method is one file here and one config in ``conf/method``.
+on ``terms["total"]``, then, for every further group of ``param_groups()`` in order and as often as its
+``updates`` setting says, steps it on ``group_loss(name, state, embeds)``. Backward, gradient accumulation and
+sync, clipping, loss scaling and non-finite skips are the loop's (``osediff_lab.step``); a method holds its
+networks, its math and its groups' optimiser settings (``method.optim.<group>``). Adding a method is one file
+and one config in ``conf/method``; a method defined elsewhere plugs in by its ``_target_``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from osediff_lab.dtypes import DTYPES
+from osediff_lab.step import GENERATOR, GroupSettings, ParamGroup, settings_problems
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import cast_frozen
 from osediff_lab.models.vsd import classifier_free_guidance
 
-GENERATOR = "generator"
-REGULARIZER = "regularizer"  # the second parameter group the loop knows (optim.reg_lr, optim.sync_regularizer_grads)
+__all__ = ["GENERATOR", "Method", "ParamGroup", "weighted_total"]
 
 
 class Method(nn.Module):
@@ -35,10 +37,22 @@ class Method(nn.Module):
     ``encode_text`` turns prompt strings into text embeddings on the current device (cached).
     """
 
+    groups: tuple[str, ...] = (GENERATOR,)  # the parameter groups it trains, the generator's first
+    export_stem = "osediff_lora"  # the file name of its LoRA export (lora/<stem>.safetensors)
+
     @classmethod
     def argument_problems(cls, args: Any) -> list[str]:
-        """Problems with this method's config (``method.*``) found before anything is built, each naming its key."""
-        return []
+        """Problems with this method's config (``method.*``) found before anything is built, each naming its key:
+        here, every group of ``groups`` needs its optimiser settings in ``method.optim.<group>``."""
+        optim = args.get("optim") or {}
+        problems = [f"method.optim.{name} is missing: {cls.__name__} trains the parameter group '{name}' "
+                    "(give its lr, betas, weight_decay, eps)" for name in cls.groups if name not in optim]
+        problems += [f"method.optim.{name}: {cls.__name__} has no parameter group '{name}' (its groups: {list(cls.groups)})"
+                     for name in optim if name not in cls.groups]
+        for name in cls.groups:
+            if name in optim:
+                problems += settings_problems(name, optim[name], f"method.optim.{name}")
+        return problems
 
     def __init__(
         self,
@@ -46,8 +60,10 @@ class Method(nn.Module):
         lora_targets: dict[str, list[str]],
         encode_text: Callable[[list[str]], TextEmbeds],
         lpips: nn.Module | None = None,
+        optim: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
+        self.optim_settings = {name: GroupSettings.from_config(values) for name, values in (optim or {}).items()}
         self.generator = generator
         self.lora_targets = lora_targets
         self.encode_text = encode_text
@@ -55,18 +71,25 @@ class Method(nn.Module):
         self.metrics: dict[str, torch.Tensor] = {}  # diagnostics of the last step, logged as train/<key>
         self._fixed_prompts: dict[tuple[str, torch.device], TextEmbeds] = {}
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable tensors per optimiser, the generator's first (``optim.lr``; ``regularizer``: ``optim.reg_lr``)."""
-        return {GENERATOR: [p for p in self.generator.parameters() if p.requires_grad]}
+    def group(self, name: str, params: list[nn.Parameter]) -> ParamGroup:
+        """``params`` with the optimiser settings of ``method.optim.<name>``."""
+        if name not in self.optim_settings:
+            raise KeyError(f"method.optim.{name} is missing: no optimiser settings for the parameter group '{name}'")
+        return ParamGroup(params, self.optim_settings[name])
+
+    def param_groups(self) -> dict[str, ParamGroup]:
+        """Trained tensors per named parameter group with its optimiser settings, the generator's first."""
+        return {GENERATOR: self.group(GENERATOR, [p for p in self.generator.parameters() if p.requires_grad])}
 
     def generator_losses(self, batch: dict[str, Any], embeds: TextEmbeds) -> tuple[dict[str, torch.Tensor], Any]:
         """Weighted loss terms with their sum as ``total`` (``batch``: ``hq``, ``lq_up`` in [-1, 1]), and what
         ``updates`` needs from this forward pass."""
         raise NotImplementedError
 
-    def updates(self, state: Any, embeds: TextEmbeds) -> Iterator[tuple[str, torch.Tensor]]:
-        """The updates after the generator's, as (parameter group, loss); each is stepped before the next is drawn."""
-        return iter(())
+    def group_loss(self, name: str, state: Any, embeds: TextEmbeds) -> torch.Tensor:
+        """The loss of a group other than the generator's, for one of its updates (``state``: what
+        ``generator_losses`` returned); called after the previous update was stepped."""
+        raise NotImplementedError(f"{type(self).__name__} trains the group '{name}' but defines no group_loss")
 
     def apply_memory_options(self, frozen_dtype: str, gradient_checkpointing: bool, *frozen: nn.Module) -> None:
         """``generator.frozen_dtype`` (frozen weights of the generator and of ``frozen`` stored in that dtype) and

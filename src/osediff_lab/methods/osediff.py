@@ -8,7 +8,7 @@ the networks are assembled by ``osediff_lab.models.osediff``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from osediff_lab.errors import ConfigError
-from osediff_lab.methods.base import GENERATOR, REGULARIZER, Method, weighted_total
+from osediff_lab.methods.base import GENERATOR, Method, ParamGroup, weighted_total
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.components import Components
 from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
@@ -27,10 +27,15 @@ from osediff_lab.models.schedules import NoiseSchedule
 from osediff_lab.models.vsd import classifier_free_guidance, diffusion_loss, sample_timesteps, vsd_loss
 
 log = logging.getLogger(__name__)
+REGULARIZER = "regularizer"  # the fake score's LoRA, stepped after the generator
+# the real score's weight dtype under loss.release_score_precision, by trainer.precision (the release: the run's weight_dtype)
+RUN_WEIGHT_DTYPES = {"16-mixed": torch.float16, "16": torch.float16, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 class OSEDiff(Method):
     """OSEDiff's generator, regularizer UNet (real score: adapters off; fake score: its 'reg' LoRA) and losses."""
+
+    groups = (GENERATOR, REGULARIZER)
 
     def __init__(
         self,
@@ -47,9 +52,10 @@ class OSEDiff(Method):
         vsd_t_max: int,
         reg_t_min: int,
         reg_t_max: int,
-        reg_steps_per_gen_step: int,
         negative_prompt: str,
+        optim: Mapping[str, Mapping[str, Any]],
         release_score_precision: bool = False,
+        run_precision: str = "32-true",
         conv_in_lora_twice: bool = False,
         vsd: bool = True,
     ) -> None:
@@ -59,18 +65,19 @@ class OSEDiff(Method):
             raise ConfigError("loss.lpips_weight > 0 needs an LPIPS network")
         parts = build_osediff(components, generator)
         super().__init__(parts.generator, {k: v for k, v in parts.targets.items() if not k.startswith("reg_unet")},
-                         encode_text, lpips)
+                         encode_text, lpips, optim)
         self.reg_unet = parts.reg_unet
         self.weights = {"l2": l2_weight, "lpips": lpips_weight, "vsd": vsd_weight if vsd else 0.0}
         self.vsd_space, self.cfg_scale = vsd_space, cfg_scale
         self.vsd_t, self.reg_t = (vsd_t_min, vsd_t_max), (reg_t_min, reg_t_max)
-        self.reg_steps_per_gen_step = reg_steps_per_gen_step
         self.negative_prompt = negative_prompt
         self.release_score_precision = release_score_precision
         self.conv_in_lora_twice = conv_in_lora_twice
         self.apply_memory_options(generator.frozen_dtype, generator.gradient_checkpointing, self.reg_unet)
-        # The release: a separate frozen copy of the pretrained UNet for the real score, stored in fp16.
-        self.real_unet = frozen_base_copy(self.reg_unet, torch.float16) if release_score_precision else None
+        # The release: a separate frozen copy of the pretrained UNet for the real score, stored and run in the
+        # run's weight dtype (train_osediff.py's weight_dtype: fp16 under fp16 mixed precision, else fp32).
+        self.real_dtype = RUN_WEIGHT_DTYPES.get(str(run_precision), torch.float32)
+        self.real_unet = frozen_base_copy(self.reg_unet, self.real_dtype) if release_score_precision else None
         if generator.lora.get("reg_init_from"):
             n = load_lora_tensors(self.reg_unet, generator.lora.reg_init_from, "generator.lora.reg_init_from")
             log.info("regularizer LoRA warm-started from %s (%d tensors)", generator.lora.reg_init_from, n)
@@ -80,11 +87,12 @@ class OSEDiff(Method):
         """The noise schedule, the generator's (one copy)."""
         return self.generator.schedule
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self) -> dict[str, ParamGroup]:
         gen = [p for _, p in trainable_parameters(self.generator)]
         if self.conv_in_lora_twice:  # the release lists conv_in's LoRA tensors twice
             gen += [p for n, p in trainable_parameters(self.generator) if n.startswith("unet.conv_in.lora_")]
-        return {GENERATOR: gen, REGULARIZER: [p for _, p in trainable_parameters(self.reg_unet)]}
+        return {GENERATOR: self.group(GENERATOR, gen),
+                REGULARIZER: self.group(REGULARIZER, [p for _, p in trainable_parameters(self.reg_unet)])}
 
     def unet_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds, unet: nn.Module | None = None) -> torch.Tensor:
         """The output of ``unet`` (default: the regularizer UNet with its active adapters) on the scaled latent
@@ -112,11 +120,11 @@ class OSEDiff(Method):
         pred_fake = self.fake_pred(z_t, t, embeds).to(z_t.dtype)
         if self.real_unet is None:
             pred_real, _ = self.guided_prediction(self.reg_unet, z_t, t, embeds, self.negative_prompt, self.cfg_scale)
-        else:  # the release: a separate frozen UNet, run in pure fp16
+        else:  # the release: a separate frozen UNet, run outside autocast in the run's weight dtype
             neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b)
             z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), TextEmbeds.cat([neg, as_embeds(embeds)])
             with torch.autocast(z_t.device.type, enabled=False):
-                pred_both = self.unet_pred(z_both.half(), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
+                pred_both = self.unet_pred(z_both.to(self.real_dtype), t_both, c_both, unet=self.real_unet).to(z_t.dtype)
             pred_uncond, pred_cond = pred_both.chunk(2)
             pred_real = classifier_free_guidance(pred_uncond, pred_cond, self.cfg_scale)
         return self.schedule.x0_from_output(z_t, pred_real, t), self.schedule.x0_from_output(z_t, pred_fake, t)
@@ -153,9 +161,9 @@ class OSEDiff(Method):
         z_t = self.schedule.add_noise(z0, noise, t)
         return diffusion_loss(self.fake_pred(z_t, t, as_embeds(embeds).detach()), self.schedule.target(z0, noise, t))
 
-    def updates(self, state: torch.Tensor, embeds: TextEmbeds) -> Iterator[tuple[str, torch.Tensor]]:
-        for _ in range(self.reg_steps_per_gen_step):
-            yield REGULARIZER, self.regularizer_loss(state, embeds)
+    def group_loss(self, name: str, state: torch.Tensor, embeds: TextEmbeds) -> torch.Tensor:
+        """The regularizer's diffusion loss on the generator's latents z_H (``state``)."""
+        return self.regularizer_loss(state, embeds)
 
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
         """The trained fake-score LoRA, keyed relative to its UNet (study, ``generator.lora.reg_init_from``)."""

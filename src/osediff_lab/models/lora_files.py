@@ -62,7 +62,7 @@ def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
         "prediction_type": base_prediction_type(cfg.model),
         "train_vae_encoder": gen.train_vae_encoder,
         "train_vae_decoder": gen.train_vae_decoder,
-        "prompt": OmegaConf.to_container(prompt, resolve=True) if prompt is not None else {"name": "null"},
+        "prompt": OmegaConf.to_container(prompt, resolve=True) if prompt is not None else {"name": "none"},
         "scale": cfg.scale,
         "seed": cfg.get("seed"),
         "config_hash": config_hash(cfg),
@@ -71,11 +71,14 @@ def lora_sidecar(cfg: DictConfig, targets: dict[str, list[str]]) -> dict:
     }
 
 
-def export_lora(generator_state: dict, cfg: DictConfig, targets: dict[str, list[str]], path: str | Path) -> tuple[Path, Path]:
-    """Write ``path`` (safetensors, keys relative to the generator: ``unet.*``, ``vae.*``) and ``path``.json."""
+def export_lora(generator_state: dict, cfg: DictConfig, targets: dict[str, list[str]], path: str | Path,
+                ema: dict | None = None) -> tuple[Path, Path]:
+    """Write ``path`` (safetensors, keys relative to the generator: ``unet.*``, ``vae.*``) and ``path``.json,
+    whose ``weights`` says ``live`` (the last step's) or ``ema`` (with ``ema``: its decay and updates)."""
     path = save_lora_tensors(generator_state, path, "osediff-lab-lora/1")
     sidecar = path.with_suffix(".json")
-    atomic_write_text(sidecar, json.dumps(lora_sidecar(cfg, targets), indent=2))
+    weights = {"weights": "ema", "ema": ema} if ema is not None else {"weights": "live"}
+    atomic_write_text(sidecar, json.dumps(lora_sidecar(cfg, targets) | weights, indent=2))
     return path, sidecar
 
 
