@@ -47,7 +47,7 @@ def profile_config(model: str, size: int):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("profile", [f"model={model}", "prompt='null'", "loss.lpips.pretrained=false",
+        cfg = compose("profile", [f"model={model}", "prompt=none", "loss.lpips.pretrained=false",
                                   f"profile.macs_size={size}", "profile.latency.enabled=false"])
     with open_dict(cfg):
         cfg.paths.output_dir = "unused"

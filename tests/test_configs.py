@@ -31,7 +31,7 @@ BACKBONE_EXPERIMENTS = {"osediff_sd_turbo": ("tiny_sd_turbo", 32), "osediff_sdxl
 def test_backbone_experiments_pass_the_checks_and_build_on_their_tiny_twin(name, twin, rank, tmp_path):
     """Each backbone's recipe (ranks, LoRA targets, timesteps, precision) on its base model's tiny twin: the checks
     pass and the method builds, every adapter group the recipe names wrapping some layer."""
-    cfg = compose_config([f"+experiment={name}", f"model={twin}", "data=demo", "val=none", "prompt='null'",
+    cfg = compose_config([f"+experiment={name}", f"model={twin}", "data=demo", "val=none", "prompt=none",
                           "degradation=bicubic", "trainer=cpu", "trainer.precision=32", "generator.frozen_dtype=fp32",
                           "loss.lpips.pretrained=false", "loss.lpips.net=alex", "data.crop_size=64"], tmp_path)
     from osediff_lab.train import build_module

@@ -3,7 +3,10 @@ argument is a ConfigError naming its key before any model is built, and a class 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from osediff_lab.pipeline.options import make_options
 from osediff_lab.prompts import FixedPrompt, NullPrompt, build_prompt_provider, provider_from_config
 from osediff_lab.prompts.dape import DapePrompt
 from osediff_lab.prompts.llava import LlavaPrompt
-from osediff_lab.resolvers import quote_null_choices
+from osediff_lab.resolvers import refuse_renamed_choices, renamed_choice_problems
 
 
 class Darken:
@@ -153,10 +156,10 @@ def test_unknown_target_names_the_key(tmp_path):
 
 
 # ---- prompt -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("option", "cls"), [("null", NullPrompt), ("fixed", FixedPrompt), ("dape_tiny", DapePrompt),
+@pytest.mark.parametrize(("option", "cls"), [("none", NullPrompt), ("fixed", FixedPrompt), ("dape_tiny", DapePrompt),
                                              ("ram_tiny", DapePrompt), ("llava_tiny", LlavaPrompt)])
 def test_every_tiny_prompt_option_builds_its_class(option, cls, tmp_path):
-    cfg = compose_config(TINY + quote_null_choices([f"prompt={option}"]), tmp_path)
+    cfg = compose_config(TINY + [f"prompt={option}"], tmp_path)
     assert config_problems(cfg) == []
     assert type(provider_from_config(cfg.prompt)) is cls
 
@@ -187,9 +190,32 @@ def test_prompt_saved_without_target_builds_by_its_name(tmp_path):
     saved = OmegaConf.to_container(compose_config(TINY + ["prompt=dape_tiny"], tmp_path).prompt, resolve=True)
     del saved["_target_"]
     assert type(build_prompt_provider(OmegaConf.create(saved))) is DapePrompt
-    assert type(build_prompt_provider(OmegaConf.create({"name": "null"}))) is NullPrompt
+    assert type(build_prompt_provider(OmegaConf.create({"name": "none"}))) is NullPrompt
+    assert type(build_prompt_provider(OmegaConf.create({"name": "null"}))) is NullPrompt  # its name before prompt=none
     with pytest.raises(ConfigError, match="prompt.name 'clip'"):
         build_prompt_provider(OmegaConf.create({"name": "clip"}))
+
+
+def test_prompt_null_is_refused_naming_prompt_none(capsys):
+    """Hydra reads a bare `prompt=null` as 'no config' ("must be a string or a list"): each CLI stops first, naming the fix."""
+    assert renamed_choice_problems(["train.py", "prompt=dape", "data.prompt=null", "loss=no_vsd"]) == []
+    assert renamed_choice_problems(["prompt=null"]) == ["prompt=null: the prompt option 'null' is now called 'none': prompt=none"]
+    assert renamed_choice_problems(["+prompt='null',dape"]) == [
+        "+prompt='null',dape: the prompt option 'null' is now called 'none': +prompt=none,dape"]
+    with pytest.raises(SystemExit) as stop:
+        refuse_renamed_choices(["train.py", "model=tiny", "prompt=null"])
+    assert stop.value.code == 2 and "prompt=none" in capsys.readouterr().err
+    refuse_renamed_choices(["train.py", "prompt=none"])  # the new name passes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["train", "infer", "profile", "prompts.precompute", "data.preview"])
+def test_every_cli_refuses_prompt_null_before_hydra(module, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = ['x', 'prompt=null']; "
+                           f"runpy.run_module('osediff_lab.{module}', run_name='__main__')"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "prompt=none" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()  # stopped before Hydra made a run directory
 
 
 # ---- colour fix (a registry of functions) -------------------------------------------------------------

@@ -24,7 +24,7 @@ from osediff_lab.data.images import UnreadableImage, image_extensions, list_imag
 from osediff_lab.errors import ConfigError, user_errors
 from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.paths import CONF_DIR
-from osediff_lab.resolvers import quote_null_choices
+from osediff_lab.resolvers import refuse_renamed_choices
 
 if TYPE_CHECKING:  # the pipeline (diffusers, transformers, peft) is imported when a run needs it
     from osediff_lab.pipeline import OSEDiffPipeline
@@ -113,5 +113,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_null_choices(sys.argv)  # `prompt=null` selects the null prompt, as in train
+    refuse_renamed_choices(sys.argv)  # `prompt=null` is `prompt=none` now: say so, as train does
     main()

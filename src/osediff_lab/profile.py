@@ -302,5 +302,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [NO_LATENCY.get(a, a) for a in resolvers.quote_null_choices(sys.argv)]
+    resolvers.refuse_renamed_choices(sys.argv)
+    sys.argv = [NO_LATENCY.get(a, a) for a in sys.argv]
     main()

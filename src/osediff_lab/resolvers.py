@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 
 from omegaconf import OmegaConf
 
@@ -34,7 +35,29 @@ if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", asset)
 
 
-def quote_null_choices(argv: list[str], groups: tuple[str, ...] = ("prompt",)) -> list[str]:
-    """Let users type ``prompt=null`` (the paper's name for the empty-prompt arm): Hydra reads a bare
-    ``null`` as 'no config for this group', so pass it on as the string 'null', which selects null.yaml."""
-    return [f"{a.split('=', 1)[0]}='null'" if a.split("=", 1)[0].lstrip("+") in groups and a.endswith("=null") else a for a in argv]
+# Config choices renamed, (group, old name) -> new name. The empty prompt was `prompt=null`, which Hydra reads
+# as 'no config for this group' (failing with "must be a string or a list"), so it is `prompt=none` now.
+RENAMED_CHOICES = {("prompt", "null"): "none"}
+
+
+def renamed_choice_problems(argv: list[str]) -> list[str]:
+    """A message for each command-line override that selects a choice by its old name (sweeps' lists included),
+    with the override to type instead."""
+    problems = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        group = key.lstrip("+~")
+        choices = [v.strip().strip("'\"") for v in value.split(",")]
+        renamed = {c: RENAMED_CHOICES[(group, c)] for c in choices if (group, c) in RENAMED_CHOICES}
+        for old, new in renamed.items():
+            fixed = ",".join(renamed.get(c, c) for c in choices)
+            problems.append(f"{arg}: the {group} option '{old}' is now called '{new}': {key}={fixed}")
+    return problems
+
+
+def refuse_renamed_choices(argv: list[str]) -> None:
+    """Stop with exit status 2 (as for any config error), naming the new name, before Hydra parses ``argv``."""
+    problems = renamed_choice_problems(argv)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        raise SystemExit(2)

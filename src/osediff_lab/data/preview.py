@@ -24,7 +24,7 @@ from osediff_lab.data.realesrgan import describe
 from osediff_lab.errors import user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.paths import CONF_DIR
-from osediff_lab.resolvers import quote_null_choices  # importing it registers ${run_id:...} for train.yaml
+from osediff_lab.resolvers import refuse_renamed_choices  # also registers ${run_id:...} for train.yaml
 
 LINE_HEIGHT = 12
 
@@ -94,5 +94,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_null_choices(sys.argv)  # `prompt=null` selects the null prompt, as in train
+    refuse_renamed_choices(sys.argv)  # `prompt=null` is `prompt=none` now: say so, as train does
     main()

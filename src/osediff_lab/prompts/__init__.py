@@ -16,7 +16,8 @@ CALLER_SETTINGS = ("source", "on_miss", "cache")
 NON_TEXT_SETTINGS = ("_target_", "source", "on_miss", "cache", "batch_size")
 # What each shipped option builds, for prompt configs saved without a _target_ (LoRA sidecars of earlier runs).
 TARGETS = {
-    "null": "osediff_lab.prompts.provider.NullPrompt",
+    "none": "osediff_lab.prompts.provider.NullPrompt",
+    "null": "osediff_lab.prompts.provider.NullPrompt",  # its name until prompt=null became prompt=none
     "fixed": "osediff_lab.prompts.provider.FixedPrompt",
     "dape": "osediff_lab.prompts.dape.build_dape",
     "ram": "osediff_lab.prompts.dape.build_dape",
@@ -25,11 +26,11 @@ TARGETS = {
 
 
 def provider_from_config(cfg: DictConfig) -> PromptProvider:
-    """The provider ``cfg._target_`` builds (``prompt=null|fixed|dape|ram|llava`` or any importable one), uncached;
+    """The provider ``cfg._target_`` builds (``prompt=none|fixed|dape|ram|llava`` or any importable one), uncached;
     a config saved without ``_target_`` builds the shipped option its ``name`` labels."""
     if "_target_" not in cfg:
         if cfg.get("name") not in TARGETS:
-            raise ConfigError(f"prompt.name '{cfg.get('name')}' is not available; choose prompt=null|fixed|dape|ram|llava "
+            raise ConfigError(f"prompt.name '{cfg.get('name')}' is not available; choose prompt=none|fixed|dape|ram|llava "
                               "(or dape_tiny|ram_tiny|llava_tiny)")
         cfg = cfg.copy()
         with open_dict(cfg):

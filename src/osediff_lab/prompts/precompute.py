@@ -23,7 +23,7 @@ from osediff_lab.io import atomic_write_text
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts import build_prompt_provider
 from osediff_lab.prompts.cache import CachedPrompt
-from osediff_lab.resolvers import quote_null_choices
+from osediff_lab.resolvers import refuse_renamed_choices
 
 log = logging.getLogger(__name__)
 
@@ -53,5 +53,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_null_choices(sys.argv)  # `prompt=null` selects the null prompt, as in train
+    refuse_renamed_choices(sys.argv)  # `prompt=null` is `prompt=none` now: say so, as train does
     main()
