@@ -1,6 +1,7 @@
-"""Issue 19's rows measured against the code the issue was filed on, and so against the release.
+"""The training step and the Real-ESRGAN degradation at an earlier git revision and now, timed in paired turns
+(is a change slower or faster?); by default against the code issue 19 was filed on, and so against the release.
 
-`python benchmarks/then_and_now.py [--then REV] [--rows train degradation] [--pairs N]`: checks REV out into a
+`python benchmarks/compare_revisions.py [--then REV] [--rows train degradation] [--pairs N]`: checks REV out into a
 temporary git worktree, starts one process per tree (one thread each, built with the tree's own config and
 code) and times them in alternating pairs on the same inputs, so both see the same machine load:
 - train: the in-process training step (``osediff_lab.memory.training_step``, tiny preset, 256 px, batch 2,
