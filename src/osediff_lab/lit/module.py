@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from osediff_lab.data.degradation import Degradation
+from osediff_lab.data.degradation import Degradation, degrade_pair
 from osediff_lab.data.resize import upsample_input
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.contents import check_contents, keep_saved
@@ -105,12 +105,13 @@ class SRModule(pl.LightningModule):
                 path, _, reason = line.partition("\t")
                 self.unreadable[path] = reason
         if "lq" not in batch:
-            batch["lq"] = self.degradation(batch["hq"])
+            batch["hq"], batch["lq"] = degrade_pair(self.degradation, batch["hq"])
         trainer = self.attached_trainer()
         if trainer is None or not trainer.evaluating:
             g = self.cfg.generator
             batch["lq_up"] = upsample_input(
-                batch["lq"], batch["hq"].shape[-2:], list(g.input_upsample_modes), g.input_quantize_8bit
+                batch["lq"], batch["hq"].shape[-2:], list(g.input_upsample_modes), g.input_quantize_8bit,
+                per_sample=g.input_upsample_per_sample,
             )
         return batch
 
@@ -163,6 +164,11 @@ class SRModule(pl.LightningModule):
         device = next(iter(self.groups.values())).params[0].device
         return Stepper(self.groups, optimizers, self.step_scaler(device), self.optim_cfg.grad_clip,
                        self.accumulate, self._unit_scale, self._ddp_no_sync)
+
+    @property
+    def between_steps(self) -> bool:
+        """No micro-batch of an accumulated step is pending: a checkpoint here resumes exactly."""
+        return self.batches_trained % self.accumulate == 0
 
     def train_step(
         self,

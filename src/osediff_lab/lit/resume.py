@@ -196,6 +196,8 @@ class Preemption(pl.Callback):
         if signum == 0:
             return
         self.received = self.received or signum
+        if not getattr(pl_module, "between_steps", True):  # mid gradient accumulation: stop after the step
+            return
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             log.warning("%s at max_steps=%d: finishing the run instead of requeueing it",
                         signal.Signals(signum).name, trainer.max_steps)
