@@ -1,4 +1,6 @@
-"""Surprises a newcomer met: temporary folders left behind, conv_in without LoRA, degradation=none."""
+"""What a run sets up and what it refuses, as a newcomer met them: the tiny tokenizer's and toy LLaVA's temporary
+folders removed, conv_in trained in full without its LoRA, degradation=none refused, auto-resume refusing a changed
+config or other LoRA ranks, the memory options training and drawing their sample grid."""
 
 from __future__ import annotations
 
