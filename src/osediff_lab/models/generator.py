@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from osediff_lab.errors import ConfigError
 from osediff_lab.models.backbone import TextEmbeds, denoiser_output, latent_shift, vae_factor
+from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.schedules import NoiseSchedule
 
 
@@ -19,6 +23,8 @@ class OSEDiffGenerator(nn.Module):
     (``models.backbone``: a UNet2DConditionModel, or SD3's transformer); ``predict`` calls it, or another
     network of the same base (the regularizer), with the family's conditioning.
     """
+
+    inference_latent = "mode"  # z_L at inference under pipeline.latent=auto (PiSA-SR's release samples it)
 
     def __init__(
         self,
@@ -67,6 +73,19 @@ class OSEDiffGenerator(nn.Module):
         (epsilon: z_H = (z_L - sqrt(1 - abar_t) eps) / sqrt(abar_t))."""
         out, t = self.unet_at_timestep(z_l, prompt_embeds)
         return self.schedule.x0_from_output(z_l, out, t)
+
+    def inference_denoiser(self, lambda_pix: float, lambda_sem: float) -> Callable[[torch.Tensor, TextEmbeds], torch.Tensor]:
+        """The z_L -> z_H map inference runs at ``pipeline.lambda_pix`` / ``lambda_sem``, PiSA-SR's weights of its
+        two LoRA sets (``models.pisasr``); one LoRA set has no such weights, so only (1, 1) is accepted."""
+        if (lambda_pix, lambda_sem) != (1.0, 1.0):
+            raise ConfigError(f"pipeline.lambda_pix={lambda_pix} / pipeline.lambda_sem={lambda_sem} weigh PiSA-SR's two "
+                              "LoRA sets; this checkpoint is not a PiSA-SR one (leave both at 1)")
+        return self.denoise
+
+    def merge_adapters(self, lambda_pix: float, lambda_sem: float) -> bool:
+        """Fold every adapter into its weight for inference (``pipeline.merge_lora``); True when merged."""
+        merge_and_unload(self)
+        return True
 
     def decode(self, z_h: torch.Tensor) -> torch.Tensor:
         """x_H = D(z_H / scaling_factor + shift_factor), clamped to [-1, 1]."""

@@ -1,7 +1,7 @@
 """Read inference weights in any supported format and rebuild the generator on its base model.
 
-Formats: ours (LoRA-only safetensors + JSON sidecar), a Lightning training checkpoint (.ckpt), and
-the official OSEDiff release (a torch-saved dict of PEFT tensors and module-name lists).
+Formats: ours (LoRA-only safetensors + JSON sidecar), a Lightning training checkpoint (.ckpt), and the
+official OSEDiff and PiSA-SR releases (torch-saved dicts of PEFT tensors, module-name lists and ranks).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import add_lora
 from osediff_lab.models.lora_files import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.osediff import UNET_ADAPTERS, build_generator
-from osediff_lab.models.pisasr import build_pisa_generator
+from osediff_lab.models.pisasr import PIXEL, SEMANTIC, PiSAGenerator, add_pisa_adapters, build_pisa_generator
 from osediff_lab.models.schedules import schedule_from_scheduler
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,17 @@ OURS = "osediff-lab-lora/1"
 OFFICIAL_LISTS = {f"unet.{adapter}": f"unet_lora_{group}_modules" for group, adapter in UNET_ADAPTERS.items()}
 OFFICIAL_LISTS["vae.default_encoder"] = "vae_lora_encoder_modules"
 OFFICIAL_KEYS = ("state_dict_unet", "state_dict_vae", *OFFICIAL_LISTS.values(), "rank_unet", "rank_vae")
+# PiSA-SR's pisa_sr.pkl as its save_model writes it (csslc/PiSA-SR@9c76e12 pisasr.py:296-305): per LoRA set three
+# module lists (the release's three adapters per set, pisasr.py:73-78), its rank, and the UNet's LoRA tensors keyed
+# "<module>.lora_A.default_<encoder|decoder|others>_<pix|sem>.weight".
+PISA_SETS = {PIXEL: "pix", SEMANTIC: "sem"}
+PISA_LISTS = {adapter: [f"unet_lora_{group}_modules_{tag}" for group in ("encoder", "decoder", "others")]
+              for adapter, tag in PISA_SETS.items()}
+PISA_RANKS = {adapter: f"lora_rank_unet_{tag}" for adapter, tag in PISA_SETS.items()}
+PISA_KEYS = ("state_dict_unet", *PISA_LISTS[PIXEL], *PISA_LISTS[SEMANTIC], *PISA_RANKS.values())
+PISA_ADAPTER = re.compile(r"\.default_(?:encoder|decoder|others)_(pix|sem)\.")
+# A release checkpoint's kind -> the pipeline options saying how that release was trained (conf/infer.yaml)
+OFFICIAL_KINDS = {"official": "official", "official-pisasr": "official_pisasr"}
 BASE_ENV = "OSEDIFF_SD21_BASE"
 
 
@@ -45,11 +57,12 @@ BASE_ENV = "OSEDIFF_SD21_BASE"
 class Checkpoint:
     """Weights read from disk: ``state`` keyed relative to the generator (``unet.*``, ``vae.*``).
 
-    ``meta`` is the sidecar for ours (and for a training checkpoint, the sidecar it would export);
-    for the official format it holds the de-duplicated module lists (``unet.default_encoder`` ...) and ranks.
+    ``meta`` is the sidecar for ours (and for a training checkpoint, the sidecar it would export); for the
+    official formats it holds the de-duplicated module list per adapter (``unet.default_encoder`` ...; PiSA-SR's
+    three lists per set joined as ``unet.pixel`` / ``unet.semantic``) and the ranks.
     """
 
-    kind: str
+    kind: str  # osediff-lab | official (OSEDiff's release) | official-pisasr (PiSA-SR's release)
     state: dict[str, torch.Tensor]
     meta: dict
     path: Path
@@ -63,6 +76,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if path.suffix == ".safetensors":
         return _read_ours(path)
     obj = load_torch_weights(path)
+    if isinstance(obj, dict) and "state_dict_unet" in obj and any(k in obj for k in PISA_RANKS.values()):
+        return _read_official_pisasr(obj, path)
     if isinstance(obj, dict) and "state_dict_unet" in obj:
         return _read_official(obj, path)
     if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
@@ -70,7 +85,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint("osediff-lab", state, lora_sidecar(cfg, targets), path)
     raise ConfigError(
         f"{path}: unknown checkpoint format; expected our LoRA .safetensors (+ .json sidecar), a training "
-        f".ckpt, or the official OSEDiff release (keys {', '.join(OFFICIAL_KEYS)})"
+        f".ckpt, the official OSEDiff release (keys {', '.join(OFFICIAL_KEYS)}) or PiSA-SR's (keys {', '.join(PISA_KEYS)})"
     )
 
 
@@ -95,6 +110,35 @@ def _read_official(obj: dict, path: Path) -> Checkpoint:
     return Checkpoint("official", state, meta, path)
 
 
+def _read_official_pisasr(obj: dict, path: Path) -> Checkpoint:
+    """pisa_sr.pkl: both LoRA sets' tensors renamed to our adapters (``pixel``, ``semantic``), their modules and ranks."""
+    missing = [k for k in PISA_KEYS if k not in obj]
+    if missing:
+        raise ConfigError(f"{path}: official PiSA-SR checkpoint without {', '.join(missing)}")
+    adapter_of = {tag: adapter for adapter, tag in PISA_SETS.items()}
+    state = {"unet." + PISA_ADAPTER.sub(lambda m: f".{adapter_of[m.group(1)]}.", key): value
+             for key, value in obj["state_dict_unet"].items()}
+    meta = {f"unet.{adapter}": list(dict.fromkeys(n for key in keys for n in obj[key])) for adapter, keys in PISA_LISTS.items()}
+    meta |= {f"rank_{adapter}": int(obj[key]) for adapter, key in PISA_RANKS.items()}
+    return Checkpoint("official-pisasr", state, meta, path)
+
+
+def default_prompt(ckpt: Checkpoint) -> dict:
+    """The prompt config inference uses unless told: the null prompt for the official files (OSEDiff's was trained
+    with DAPE: pass prompt=dape) and for PiSA-SR, which its release runs with '' (test_pisasr.py:50); else the
+    prompt mode the checkpoint was trained with."""
+    if ckpt.kind == "official":
+        log.info("the official release was trained with DAPE prompts; using the null prompt (pass prompt=dape)")
+    if ckpt.kind in OFFICIAL_KINDS or _is_pisasr(ckpt):
+        return {"name": "null"}
+    return ckpt.meta.get("prompt", {"name": "null"})
+
+
+def _is_pisasr(ckpt: Checkpoint) -> bool:
+    """One of our PiSA-SR checkpoints (its sidecar names the method)."""
+    return str((ckpt.meta.get("method") or {}).get("_target_", "")).endswith(".PiSASR")
+
+
 def _pretrained_dir(path: str | None, source: str) -> Path:
     """A diffusers directory: ``path`` when it exists, else ${OSEDIFF_SD21_BASE}; errors name the fix."""
     if not path or not Path(os.path.expanduser(path)).is_dir():
@@ -117,8 +161,9 @@ def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
     """
     if base is not None:
         return frozen(load_pretrained(_pretrained_dir(str(base), "base")))
-    if ckpt.kind == "official":
-        return frozen(load_pretrained(_pretrained_dir(None, "official OSEDiff weights (LoRA on SD2.1-base)")))
+    if ckpt.kind in OFFICIAL_KINDS:
+        release = "OSEDiff" if ckpt.kind == "official" else "PiSA-SR"
+        return frozen(load_pretrained(_pretrained_dir(None, f"official {release} weights (LoRA on SD2.1-base)")))
     if ckpt.meta["model_arch"]["source"] == "random":
         arch = OmegaConf.create(ckpt.meta["model_arch"])
         seed = ckpt.meta.get("seed")
@@ -132,9 +177,11 @@ def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
     return frozen(load_pretrained(_pretrained_dir(ckpt.meta["model_arch"].get("pretrained_path"), ckpt.meta["base_model"]["name"])))
 
 
-def build_loaded_generator(components: Components, ckpt: Checkpoint, official: DictConfig) -> OSEDiffGenerator:
-    """The generator with the checkpoint's adapters placed on the base model (shared, not copied) and loaded."""
+def build_loaded_generator(components: Components, ckpt: Checkpoint, options: DictConfig) -> OSEDiffGenerator:
+    """The generator with the checkpoint's adapters placed on the base model (shared, not copied) and loaded;
+    ``options``: the pipeline options, whose ``official`` / ``official_pisasr`` say how a release was trained."""
     if ckpt.kind == "official":
+        official = options.official
         schedule = schedule_from_scheduler(components.scheduler)
         generator = OSEDiffGenerator(components.vae, components.unet, schedule, official.timestep, "mode")
         for key, names in ckpt.meta.items():
@@ -144,9 +191,20 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, official: D
                 _check_names_exist(model, names, ckpt.path, part)
                 rank = ckpt.meta["rank_unet"] if part == "unet" else ckpt.meta["rank_vae"]
                 add_lora(model, names, rank, official.lora_alpha, adapter, "gaussian")
-    elif str((ckpt.meta.get("method") or {}).get("_target_", "")).endswith(".PiSASR"):
+    elif ckpt.kind == "official-pisasr":  # pisasr.py:413-445: both sets over their module lists, PEFT's default alpha
+        official = options.official_pisasr
+        schedule = schedule_from_scheduler(components.scheduler)
+        generator = PiSAGenerator(components.vae, components.unet, schedule, official.timestep, "sample")
+        names = {adapter: ckpt.meta[f"unet.{adapter}"] for adapter in PISA_SETS}
+        for adapter_names in names.values():
+            _check_names_exist(generator.unet, adapter_names, ckpt.path, "unet")
+        ranks = {adapter: ckpt.meta[f"rank_{adapter}"] for adapter in PISA_SETS}
+        add_pisa_adapters(generator.unet, names, ranks, official.lora_alpha, "gaussian")
+    elif _is_pisasr(ckpt):
         method = ckpt.meta["method"]
-        generator, targets = build_pisa_generator(components, OmegaConf.create(method["lora"]), int(method["timestep"]))
+        # checkpoints from before method.latent existed were trained on the posterior's mode
+        generator, targets = build_pisa_generator(components, OmegaConf.create(method["lora"]), int(method["timestep"]),
+                                                  method.get("latent", "mode"))
         _check_targets(targets, ckpt)
     else:
         meta = ckpt.meta
@@ -161,7 +219,7 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, official: D
         )
         generator, targets = build_generator(components, gen_cfg, share_unet=True)
         _check_targets(targets, ckpt)
-    if ckpt.kind != "official":
+    if ckpt.kind not in OFFICIAL_KINDS:
         _check_prediction_type(components, ckpt)
     load_generator_state(generator, ckpt.state, ckpt.path)
     return generator

@@ -18,10 +18,14 @@ from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.backbone import TextEmbeds, latent_multiple, vae_factor
 from osediff_lab.models.generator import OSEDiffGenerator
-from osediff_lab.models.lora import merge_and_unload
-from osediff_lab.models.pisasr import PiSAGenerator
 from osediff_lab.models.text import PromptEmbedder, TextEncoders
-from osediff_lab.pipeline.checkpoints import build_loaded_generator, load_base, read_checkpoint
+from osediff_lab.pipeline.checkpoints import (
+    OFFICIAL_KINDS,
+    build_loaded_generator,
+    default_prompt,
+    load_base,
+    read_checkpoint,
+)
 from osediff_lab.pipeline.colorfix import color_fix
 from osediff_lab.pipeline.fast import apply_fast_paths
 from osediff_lab.pipeline.options import make_options
@@ -37,9 +41,10 @@ VAE_TILING_ATTRS = ("use_tiling", "tile_latent_min_size", "tile_sample_min_size"
 class OSEDiffPipeline:
     """One-step super-resolution with a loaded generator.
 
-    ``merge_lora`` folds the adapters into the generator's weights in place, and the generator and
-    text encoder are moved to the pipeline's device and precision. ``live=True`` leaves a model that is
-    still being trained as it is (device, dtypes, adapters unmerged): validation during training.
+    ``merge_lora`` folds the adapters into the generator's weights in place (those of the one UNet call the
+    generator's ``lambda_pix`` / ``lambda_sem`` need; PiSA-SR weights needing two calls stay unmerged), and the
+    generator and text encoder are moved to the pipeline's device and precision. ``live=True`` leaves a model
+    that is still being trained as it is (device, dtypes, adapters unmerged): validation during training.
     """
 
     def __init__(
@@ -53,10 +58,11 @@ class OSEDiffPipeline:
     ) -> None:
         self.options = make_options(options)
         self.scale = int(self.options.scale or scale)
-        # auto: torch's bicubic; from_checkpoint picks Pillow's for the official release (as it was run)
+        # auto: torch's bicubic; from_checkpoint picks Pillow's for the official releases (as they were run)
         self.upsampler = "torch" if self.options.upsampler == "auto" else str(self.options.upsampler)
         self.generator, self.text_encoders = generator, text_encoders
-        self._apply_lora_weights()
+        # z_L -> z_H at the LoRA weights (PiSA-SR's two-call mixing; any other generator accepts only (1, 1))
+        self.denoiser = generator.inference_denoiser(self.options.lambda_pix, self.options.lambda_sem)
         patch = latent_multiple(generator.unet)  # SD3's transformer takes whole 2 x 2 latent patches
         lt = self.options.latent_tiling
         if lt.tile % patch or lt.overlap % patch:
@@ -74,22 +80,15 @@ class OSEDiffPipeline:
         self.prompts = prompts
         self.embedder = PromptEmbedder(text_encoders, EMBED_CACHE_SIZE)
 
-    def _apply_lora_weights(self) -> None:
-        """PiSA-SR's lambda_pix / lambda_sem, before any merge; other generators have no such knob."""
-        o = self.options
-        if isinstance(self.generator, PiSAGenerator):
-            self.generator.set_lora_scales(o.lambda_pix, o.lambda_sem)
-        elif (o.lambda_pix, o.lambda_sem) != (1.0, 1.0):
-            raise ConfigError(f"pipeline.lambda_pix={o.lambda_pix} / pipeline.lambda_sem={o.lambda_sem} weigh "
-                              "PiSA-SR's two LoRA sets; this checkpoint is not a PiSA-SR one")
-
     def _prepare(self) -> None:
         """Merge LoRA (when asked), then move to the device and precision; fp16 decoder upcast."""
         o, generator = self.options, self.generator
         self.device = resolve_device(o.device)
         self.dtype = resolve_dtype(o.precision, self.device)
-        if o.merge_lora:
-            merge_and_unload(generator)
+        if o.merge_lora and not generator.merge_adapters(o.lambda_pix, o.lambda_sem) and o.fast.fuse_qkv:
+            raise ConfigError(f"pipeline.fast.fuse_qkv=true needs merged LoRA, but pipeline.lambda_pix={o.lambda_pix} / "
+                              f"pipeline.lambda_sem={o.lambda_sem} need two UNet calls (eps_pix, eps_full), which "
+                              "keep the adapters unmerged; set pipeline.fast.fuse_qkv=false")
         generator.to(self.device, self.dtype)
         self.decode_dtype = self.dtype
         if self.dtype == torch.float16 and o.upcast_vae_decoder:
@@ -109,26 +108,25 @@ class OSEDiffPipeline:
         prompt: DictConfig | dict | None = None,
         **overrides: Any,
     ) -> OSEDiffPipeline:
-        """Load any supported checkpoint (ours .safetensors + .json, a training .ckpt, the official release)
-        onto its base model (``base``: a diffusers dir; default: what the checkpoint names).
+        """Load any supported checkpoint (ours .safetensors + .json, a training .ckpt, the official OSEDiff or
+        PiSA-SR release .pkl) onto its base model (``base``: a diffusers dir; default: what the checkpoint names).
 
         ``options``/``overrides`` are pipeline options (conf/infer.yaml ``pipeline``), e.g. ``merge_lora=False``;
-        ``prompt`` a prompt config (default: the checkpoint's prompt mode; the null prompt for the official file).
+        ``prompt`` a prompt config (default: ``checkpoints.default_prompt``: the null prompt for the official files
+        and PiSA-SR, as their releases infer; else the checkpoint's training prompt mode).
         """
         opts = make_options(options, **overrides)
         ckpt = read_checkpoint(path)
         components = load_base(ckpt, base)
-        generator = build_loaded_generator(components, ckpt, opts.official)
-        if prompt is None and ckpt.kind == "official":
-            log.info("the official release was trained with DAPE prompts; using the null prompt (pass prompt=dape)")
+        generator = build_loaded_generator(components, ckpt, opts)
         if prompt is None:
-            prompt = ckpt.meta.get("prompt", {"name": "null"})
-        scale = ckpt.meta["scale"] if ckpt.kind == "osediff-lab" else opts.official.scale
+            prompt = default_prompt(ckpt)
+        scale = ckpt.meta["scale"] if ckpt.kind == "osediff-lab" else opts[OFFICIAL_KINDS[ckpt.kind]].scale
         # a DictConfig node stays attached to its root, so interpolations such as ${paths.weights_dir} resolve
         provider = build_prompt_provider(prompt if isinstance(prompt, DictConfig) else OmegaConf.create(prompt))
         pipe = cls(generator, components.text, provider, scale, opts)
-        if opts.upsampler == "auto" and ckpt.kind == "official":
-            pipe.upsampler = "pillow"  # the release upsamples the 8-bit LQ with Pillow's bicubic
+        if opts.upsampler == "auto" and ckpt.kind in OFFICIAL_KINDS:
+            pipe.upsampler = "pillow"  # the releases upsample the 8-bit LQ with Pillow's bicubic
         return pipe
 
     # ---- public API ----------------------------------------------------------------------------
@@ -162,12 +160,12 @@ class OSEDiffPipeline:
         o, gen = self.options, self.generator
         mixed = torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext()
         with self._eval(), mixed:
-            gen.latent = o.latent
-            rng = torch.Generator(self.device).manual_seed(o.seed) if o.latent == "sample" else None
+            gen.latent = gen.inference_latent if o.latent == "auto" else o.latent
+            rng = torch.Generator(self.device).manual_seed(o.seed) if gen.latent == "sample" else None
             with self._vae_tiling(o.vae_tiling.encoder_tile):
                 z_l = gen.encode(x_l.to(self.dtype), rng)
             lt = o.latent_tiling
-            z_h = tiled_apply(lambda z: gen.denoise(z, embeds), z_l, lt.tile, lt.overlap, lt.sigma)
+            z_h = tiled_apply(lambda z: self.denoiser(z, embeds), z_l, lt.tile, lt.overlap, lt.sigma)
             with self._vae_tiling(o.vae_tiling.decoder_tile):
                 return gen.decode(z_h.to(self.decode_dtype))
 

@@ -13,6 +13,7 @@ from osediff_lab.pipeline.colorfix import COLOR_FIXES
 from osediff_lab.pipeline.fast import fast_path_problems
 
 UPSAMPLERS = ("auto", "torch", "pillow")
+LATENTS = ("auto", "mode", "sample")  # auto: the generator's inference_latent (OSEDiff: mode, PiSA-SR: sample)
 
 
 def default_options() -> DictConfig:
@@ -34,8 +35,8 @@ def option_problems(o: DictConfig) -> list[str]:
     problems = []
     if o.color_fix not in COLOR_FIXES:
         problems.append(f"pipeline.color_fix='{o.color_fix}' must be one of {sorted(COLOR_FIXES)}")
-    if o.latent not in ("mode", "sample"):
-        problems.append(f"pipeline.latent='{o.latent}' must be 'mode' or 'sample'")
+    if o.latent not in LATENTS:
+        problems.append(f"pipeline.latent='{o.latent}' must be one of {list(LATENTS)}")
     if o.precision not in ("auto", *DTYPES):
         problems.append(f"pipeline.precision='{o.precision}' must be auto, {', '.join(DTYPES)}")
     lt = o.latent_tiling
