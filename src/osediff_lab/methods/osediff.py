@@ -132,7 +132,11 @@ class OSEDiff(Method):
     def generator_losses(self, batch: dict[str, Any], embeds: TextEmbeds) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Weighted L2, LPIPS and VSD terms (and ``total``); the state for the regularizer is z_H."""
         x_h, z_h = self.generator(batch["lq_up"], embeds)
-        hq = batch["hq"]
+        return weighted_total(self.loss_terms(x_h, z_h, batch["hq"], embeds), self.weights), z_h
+
+    def loss_terms(self, x_h: torch.Tensor, z_h: torch.Tensor, hq: torch.Tensor, embeds: TextEmbeds) -> dict[str, torch.Tensor]:
+        """The unweighted L2, LPIPS and VSD terms (each only when weighted) of x_H against HQ (both in [-1, 1])
+        and of z_H (a subclass adds its own terms to them)."""
         terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}
         if self.weights["lpips"] > 0:
             terms["lpips"] = self.lpips_loss(x_h, hq)
@@ -141,7 +145,7 @@ class OSEDiff(Method):
             x0_real, x0_fake = self.vsd_targets(z_vsd, embeds)
             terms["vsd"], w = vsd_loss(z_vsd, x0_real, x0_fake)
             self.metrics = {"vsd_weight_factor": w.mean().detach()}
-        return weighted_total(terms, self.weights), z_h
+        return terms
 
     def reencode(self, x_h: torch.Tensor) -> torch.Tensor:
         """Image-space VSD: the pretrained VAE encoder's latent of x_H in [-1, 1] (the generator's
