@@ -16,9 +16,10 @@ from diffusers import SD3Transformer2DModel
 from omegaconf import open_dict
 
 from helpers import TINY, compose_config
+from osediff_lab.backbones.sdxl import size_time_ids
 from osediff_lab.errors import ConfigError
 from osediff_lab.memory import PeakTensorBytes, predict_training_memory, training_step
-from osediff_lab.models.backbone import TextEmbeds, denoiser_output, family_of, lora_groups, size_time_ids
+from osediff_lab.models.backbone import TextEmbeds, denoiser_output, family_of, lora_groups
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.osediff import build_generator
 from osediff_lab.models.schedules import EpsilonSchedule, FlowMatchSchedule, VPredictionSchedule
@@ -95,7 +96,7 @@ def test_a_saved_twin_reloads_from_its_folder_as_the_pretrained_preset_would(mod
     torch.manual_seed(0)
     saved = build_components(twin(model).model)
     folder = save_pretrained(saved, tmp_path / "base")
-    preset = {"tiny_sdxl": ["model=sdxl_base"], "tiny_sd3": ["model=sd3_medium", f"model.t5_max_length={saved.t5_max_length}"]}[model]
+    preset = ["model=sdxl_base"] if model == "tiny_sdxl" else ["model=sd3_medium", f"model.t5_max_length={saved.backbone.t5_max_length}"]
     loaded = build_components(compose_config([*TINY, *preset, f"model.pretrained_path={folder}"]).model)
     assert loaded.family == saved.family and type(loaded.scheduler) is type(saved.scheduler)
     for a, b in zip(saved.text(["a photo"]).__dict__.values(), loaded.text(["a photo"]).__dict__.values(), strict=True):
@@ -105,7 +106,7 @@ def test_a_saved_twin_reloads_from_its_folder_as_the_pretrained_preset_would(mod
         assert no_t5.text_encoder_3 is None
         hidden = no_t5.text(["a photo"]).hidden
         clip_tokens = saved.tokenizer.model_max_length
-        assert hidden.shape[1] == clip_tokens + saved.t5_max_length and not hidden[:, clip_tokens:].any()
+        assert hidden.shape[1] == clip_tokens + saved.backbone.t5_max_length and not hidden[:, clip_tokens:].any()
 
 
 def test_sdxl_conditioning_is_diffusers_convention():
@@ -149,10 +150,10 @@ def test_sd3_conditioning_pads_clip_to_the_joint_width_and_appends_t5():
     c = build_components(twin("tiny_sd3").model)
     e = c.text(["a photo", "grass"])
     joint = c.unet.config.joint_attention_dim
-    assert e.hidden.shape == (2, 77 + c.t5_max_length, joint) and e.pooled.shape == (2, c.unet.config.pooled_projection_dim)
+    assert e.hidden.shape == (2, 77 + c.backbone.t5_max_length, joint) and e.pooled.shape == (2, c.unet.config.pooled_projection_dim)
     clip_width = c.text_encoder.config.hidden_size + c.text_encoder_2.config.hidden_size
     assert not e.hidden[:, :77, clip_width:].any(), "CLIP states are zero-padded to the joint width"
-    t5_ids = c.tokenizer_3(["a photo", "grass"], padding="max_length", max_length=c.t5_max_length, truncation=True,
+    t5_ids = c.tokenizer_3(["a photo", "grass"], padding="max_length", max_length=c.backbone.t5_max_length, truncation=True,
                            return_tensors="pt").input_ids
     torch.testing.assert_close(e.hidden[:, 77:], c.text_encoder_3(t5_ids)[0])
 

@@ -145,8 +145,8 @@ def schedule_from_scheduler(scheduler: SchedulerMixin) -> NoiseSchedule:
     name, config = type(scheduler).__name__, scheduler.config
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         if config.use_dynamic_shifting:
-            raise ConfigError(f"{name} with use_dynamic_shifting=True (a resolution-dependent shift) is not "
-                              "supported; set a fixed shift")
+            raise ConfigError(f"{name} with use_dynamic_shifting=True (a resolution-dependent shift) has no fixed "
+                              "schedule; set a fixed shift, or give the backbone its own (Backbone.schedule)")
         return FlowMatchSchedule(int(config.num_train_timesteps), float(config.shift))
     if not isinstance(scheduler, ALPHA_BAR_SCHEDULERS):
         raise ConfigError(f"no noise schedule for {name}; supported: DDPMScheduler, DDIMScheduler, "

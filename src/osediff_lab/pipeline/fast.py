@@ -14,25 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import (
-    AttnProcessor,
-    AttnProcessor2_0,
-    FusedAttnProcessor2_0,
-    FusedJointAttnProcessor2_0,
-    JointAttnProcessor2_0,
-)
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 from omegaconf import DictConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from osediff_lab.errors import ConfigError
-from osediff_lab.models.backbone import family_of
+from osediff_lab.backbones import backbone_of
 from osediff_lab.models.generator import OSEDiffGenerator
 
 log = logging.getLogger(__name__)
 
-ATTENTION = {"sdpa": AttnProcessor2_0, "plain": AttnProcessor}
-JOINT_ATTENTION = {"sdpa": JointAttnProcessor2_0}  # SD3's transformer: diffusers has no plain joint processor
+ATTENTION = {"sdpa": AttnProcessor2_0, "plain": AttnProcessor}  # the VAE's; the denoiser's: its backbone's
 
 
 def fast_path_problems(fast: DictConfig, merge_lora: bool) -> list[str]:
@@ -48,26 +40,19 @@ def fast_path_problems(fast: DictConfig, merge_lora: bool) -> list[str]:
 
 
 def set_attention(generator: OSEDiffGenerator, kind: str) -> None:
-    """The same attention kernel in every denoiser and VAE attention layer (SD3's joint attention: its own
-    processor class for that kernel)."""
+    """The same attention kernel in every denoiser and VAE attention layer (the denoiser's processor class for
+    that kernel is its backbone's: SD3's joint attention has its own)."""
     generator.vae.set_attn_processor(ATTENTION[kind]())
-    if family_of(generator.unet) != "sd3":
-        generator.unet.set_attn_processor(ATTENTION[kind]())
-    elif kind in JOINT_ATTENTION:
-        generator.unet.set_attn_processor(JOINT_ATTENTION[kind]())
-    else:
-        raise ConfigError(f"pipeline.fast.attention='{kind}' has no joint-attention processor for SD3's transformer; "
-                          f"use one of {sorted(JOINT_ATTENTION)}")
+    backbone_of(generator.unet).set_attention(generator.unet, kind)
 
 
 def fuse_qkv(generator: OSEDiffGenerator) -> None:
     """One projection for q, k, v (k, v in cross-attention) in the denoiser and VAE; needs merged LoRA."""
     if any(isinstance(m, BaseTunerLayer) for m in generator.modules()):
         raise ValueError("fuse QKV projections only after LoRA is merged and unloaded (pipeline.merge_lora=true)")
-    for model in (generator.unet, generator.vae):
-        model.fuse_qkv_projections()
-        joint = model is generator.unet and family_of(model) == "sd3"
-        model.set_attn_processor(FusedJointAttnProcessor2_0() if joint else FusedAttnProcessor2_0())
+    backbone_of(generator.unet).fuse_qkv(generator.unet)
+    generator.vae.fuse_qkv_projections()
+    generator.vae.set_attn_processor(FusedAttnProcessor2_0())
 
 
 def compile_with_fallback(module: nn.Module, mode: str = "default", backend: str | Callable = "inductor") -> bool:

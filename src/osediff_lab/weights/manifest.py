@@ -11,30 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from osediff_lab.backbones import releases
 from osediff_lab.errors import ConfigError
 
 PYIQA_BASE = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 TORCHVISION_BASE = "https://download.pytorch.org/models"
-SD21_REPO = "stabilityai/stable-diffusion-2-1-base"
-SD21_DIR = "stable-diffusion-2-1-base"
-SD_TURBO_REPO = "stabilityai/sd-turbo"
-SD_TURBO_DIR = "sd-turbo"
-SD_TURBO_LICENCE = (
-    "Stability AI Non-Commercial Research Community License: accept it on https://huggingface.co/stabilityai/sd-turbo "
-    "before downloading; research and non-commercial use only"
-)
-SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
-SDXL_DIR = "stable-diffusion-xl-base-1.0"
-SDXL_LICENCE = (
-    "CreativeML Open RAIL++-M (not gated; its use restrictions apply): "
-    "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/LICENSE.md"
-)
-SD3_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"
-SD3_DIR = "stable-diffusion-3-medium-diffusers"
-SD3_LICENCE = (
-    "Stability AI Community License (gated): accept it on https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers "
-    "and log in (HF token) before downloading; free below USD 1M annual revenue, an enterprise licence above"
-)
 CLIP_RN50_SHA256 = "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
 
 # Cache layout (relative to paths.weights_dir); chosen so each library finds its file where it looks by default.
@@ -82,71 +63,19 @@ def _torchvision(name: str, file: str, what: str, approx_mb: float, groups: tupl
     )
 
 
-def _clip_files(folder: str, what: str, mb: float) -> tuple[tuple[str, str, str, float | None], ...]:
-    """A CLIP tokenizer and text encoder pair of a diffusers folder (``folder``: text_encoder, text_encoder_2)."""
-    tok = folder.replace("text_encoder", "tokenizer")
-    return (
-        (f"{folder}_config", f"{folder}/config.json", f"{what} config", None),
-        (folder, f"{folder}/model.safetensors", what, mb),
-        (f"{tok}_vocab", f"{tok}/vocab.json", "CLIP tokenizer vocabulary", None),
-        (f"{tok}_merges", f"{tok}/merges.txt", "CLIP tokenizer BPE merges", None),
-        (f"{tok}_config", f"{tok}/tokenizer_config.json", "CLIP tokenizer config", None),
-        (f"{tok}_special", f"{tok}/special_tokens_map.json", "CLIP tokenizer special tokens", None),
-    )
-
-
-def _common_files(denoiser: str, denoiser_what: str, denoiser_mb: float, vae_mb: float) -> tuple[tuple[str, str, str, float | None], ...]:
-    return (
-        ("model_index", "model_index.json", "pipeline index", None),
-        ("scheduler", "scheduler/scheduler_config.json", "scheduler config (class, prediction type)", None),
-        (f"{denoiser}_config", f"{denoiser}/config.json", f"{denoiser_what} config", None),
-        (denoiser, f"{denoiser}/diffusion_pytorch_model.safetensors", denoiser_what, denoiser_mb),
-        ("vae_config", "vae/config.json", "VAE config", None),
-        ("vae", "vae/diffusion_pytorch_model.safetensors", "VAE", vae_mb),
-    )
-
-
-# A diffusers base-model folder per architecture: (entry suffix, file, what, approx MB). Sizes are the Hub's
-# (informational); SD3's T5 is two shards and an index.
-FOLDER_FILES: dict[str, tuple[tuple[str, str, str, float | None], ...]] = {
-    "sd": (*_common_files("unet", "UNet", 3460, 335), *_clip_files("text_encoder", "OpenCLIP-H text encoder", 1360)),
-    "sdxl": (*_common_files("unet", "UNet", 10270, 335), *_clip_files("text_encoder", "CLIP ViT-L text encoder", 492),
-             *_clip_files("text_encoder_2", "OpenCLIP-bigG text encoder (with projection)", 2780)),
-    "sd3": (*_common_files("transformer", "MMDiT transformer", 4170, 168),
-            *_clip_files("text_encoder", "CLIP ViT-L text encoder (with projection)", 247),
-            *_clip_files("text_encoder_2", "OpenCLIP-bigG text encoder (with projection)", 1390),
-            ("text_encoder_3_config", "text_encoder_3/config.json", "T5-XXL encoder config (optional: model.load_t5)", None),
-            ("text_encoder_3_index", "text_encoder_3/model.safetensors.index.json", "T5-XXL shard index", None),
-            ("text_encoder_3_1", "text_encoder_3/model-00001-of-00002.safetensors", "T5-XXL encoder, shard 1", 4990),
-            ("text_encoder_3_2", "text_encoder_3/model-00002-of-00002.safetensors", "T5-XXL encoder, shard 2", 4530),
-            ("tokenizer_3_spiece", "tokenizer_3/spiece.model", "T5 SentencePiece model", None),
-            ("tokenizer_3_json", "tokenizer_3/tokenizer.json", "T5 fast tokenizer", None),
-            ("tokenizer_3_config", "tokenizer_3/tokenizer_config.json", "T5 tokenizer config", None),
-            ("tokenizer_3_special", "tokenizer_3/special_tokens_map.json", "T5 tokenizer special tokens", None)),
-}
-
-
-def _diffusers_folder(prefix: str, group: str, label: str, folder: str, repo: str,
-                      licence: str | None = None) -> tuple[WeightFile, ...]:
-    """The manifest entries ``<prefix>_<suffix>`` of one base model's diffusers folder on the Hugging Face Hub."""
+def _base_model_entries() -> tuple[WeightFile, ...]:
+    """The entries ``<prefix>_<suffix>`` of every registered backbone's releases: the files of each one's diffusers
+    folder on the Hugging Face Hub (``Backbone.folder_files``), in the weights group named after the release."""
     return tuple(
-        WeightFile(f"{prefix}_{suffix}", f"{label} {what}", f"{folder}/{file}", f"https://huggingface.co/{repo}/resolve/main/{file}",
-                   approx_mb=mb, licence=licence, groups=(group,))
-        for suffix, file, what, mb in FOLDER_FILES[BASE_FAMILIES[group]]
+        WeightFile(f"{r.prefix}_{suffix}", f"{r.label} {what}", f"{r.folder}/{file}", f"https://huggingface.co/{r.repo}/resolve/main/{file}",
+                   approx_mb=mb, licence=r.licence, groups=(r.group,))
+        for backbone, r in releases()
+        for suffix, file, what, mb in backbone.folder_files
     )
 
-
-# The base-model folders a pretrained model preset loads, by weights group: what the missing-folder error names,
-# and the architecture family of each (models.backbone).
-BASE_MODELS: dict[str, str] = {"sd21_base": "SD2.1-base", "sd_turbo": "SD-Turbo", "sdxl_base": "SDXL-base-1.0",
-                               "sd3_medium": "SD3-medium"}
-BASE_FAMILIES: dict[str, str] = {"sd21_base": "sd", "sd_turbo": "sd", "sdxl_base": "sdxl", "sd3_medium": "sd3"}
 
 ENTRIES: tuple[WeightFile, ...] = (
-    *_diffusers_folder("sd21", "sd21_base", "SD2.1-base", SD21_DIR, SD21_REPO),
-    *_diffusers_folder("sd_turbo", "sd_turbo", "SD-Turbo", SD_TURBO_DIR, SD_TURBO_REPO, SD_TURBO_LICENCE),
-    *_diffusers_folder("sdxl", "sdxl_base", "SDXL-base-1.0", SDXL_DIR, SDXL_REPO, SDXL_LICENCE),
-    *_diffusers_folder("sd3", "sd3_medium", "SD3-medium", SD3_DIR, SD3_REPO, SD3_LICENCE),
+    *_base_model_entries(),
     WeightFile(
         "ram_swin_large", "RAM Swin-L tagging model (DAPE's base)", "ram/ram_swin_large_14m.pth",
         "https://huggingface.co/xinyu1205/recognize_anything_model/resolve/main/ram_swin_large_14m.pth",
@@ -186,6 +115,10 @@ ENTRIES: tuple[WeightFile, ...] = (
         approx_mb=244, groups=("clipiqa",),
     ),
     _pyiqa("fid_inception", "pt_inception-2015-12-05-6726825d.pth", "FID Inception-v3 (pytorch-fid port)", 91, ("fid",)),
+    WeightFile(
+        "convnext_xxlarge_clip", "OpenCLIP ConvNeXt-XXLarge image tower, LAION-2B soup (HYPIR's frozen discriminator)",
+        hf_repo="timm/convnext_xxlarge.clip_laion2b_soup", hf_file="model.safetensors", groups=("discriminator",),
+    ),
 )
 
 MANIFEST: dict[str, WeightFile] = {e.name: e for e in ENTRIES}
