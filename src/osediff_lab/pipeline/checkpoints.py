@@ -130,8 +130,8 @@ def default_prompt(ckpt: Checkpoint) -> dict:
     if ckpt.kind == "official":
         log.info("the official release was trained with DAPE prompts; using the null prompt (pass prompt=dape)")
     if ckpt.kind in OFFICIAL_KINDS or _is_pisasr(ckpt):
-        return {"name": "null"}
-    return ckpt.meta.get("prompt", {"name": "null"})
+        return {"name": "none"}
+    return ckpt.meta.get("prompt", {"name": "none"})
 
 
 def _is_pisasr(ckpt: Checkpoint) -> bool:
