@@ -286,3 +286,59 @@ def test_accumulated_training_resumes_bit_identically(tmp_path):
     _, resumed, _ = run(compose_config([*common, "trainer.max_steps=3"], tmp_path / "b"))
     a, b = module.trained_state_dict(), resumed.trained_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- training-health telemetry -----------------------------------------------------------------------------------
+
+
+def test_health_rules_by_hand():
+    """Each rule on a hand-made stream: a term 50x another for 300 steps, D accuracy 0.995 for 500 steps, a
+    regularizer loss that doubles; a ratio that breaks in between restarts its count."""
+    from osediff_lab.lit.health import HealthRules
+
+    rules = HealthRules(term_ratio=40, term_ratio_steps=300, d_accuracy=0.99, d_accuracy_steps=500, rising_window=2,
+                        rising_ratio=1.5, groups=("regularizer",))
+    raised = []
+    for step in range(0, 700, 100):
+        vsd = 1.0 if step == 100 else 50.0  # the ratio breaks at step 100: the count restarts at 200
+        raised += rules.observe(step, {"train/grad_zh_vsd": vsd, "train/grad_zh_l2": 1.0, "train/d_accuracy": 0.995,
+                                       "train/loss_regularizer": 1.0 if step < 200 else 2.0})
+    assert "VSD gradient is 50x L2's at z_H since step 200" in raised
+    assert any(m.startswith("D accuracy >= 0.99 for 500 steps since step 0") for m in raised)
+    assert any(m.startswith("regularizer loss rising") for m in raised)
+    assert len(raised) == 3 and not rules.observe(700, {"train/grad_zh_vsd": 50.0, "train/grad_zh_l2": 1.0})
+
+
+def test_term_gradients_are_the_gradient_of_each_weighted_term_at_z_h(tmp_path):
+    """Truth: autograd of weight x term with respect to z_H, one term at a time, on a fresh forward."""
+    module = build_module(compose_config([*TINY, "data.crop_size=32", "loss.vsd_weight=0.5", "generator.latent=mode"],
+                                         tmp_path)).train()
+    hq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = module.on_after_batch_transfer({"hq": hq}, 0)
+    embeds = module.encode_text([""] * 2)
+    torch.manual_seed(1)
+    terms, _ = module.method.generator_losses(batch, embeds)
+    norms = module.term_gradients(terms)
+    assert set(norms) == {"train/grad_zh_l2", "train/grad_zh_lpips", "train/grad_zh_vsd"}
+    z_h = module.method.outputs["z_h"]
+    for term, weight in (("l2", 1.0), ("lpips", 2.0), ("vsd", 0.5)):
+        (grad,) = torch.autograd.grad(terms[term] * weight, z_h, retain_graph=True)
+        torch.testing.assert_close(norms[f"train/grad_zh_{term}"], grad.norm())
+
+
+TELEMETRY = [*TINY, "data.crop_size=32", "trainer.log_every_n_steps=1", "callbacks.samples.every_n_steps=0",
+             "trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=0",
+             "health.warnings.term_ratio_steps=2"]
+
+
+def test_an_overweighted_vsd_is_named_and_a_healthy_run_is_not(tmp_path):
+    """loss.vsd_weight=50: the VSD term's gradient dwarfs L2's at z_H and the run's summary says so; the same run
+    at the demo's VSD weight raises nothing."""
+    _, _, broken = run(compose_config([*TELEMETRY, "trainer.max_steps=4", "loss.vsd_weight=50", "loss.lpips_weight=0"],
+                                      tmp_path / "broken"))
+    assert any(m.startswith("VSD gradient is") and "L2's at z_H since step 0" in m for m in broken["health"]["warnings"])
+    assert broken["health"]["last"]["train/grad_zh_vsd"] > 40 * broken["health"]["last"]["train/grad_zh_l2"]
+    assert "train/grad_norm_unet.conv_out" in broken["health"]["last"]
+    _, _, healthy = run(compose_config([*TELEMETRY, "trainer.max_steps=4", "loss.vsd_weight=0.02", "loss.lpips_weight=0"],
+                                       tmp_path / "healthy"))
+    assert healthy["health"]["warnings"] == []

@@ -110,7 +110,9 @@ class Stepper:
     accumulate: int = 1
     unit_scale: bool = False  # the scaler is held at 1 (fp32/bf16)
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    watch: dict[str, list[nn.Parameter]] = field(default_factory=dict)  # generator modules: gradient norms measured
     grad_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    module_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def backward(self, name: str, loss: torch.Tensor, fresh: bool) -> None:
         """Add ``loss``'s gradients (divided by the micro-batches per step, loss-scaled) to group ``name``'s only
@@ -131,6 +133,10 @@ class Stepper:
         if group.settings.sync_grads:
             average_gradients(group.params)
         self.scaler.unscale_(optimizer)
+        if name == GENERATOR:
+            for module, params in self.watch.items():
+                grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+                self.module_norms[module] = torch.stack(grads).norm() if grads else torch.zeros(())
         norm = clip_gradients(optimizer, self.grad_clip).detach()
         self.grad_norms[name] = norm
         self.scaler.step(optimizer)

@@ -26,6 +26,7 @@ from osediff_lab.errors import USER_ERRORS, ConfigError, user_errors
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
 from osediff_lab.lit.ema import find_ema
+from osediff_lab.lit.health import HealthMonitor, HealthRules
 from osediff_lab.lit.loggers import build_logger, close_logger
 from osediff_lab.lit.module import SRModule
 from osediff_lab.lit.precision import precision_plugin
@@ -84,7 +85,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, preemption: Preemption) -> t
     fault_tolerance = [RNGState(cfg.seed), DataPosition(), preemption]
     stats = RunStats(cfg.get("metric_defs"))
     best = [best_checkpoint(cc.checkpoint, run_dir / "checkpoints" / "best")] if cc.checkpoint.get("monitor") else []
-    monitors = [stats, RankReport(run_dir / "ranks")]  # learning rates: the module logs train/lr_*
+    rules = HealthRules(**OmegaConf.to_container(cfg.health.warnings, resolve=True))
+    health = HealthMonitor(rules, cfg.trainer.get("log_every_n_steps", 10))
+    monitors = [stats, health, RankReport(run_dir / "ranks")]  # learning rates: the module logs train/lr_*
     if cfg.trainer.get("enable_progress_bar", True):
         monitors.append(StepProgress(cfg.trainer.get("log_every_n_steps", 10)))  # steps of max_steps; lines in logs
     return [ckpt, *best, samples, *monitors, *fault_tolerance, *configured_callbacks(cc)], samples
@@ -213,6 +216,7 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
                 {"path": p, "reason": r} for p, r in (datamodule.train_set.reasons | module.unreadable).items()
             ],
         } | stats.summary()
+        summary["health"] = next(c for c in trainer.callbacks if isinstance(c, HealthMonitor)).summary()
         if trainer.is_global_zero:
             stem = module.method.export_stem
             lora, sidecar = export_lora(
@@ -276,6 +280,8 @@ def _print_outputs(summary: dict) -> None:
     print(f"  try it          python -m osediff_lab.infer input=<image or folder> output=<folder> \"ckpt='{summary['lora']}'\"")
     for item in summary.get("skipped_images", []):
         print(f"  SKIPPED image  {item['path']}: {item['reason']}")
+    for message in summary.get("health", {}).get("warnings", []):
+        print(f"  HEALTH warning {message}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -10,6 +10,7 @@ method comes built (``Method``, ``osediff_lab.methods.base``): this module impor
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -34,6 +35,21 @@ from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline import OSEDiffPipeline
 from osediff_lab.prompts import PromptProvider
 from osediff_lab.step import GENERATOR, Stepper, build_optimizer, further_updates, unit_scaler
+
+log = logging.getLogger(__name__)
+
+
+def watched_modules(generator: nn.Module, names: list[str]) -> dict[str, list[nn.Parameter]]:
+    """The trained tensors under each generator module of ``names`` (``health.grad_norm_modules``); a module
+    without any is left out, with a note (it differs between backbones and methods)."""
+    watched = {}
+    for name in names:
+        params = [p for n, p in generator.named_parameters() if n.startswith(f"{name}.") and p.requires_grad]
+        if params:
+            watched[name] = params
+        else:
+            log.info("health.grad_norm_modules: '%s' holds no trained tensor of this generator; not measured", name)
+    return watched
 
 
 class SRModule(pl.LightningModule):
@@ -73,6 +89,7 @@ class SRModule(pl.LightningModule):
         self.batches_trained = 0  # training batches done (also skipped ones): the step axis of the logs
         self.unreadable: dict[str, str] = {}  # training images data workers found unreadable (path -> reason)
         self.accumulate = int(cfg.optim.get("accumulate_grad_batches", 1))  # micro-batches per optimiser step
+        self.watched = watched_modules(method.generator, list(cfg.health.grad_norm_modules))
         self._scaler: torch.amp.GradScaler | None = None  # built at the first step (step_scaler)
         self._unit_scale = False
         self._scaler_state: dict[str, Any] | None = None  # a resumed checkpoint's loss-scaler state
@@ -159,11 +176,26 @@ class SRModule(pl.LightningModule):
                 self._scaler.load_state_dict(self._scaler_state)
         return self._scaler
 
-    def stepper(self, optimizers: dict[str, torch.optim.Optimizer]) -> Stepper:
-        """The plain-torch step over this method's groups with ``optimizers`` (one per group)."""
+    def stepper(self, optimizers: dict[str, torch.optim.Optimizer], measure: bool = False) -> Stepper:
+        """The plain-torch step over this method's groups with ``optimizers`` (one per group); ``measure``: also
+        the gradient norms of ``health.grad_norm_modules``."""
         device = next(iter(self.groups.values())).params[0].device
         return Stepper(self.groups, optimizers, self.step_scaler(device), self.optim_cfg.grad_clip,
-                       self.accumulate, self._unit_scale, self._ddp_no_sync)
+                       self.accumulate, self._unit_scale, self._ddp_no_sync, self.watched if measure else {})
+
+    def term_gradients(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each weighted loss term's gradient norm at the generator's latent z_H (``method.outputs["z_h"]``):
+        which term drives the generator (``health.term_gradients``, log steps only)."""
+        z_h = self.method.outputs.get("z_h")
+        if z_h is None or not z_h.requires_grad:
+            return {}
+        norms = {}
+        for name, value in terms.items():
+            weight = self.method.weights.get(name, 0.0)
+            if name != "total" and weight > 0 and value.requires_grad:
+                (grad,) = torch.autograd.grad(value * weight, z_h, retain_graph=True, allow_unused=True)
+                norms[f"train/grad_zh_{name}"] = grad.detach().float().norm() if grad is not None else torch.zeros(())
+        return norms
 
     @property
     def between_steps(self) -> bool:
@@ -177,18 +209,21 @@ class SRModule(pl.LightningModule):
         schedulers: tuple = (),
         prompts: list[str] | None = None,
         count_step: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+        measure: bool = False,
     ) -> dict[str, Any]:
         """One micro-batch (used by Lightning, the memory predictor and the benchmarks alike): the method's
         generator losses and backward, then every further group's losses (``method.optim.<group>.updates``
         times each); at the last micro-batch of ``optim.accumulate_grad_batches`` each group is stepped right
         after its backward. ``batch`` has ``hq`` and ``lq_up`` in [-1, 1]; ``optimizers`` are by group;
         ``prompts`` default to the prompt provider's; ``count_step`` runs the generator's update (Lightning
-        counts it). Returns the metrics (``train/*``) as tensors: nothing here reads the device back."""
-        stepper = self.stepper(optimizers)
+        counts it); ``measure`` (log steps): the health telemetry too. Returns the metrics (``train/*``) as
+        tensors: nothing here reads the device back."""
+        stepper = self.stepper(optimizers, measure)
         first, last = self.batches_trained % self.accumulate == 0, (self.batches_trained + 1) % self.accumulate == 0
         embeds = self.encode_text(self.batch_prompts(batch) if prompts is None else prompts)
 
         terms, state = self.method.generator_losses(batch, embeds)
+        health = self.term_gradients(terms) if measure and self.cfg.health.term_gradients else {}
         stepper.backward(GENERATOR, terms["total"], fresh=first)
         skipped: dict[str, torch.Tensor] = {}
         if last:
@@ -216,6 +251,8 @@ class SRModule(pl.LightningModule):
                 logs[f"train/skipped_{name}"] = skipped[name]
                 logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
                 logs[f"train/grad_norm_{name}"] = stepper.grad_norms[name]
+            logs |= {f"train/grad_norm_{module}": norm for module, norm in stepper.module_norms.items()}
+        logs |= health
         self.batches_trained += 1
         return logs
 
@@ -233,7 +270,8 @@ class SRModule(pl.LightningModule):
             return counted.step(closure=update)  # the precision plugin runs the closure (lit/precision.py)
 
         raw = {name: opt.optimizer for name, opt in zip(self.groups, optimizers, strict=True)}
-        logs = self.train_step(batch, raw, schedulers, count_step=count_step)
+        measure = (step + 1) % self.trainer.log_every_n_steps == 0
+        logs = self.train_step(batch, raw, schedulers, count_step=count_step, measure=measure)
         self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
         self.log("loss", logs["train/loss_total"], prog_bar=True, on_step=True, logger=False)
         if (step + 1) % self.trainer.log_every_n_steps == 0:  # the step's only host reads are here

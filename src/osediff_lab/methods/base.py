@@ -69,6 +69,9 @@ class Method(nn.Module):
         self.encode_text = encode_text
         self.lpips = lpips  # the perceptual loss network, frozen (None when the method does not weigh LPIPS)
         self.metrics: dict[str, torch.Tensor] = {}  # diagnostics of the last step, logged as train/<key>
+        self.weights: dict[str, float] = {}  # each generator loss term's weight (weighted_total)
+        # the last generator forward's outputs the loop's telemetry reads: z_h (the latent the terms reach)
+        self.outputs: dict[str, torch.Tensor] = {}
         self._fixed_prompts: dict[tuple[str, torch.device], TextEmbeds] = {}
 
     def group(self, name: str, params: list[nn.Parameter]) -> ParamGroup:

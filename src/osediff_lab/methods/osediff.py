@@ -132,6 +132,7 @@ class OSEDiff(Method):
     def generator_losses(self, batch: dict[str, Any], embeds: TextEmbeds) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Weighted L2, LPIPS and VSD terms (and ``total``); the state for the regularizer is z_H."""
         x_h, z_h = self.generator(batch["lq_up"], embeds)
+        self.outputs = {"z_h": z_h}
         return weighted_total(self.loss_terms(x_h, z_h, batch["hq"], embeds), self.weights), z_h
 
     def loss_terms(self, x_h: torch.Tensor, z_h: torch.Tensor, hq: torch.Tensor, embeds: TextEmbeds) -> dict[str, torch.Tensor]:
