@@ -16,11 +16,11 @@ import pytorch_lightning as pl
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TINY, compose_config
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from helpers import TINY, compose_config
 from osediff_lab.ema import EMA
 from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import GENERATOR, Method, ParamGroup, weighted_total

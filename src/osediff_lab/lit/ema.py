@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from osediff_lab.ema import EMA
 

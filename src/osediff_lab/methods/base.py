@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from osediff_lab.dtypes import DTYPES
-from osediff_lab.step import GENERATOR, GroupSettings, ParamGroup, settings_problems
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import cast_frozen
 from osediff_lab.models.vsd import classifier_free_guidance
+from osediff_lab.step import GENERATOR, GroupSettings, ParamGroup, settings_problems
 
 __all__ = ["GENERATOR", "Method", "ParamGroup", "weighted_total"]
 
