@@ -31,6 +31,8 @@ from osediff_lab.models.vsd import sample_timesteps
 
 UNETS = ("frozen", "regularizer")
 LAYER = re.compile(r"^(mid|down\.(\d+))$")
+NO_REGULARIZER = ("discriminator.unet=regularizer reads the method's regularizer UNet, and this method has none (HYPIR): "
+                  "set discriminator.unet=frozen")
 
 
 class _Taken(Exception):
@@ -77,6 +79,8 @@ class UNetFeatureDiscriminator(Discriminator):
         problems += dtype_problems(str(args["dtype"]), "discriminator.dtype")
         if args["unet"] not in UNETS:
             problems.append(f"discriminator.unet='{args['unet']}' must be one of {list(UNETS)}")
+        elif args["unet"] == "regularizer" and "regularizer" not in (args.get("denoisers") or {}):
+            problems.append(NO_REGULARIZER)
         if not 0 <= int(args["t_min"]) < int(args["t_max"]) <= 1000:
             problems.append(f"discriminator.t_min={args['t_min']} / t_max={args['t_max']}: need 0 <= t_min < t_max <= 1000")
         if int(args["head_depth"]) < 1:
@@ -114,8 +118,7 @@ class UNetFeatureDiscriminator(Discriminator):
         elif denoisers and "regularizer" in denoisers:
             self._shared = (denoisers["regularizer"],)
         else:
-            raise ConfigError("discriminator.unet=regularizer reads the method's regularizer UNet, and this method has "
-                              "none (HYPIR): set discriminator.unet=frozen")
+            raise ConfigError(NO_REGULARIZER)
         self.schedule = schedule_from_scheduler(components.scheduler)
         self.vae_factor = vae_factor(components.vae)
         heads = {}
