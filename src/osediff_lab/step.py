@@ -123,7 +123,8 @@ class Stepper:
         if fresh:
             self.optimizers[name].zero_grad(set_to_none=True)
         with self.no_sync():
-            self.scaler.scale(loss / self.accumulate).backward(inputs=list(dict.fromkeys(params)))
+            # frozen tensors a group lists (PiSA-SR's release_one_optimizer) get no gradient from backward
+            self.scaler.scale(loss / self.accumulate).backward(inputs=[p for p in dict.fromkeys(params) if p.requires_grad])
         poison_if_nonfinite(loss, params)
 
     def step(self, name: str) -> torch.Tensor:
