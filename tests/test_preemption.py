@@ -20,14 +20,9 @@ import torch
 
 import osediff_lab.train as train_mod
 from helpers import compose_config
-from osediff_lab.lit.loggers import (
-    AppendingCSVLogger,
-    history_matches_journal,
-    journal_rows,
-    read_history,
-    read_records,
-)
+from osediff_lab.lit.loggers import journal_rows, read_delivered
 from osediff_lab.lit.resume import PREEMPTED_EXIT_CODE
+from wandb_files import history_matches_journal, read_history
 
 STEPS = 6
 BASE = ["model=tiny", "data=demo", "loss.lpips.pretrained=false", "loss.lpips.net=alex", "data.crop_size=64",
@@ -97,6 +92,7 @@ def test_preempted_attempt_writes_nothing_final_and_the_last_attempt_sums_all(tm
     assert (tmp_path / "lora" / "osediff_lora.safetensors").is_file()
 
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2, "each attempt is one offline folder"
+    assert not (tmp_path / "wandb_unfinished").exists(), "a preempted attempt finishes its W&B run"
     history = wandb_matches_csv(tmp_path)
     assert [r["_step"] for r in history] == list(range(STEPS)), "one W&B row per step, across both attempts"
     assert sum(any(k.startswith("samples/lq_sr_hq") for k in r) for r in history) >= 2, "grids of both attempts"
@@ -137,33 +133,6 @@ def test_wandb_service_killed_with_the_job_loses_no_row(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     history = wandb_matches_csv(tmp_path)
     assert [r["_step"] for r in history] == list(range(STEPS))
+    kept = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert kept == read_delivered(tmp_path)["finished"], "only finished W&B runs stay in wandb/ (what `wandb sync` uploads)"
     assert json.loads((tmp_path / "summary.json").read_text())["attempts"] == 2
-
-
-def test_csv_journal_on_a_non_zero_rank_does_not_crash(tmp_path, monkeypatch):
-    """Non-zero DDP ranks get Lightning's placeholder experiment: resuming used to crash there."""
-    (tmp_path / "csv").mkdir()
-    (tmp_path / "csv" / "metrics.csv").write_text("step,train/loss_total\n0,1.0\n")
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
-    logger = AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
-    logger.experiment  # noqa: B018  (starting it is the test)
-    logger.log_metrics({"train/loss_total": 2.0}, step=1)
-    assert (tmp_path / "csv" / "metrics.csv").read_text() == "step,train/loss_total\n0,1.0\n"
-
-
-def test_torn_wandb_file_reads_up_to_the_last_whole_record(tmp_path):
-    """A writer killed mid-record leaves a torn tail: the reader keeps what was whole and stops there."""
-    import wandb
-
-    run = wandb.init(project="t", id="torn0001", dir=str(tmp_path), mode="offline", resume="allow")
-    for step in range(5):
-        run.log({"x": float(step)}, step=step)
-    run.finish()
-    (path,) = tmp_path.glob("wandb/offline-run-*/run-torn0001.wandb")
-    whole = list(read_records(path))
-    path.write_bytes(path.read_bytes()[:-10])
-    assert list(read_records(path)) == whole[:-1]
-    assert [r["_step"] for r in read_history(tmp_path / "wandb", "torn0001")] == list(range(5))
-    assert history_matches_journal([{"_step": 0, "x": 0.0}, {"_step": 0, "x": 1.0}], [(0, {"x": 1.0})])

@@ -19,10 +19,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from osediff_lab.errors import ConfigError
-from osediff_lab.lit.loggers import history_matches_journal, journal_rows, read_history
+from osediff_lab.lit.loggers import journal_rows
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.report import unfinished_runs
 from osediff_lab.slurm import JobRecord, Node, failure_reason, jobs_table, parse_gpus, request_problems
+from wandb_files import history_matches_journal, read_history
 
 NODES = [Node("c1", ["cpu"], cpus=2, mem_mb=20000, gpus=0), Node("g1", ["gpu"], cpus=32, mem_mb=256000, gpus=4),
          Node("g2", ["gpu"], cpus=32, mem_mb=256000, gpus=4)]

@@ -1,36 +1,44 @@
 """Experiment loggers: W&B (offline by default) that never stops a job, over a CSV journal of every row.
 
-Every row goes to ``csv/metrics.csv`` first (flushed each step), then to W&B with ``step`` = the trainer's
-step, so all attempts of a run (same W&B id, ``resume="allow"``) form one strictly increasing history.
-When W&B fails mid-run (its service killed with the job's processes on a Slurm requeue, a full disk, a
-network error) the job goes on, says so once, and the next attempt sends the rows W&B is missing, found
-by reading the earlier attempts' offline run files back (``read_history``)."""
+Every row goes to ``csv/metrics.csv`` first (written and flushed as it is logged, earlier attempts' rows kept),
+then to W&B with ``step`` = the trainer's step, so all attempts of a run (same W&B id, ``resume="allow"``) form
+one strictly increasing history. When W&B fails mid-run (its service killed with the job's processes on a
+Slurm requeue, a full disk, a network error) the job goes on, says so once, and the next attempt sends W&B the
+rows it is missing from the journal. What W&B holds is known only through what W&B supports: ``run.step`` of
+a resumed run (online) and a run closed by ``finish()``, which has written all its rows; this logger records
+the latter in ``wandb_delivered.json``. An offline attempt that ended without ``finish()`` may hold any part
+of its rows, so the next attempt moves its folder out of ``wandb/`` (to ``wandb_unfinished/``, which
+``wandb sync`` of ``wandb/`` leaves out) and sends everything after the last finished attempt again."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import math
 import os
-import struct
+import shutil
 import time
 import uuid
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from argparse import Namespace
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from osediff_lab.build import build, checked_by
+from osediff_lab.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 STEP_KEY = "trainer/global_step"
+DELIVERED = "wandb_delivered.json"  # in the run directory: the journal's steps finished W&B runs hold
+UNFINISHED = "wandb_unfinished"  # in the run directory: offline W&B folders of attempts that never finished
 
 
 # What build_logger offers a logger factory; each takes the ones its signature names.
@@ -47,8 +55,8 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger:
 
 
 def csv_logger(run_dir: Path) -> CSVLogger:
-    """CSV metrics under ``<run_dir>/csv``, flushed every step, so a killed run loses no logged value."""
-    return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
+    """CSV metrics under ``<run_dir>/csv``, each row on disk once logged, so a killed run loses no logged value."""
+    return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")
 
 
 def wandb_problems(args: Mapping[str, Any]) -> list[str]:
@@ -131,6 +139,7 @@ class JournaledWandbLogger(WandbLogger):
         self.journal = journal
         self.broken: str | None = None  # why W&B stopped taking data in this attempt
         self.held_through = -1  # highest step W&B held when this attempt started (rows at or below: not sent again)
+        self.sent_through = -1  # highest step sent to W&B in this attempt (or held before it)
         self.started = False
         self.last_step = -1  # step of the latest row: images and tables without a step join it
         self.run_id = str(kwargs["id"])
@@ -148,13 +157,17 @@ class JournaledWandbLogger(WandbLogger):
             return None
 
     def start(self) -> None:
-        """Start (or resume) the W&B run, declare the step axes, and send rows earlier attempts could not."""
+        """Start (or resume) the W&B run, declare the step axes, and send the journal rows W&B is missing: those
+        after the last finished attempt's and after a resumed online run's step, the unfinished offline attempts'
+        folders set aside first (see module doc)."""
         run = self.experiment
         self.started = True
         for pattern in ("train/*", "val/*", "samples/*"):
             run.define_metric(pattern, step_metric=STEP_KEY)
-        held = [int(row["_step"]) for row in read_history(Path(self.save_dir) / "wandb", self.run_id)]
-        self.held_through = max([*held, int(run.step) - 1])
+        delivered = read_delivered(Path(self.save_dir))
+        if run.offline:
+            set_aside_unfinished(Path(self.save_dir), self.run_id, {*delivered["finished"], Path(run.dir).parent.name})
+        self.held_through = self.sent_through = max(delivered["through_step"], int(run.step) - 1)
         missing = [(step, row) for step, row in journal_rows(Path(self.journal.log_dir)) if step > self.held_through]
         for step, row in missing:
             self._send(row, step)
@@ -165,6 +178,7 @@ class JournaledWandbLogger(WandbLogger):
 
     def _send(self, metrics: Mapping[str, Any], step: int) -> None:
         self.experiment.log(dict(metrics, **{STEP_KEY: step}), step=step)
+        self.sent_through = max(self.sent_through, step)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -194,9 +208,14 @@ class JournaledWandbLogger(WandbLogger):
 
     @rank_zero_only
     def close(self) -> None:
-        """Finish this attempt's W&B run (its rows flushed to the run files); never raises."""
-        if self.started and self.broken is None:
-            self._guard("finish", lambda: self.experiment.finish())
+        """Finish this attempt's W&B run (its rows written to the run files) and record what it holds; never raises."""
+        if not self.started or self.broken is not None:
+            return
+        run = self.experiment
+        folder = Path(run.dir).parent.name
+        self._guard("finish", run.finish)
+        if self.broken is None:
+            record_delivered(Path(self.save_dir), self.sent_through, folder)
 
 
 def _scalar(value: Any) -> float | None:
@@ -209,21 +228,82 @@ def _scalar(value: Any) -> float | None:
 
 
 class AppendingCSVLogger(CSVLogger):
-    """CSVLogger that continues an existing metrics.csv after a resume: Lightning's writer deletes
-    the file when it starts, which would lose every row logged before a kill."""
+    """CSVLogger whose metrics.csv is a journal (``CSVJournal``): each row written as it is logged, the rows of
+    earlier attempts kept (Lightning's own writer deletes the file when it starts, losing every row logged
+    before a kill)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.writer: CSVJournal | None = None
 
     @property
-    def experiment(self):
-        if self._experiment is not None:
-            return self._experiment
-        path = Path(self.log_dir) / "metrics.csv"
-        previous = path.read_bytes() if path.is_file() else None
-        exp = super().experiment
-        if previous and isinstance(exp, ExperimentWriter):  # non-zero ranks get Lightning's placeholder
-            path.write_bytes(previous)
-            header = next(csv.reader(previous.decode().splitlines()), [])
-            exp.metrics_keys = sorted(set(exp.metrics_keys) | set(header))
-        return exp
+    @rank_zero_experiment
+    def experiment(self) -> CSVJournal:
+        if self.writer is None:
+            self.writer = CSVJournal(Path(self.log_dir))
+        return self.writer
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.experiment.log_metrics(metrics, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Mapping[str, Any] | Namespace | None = None, *args: Any, **kwargs: Any) -> None:
+        self.experiment.log_hparams(vars(params) if isinstance(params, Namespace) else dict(params or {}))
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Nothing to do: every row is on disk once logged."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Nothing to do: every row is on disk once logged."""
+
+
+class CSVJournal:
+    """``<log_dir>/metrics.csv``, one row per ``log_metrics`` call (a ``step`` column and one per key, sorted),
+    appended and flushed at once; a key not seen before widens the header (the file is rewritten). Continues
+    the file an earlier attempt wrote. Hyperparameters go to ``hparams.yaml`` beside it."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.path = log_dir / "metrics.csv"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.keys: list[str] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                self.keys = next(csv.reader(f), [])
+        self.rows = 0  # logged by this process (the step of a row logged without one)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        row = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+        row["step"] = self.rows if step is None else step
+        self.rows += 1
+        keys = sorted(set(self.keys) | set(row))
+        if keys != self.keys and self.path.is_file():
+            with open(self.path, newline="") as f:
+                old = list(csv.DictReader(f))
+            atomic_write_text(self.path, _csv_text(keys, old))
+        elif not self.path.is_file():
+            self.path.write_text(_csv_text(keys, []))
+        self.keys = keys
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=keys).writerow(row)
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        save_hparams_to_yaml(self.log_dir / "hparams.yaml", params)
+
+    def save(self) -> None:
+        """Nothing to do: every row is on disk once logged."""
+
+
+def _csv_text(keys: list[str], rows: list[dict[str, Any]]) -> str:
+    """A CSV file's text: header ``keys``, then ``rows``."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def journal_rows(csv_dir: Path) -> list[tuple[int, dict[str, float]]]:
@@ -258,81 +338,32 @@ def _wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-# ---- reading W&B offline run files (run-<id>.wandb) back --------------------------------------------
-# The files are a LevelDB-style log: a 7-byte file header (":W&B", magic 0xBEE1, version 0), then 32 KiB
-# blocks of chunks, each with a 7-byte header (CRC-32 over type byte + data, length, type), where type
-# says whether the chunk is a whole record or its first / middle / last piece. Records are protobufs.
-_BLOCK = 32768
-_HEADER = 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+def read_delivered(run_dir: Path) -> dict[str, Any]:
+    """What finished W&B runs of this run directory hold: ``{"through_step": n, "finished": [folder names]}``
+    (through_step -1 and no folders before the first finished attempt)."""
+    path = run_dir / DELIVERED
+    return json.loads(path.read_text()) if path.is_file() else {"through_step": -1, "finished": []}
 
 
-def read_records(path: Path) -> Iterator[bytes]:
-    """The serialized records of one .wandb file, CRC-checked; stops at a torn tail (a killed writer)."""
-    data = path.read_bytes()
-    if len(data) < _HEADER or data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
-        raise ValueError(f"{path} is not a W&B run file")
-    pos, pending = _HEADER, b""
-    while pos + _HEADER <= len(data):
-        room = _BLOCK - pos % _BLOCK
-        if room < _HEADER:  # block trailer padding
-            pos += room
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
-        chunk = data[pos + _HEADER : pos + _HEADER + length]
-        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            return
-        pos += _HEADER + length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            yield pending + chunk
-            pending = b""
+def record_delivered(run_dir: Path, through_step: int, folder: str) -> None:
+    """Add a finished attempt: its W&B folder, and the journal's rows through ``through_step`` held."""
+    delivered = read_delivered(run_dir)
+    atomic_write_text(run_dir / DELIVERED, json.dumps({
+        "through_step": max(delivered["through_step"], through_step),
+        "finished": sorted({*delivered["finished"], folder}),
+    }, indent=2))
 
 
-def read_history(wandb_dir: Path, run_id: str) -> list[dict[str, Any]]:
-    """Every history row of run ``run_id`` in the offline run folders under ``wandb_dir``, in the order
-    the attempts wrote them: {"_step": n, key: value, ...}."""
-    from wandb.proto import wandb_internal_pb2
-
-    rows = []
-    for path in sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
-        for raw in read_records(path):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(raw)
-            if record.WhichOneof("record_type") != "history":
-                continue
-            row = {}
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
-            row["_step"] = int(row.get("_step", record.history.step.num))
-            rows.append(row)
-    return rows
-
-
-def history_matches_journal(history: list[dict[str, Any]], journal: list[tuple[int, dict[str, float]]]) -> list[str]:
-    """Differences between W&B rows and the CSV journal (empty when every journal value is in W&B at
-    its step, once, and W&B's steps strictly increase)."""
-    problems = []
-    steps = [row["_step"] for row in history]
-    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
-        problems.append(f"W&B steps do not strictly increase: {steps}")
-    by_step = {row["_step"]: row for row in history}
-    for step, values in journal:
-        row = by_step.get(step)
-        if row is None:
-            problems.append(f"step {step}: in the CSV, not in W&B")
-            continue
-        for key, value in values.items():
-            got = row.get(key)
-            if not isinstance(got, int | float) or not math.isclose(float(got), value, rel_tol=1e-6, abs_tol=1e-9):
-                problems.append(f"step {step} {key}: CSV {value}, W&B {got}")
-    extra = sorted(set(by_step) - {s for s, _ in journal})
-    if extra:
-        problems.append(f"steps in W&B, not in the CSV: {extra}")
-    return problems
+def set_aside_unfinished(run_dir: Path, run_id: str, keep: set[str]) -> list[Path]:
+    """Move this run's offline W&B folders not in ``keep`` (attempts that never finished) from ``wandb/`` to
+    ``wandb_unfinished/``; their rows are sent again from the journal. Returns the new places."""
+    moved = []
+    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
+        if folder.name not in keep:
+            (run_dir / UNFINISHED).mkdir(exist_ok=True)
+            moved.append(Path(shutil.move(str(folder), str(run_dir / UNFINISHED / folder.name))))
+    if moved:
+        log.warning("W&B: %d attempt(s) of this run ended without finishing their offline run; their folders "
+                    "moved to %s (left out of `wandb sync`), their rows sent again from the CSV journal",
+                    len(moved), run_dir / UNFINISHED)
+    return moved
