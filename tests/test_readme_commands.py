@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 # Output no run may show: library noise a user cannot act on, epoch counters, crashes.
-NOISE = ("gemm_4bit_forward", "💡 Tip", "module(s) in eval mode", "LeafSpec", "Epoch ", "Traceback", "lr-AdamW",
-         "pre-optimization state")
+NOISE = ("gemm_4bit_forward", "publisher trust check", "💡 Tip", "module(s) in eval mode", "LeafSpec", "Epoch ", "Traceback",
+         "lr-AdamW", "pre-optimization state", "Total FLOPs")
 
 NOT_HERE = {
     "make test": "the test suite itself",
