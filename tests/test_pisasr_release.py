@@ -269,6 +269,31 @@ def test_release_adamw_keeps_moving_the_frozen_pixel_lora_in_stage_two(pixel_exp
     assert all(p.grad is None for n, p in plain.generator.named_parameters() if ".pixel." in n)
 
 
+@pytest.mark.slow
+def test_release_stage_two_continues_stage_one_through_the_loop(tmp_path):
+    """pisasr_release's two commands on the tiny model: stage 2 resumes stage 1's checkpoint (its AdamW moments) and
+    the training loop keeps stepping the frozen pixel LoRA; without the switch (pisasr_paper's fresh stage 2) it
+    stays as stage 1 left it."""
+    from safetensors.torch import load_file
+
+    from osediff_lab.train import run
+
+    steps = ["trainer.log_every_n_steps=1", "callbacks.samples.num_images=0", "callbacks.checkpoint.every_n_train_steps=3",
+             "trainer.enable_progress_bar=false"]
+    quirks = ["method.release_one_optimizer=true", "method.release_unsynced_semantic_grads=true"]
+    first = run(compose_config([*TINY, *steps, *quirks, "method=pisasr_pixel", "trainer.max_steps=3"], tmp_path / "pixel"))[2]
+    stage1 = load_file(first["lora"])
+    resume = [f"ckpt_path={tmp_path / 'pixel' / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=5"]
+    for switch, moves in (([*quirks, *resume], True), (["trainer.max_steps=2"], False)):
+        second = run(compose_config([*TINY, *steps, *switch, "method=pisasr_semantic", f"method.pixel_lora_from={first['lora']}"],
+                                    tmp_path / f"semantic{len(switch)}"))[2]
+        assert second["steps"] == (5 if moves else 2)
+        stage2 = load_file(second["lora"])
+        drift = max(float((stage2[k] - v).abs().max()) for k, v in stage1.items() if ".pixel." in k)
+        assert (drift > 1e-6) is moves, drift
+        assert any(v.abs().sum() > 0 for k, v in stage2.items() if ".lora_B.semantic." in k)
+
+
 # ---- inference: the release's two-call mixing --------------------------------------------------
 PAIRS = [(1.0, 1.0), (1.0, 0.0), (1.0, 0.5), (0.0, 1.0), (0.7, 1.3)]
 
