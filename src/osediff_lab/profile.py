@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from osediff_lab.models.backbone import denoiser_output, vae_factor
 from osediff_lab.models.components import Components, build_components
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.osediff import build_generator, build_osediff
-from osediff_lab.models.schedules import schedule_from_scheduler
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts.ram import RAMArch, RAMTagger
 from osediff_lab.tables import markdown_table
@@ -162,7 +161,7 @@ class Modules:
         x = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
         z = torch.zeros(1, c.vae.config.latent_channels, size // factor, size // factor, device=device, dtype=dtype)
         embeds = c.text([""]).to(dtype)
-        t = schedule_from_scheduler(c.scheduler).model_timestep(torch.full((1,), timestep, dtype=torch.long, device=device))
+        t = c.backbone.schedule(c.scheduler).model_timestep(torch.full((1,), timestep, dtype=torch.long, device=device))
         runs: dict[str, Callable[[], Any]] = {}
         if self.tagger is not None:
             side = self.tagger.arch.image_size
@@ -186,13 +185,13 @@ def build_modules(cfg: DictConfig, training: bool = False) -> tuple[Modules, dic
     if training:
         parts = build_osediff(components, cfg.generator)
         generator = parts.generator
-        named = Modules(None, replace(components, vae=generator.vae, unet=generator.unet)).parts()
+        named = Modules(None, components.replace(vae=generator.vae, unet=generator.unet)).parts()
         trainable = {k: sum(p.numel() for m in ms for p in m.parameters() if p.requires_grad) for k, ms in named.items()}
         trainable["regularizer"] = sum(p.numel() for p in parts.reg_unet.parameters() if p.requires_grad)
     else:
         generator, _ = build_generator(components, cfg.generator, share_unet=True)
     merge_and_unload(generator)
-    return Modules(tagger, replace(components, vae=generator.vae, unet=generator.unet)), trainable
+    return Modules(tagger, components.replace(vae=generator.vae, unet=generator.unet)), trainable
 
 
 def profile_rows(cfg: DictConfig) -> list[dict[str, Any]]:

@@ -30,7 +30,8 @@ from osediff_lab.backbones.embeds import TextEmbeds
 from osediff_lab.errors import ConfigError
 
 if TYPE_CHECKING:
-    from diffusers import SchedulerMixin
+    from diffusers import AutoencoderKL, SchedulerMixin
+    from transformers import PreTrainedTokenizerBase
 
     from osediff_lab.backbones.text import TextEncoders
     from osediff_lab.models.schedules import NoiseSchedule
@@ -264,25 +265,27 @@ def attention_processor(name: str) -> Any:
     return getattr(importlib.import_module("diffusers.models.attention_processor"), name)()
 
 
-@dataclass
 class Components:
     """The frozen-at-load parts of a base model that methods share, built by their ``backbone``. ``unet`` is the
     denoiser of any family (SD3's transformer too); ``*_2`` / ``*_3`` are the extra tokenizers and text encoders
-    of families with several (SD3's T5, ``text_encoder_3``, may be absent)."""
+    of families with several (SD3's T5, ``text_encoder_3``, may be absent). A plain class, not a dataclass, so
+    that Hydra hands it to a method's constructor as itself rather than as a config copy of its fields."""
 
-    tokenizer: Any
-    text_encoder: nn.Module
-    vae: nn.Module  # AutoencoderKL (annotations here resolve without diffusers: Hydra reads them)
-    unet: nn.Module
-    scheduler: Any  # a diffusers SchedulerMixin
-    backbone: Backbone
-    tokenizer_2: Any = None
-    text_encoder_2: nn.Module | None = None
-    tokenizer_3: Any = None
-    text_encoder_3: nn.Module | None = None
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, vae: AutoencoderKL, unet: nn.Module,
+                 scheduler: SchedulerMixin, backbone: Backbone, tokenizer_2: PreTrainedTokenizerBase | None = None,
+                 text_encoder_2: nn.Module | None = None, tokenizer_3: PreTrainedTokenizerBase | None = None,
+                 text_encoder_3: nn.Module | None = None) -> None:
+        self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = tokenizer, text_encoder, vae, unet, scheduler
+        self.backbone = backbone
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3
+        setattr(unet, TAG, backbone)
 
-    def __post_init__(self) -> None:
-        setattr(self.unet, TAG, self.backbone)
+    def replace(self, **changes: Any) -> Components:
+        """A copy with the parts ``changes`` names swapped (as ``dataclasses.replace``)."""
+        parts = ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "backbone", "tokenizer_2", "text_encoder_2",
+                 "tokenizer_3", "text_encoder_3")
+        return Components(**{name: getattr(self, name) for name in parts} | changes)
 
     @property
     def scaling_factor(self) -> float:

@@ -26,7 +26,6 @@ from osediff_lab.errors import ConfigError
 from osediff_lab.models.backbone import TextEmbeds, as_embeds, denoiser_output, vae_factor
 from osediff_lab.models.components import Components
 from osediff_lab.models.lora import frozen_base_copy
-from osediff_lab.models.schedules import schedule_from_scheduler
 from osediff_lab.models.vsd import sample_timesteps
 
 UNETS = ("frozen", "regularizer")
@@ -119,7 +118,7 @@ class UNetFeatureDiscriminator(Discriminator):
             self._shared = (denoisers["regularizer"],)
         else:
             raise ConfigError(NO_REGULARIZER)
-        self.schedule = schedule_from_scheduler(components.scheduler)
+        self.schedule = components.backbone.schedule(components.scheduler)
         self.vae_factor = vae_factor(components.vae)
         heads = {}
         for name in self.layers:

@@ -19,7 +19,6 @@ from osediff_lab.models.backbone import input_layer, lora_groups
 from osediff_lab.models.components import Components
 from osediff_lab.models.generator import OSEDiffGenerator, compile_generator
 from osediff_lab.models.lora import add_lora, lora_layers, select_targets
-from osediff_lab.models.schedules import schedule_from_scheduler
 
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
 
@@ -64,7 +63,7 @@ def build_generator(
     """The LoRA generator and its adapter targets; ``share_unet`` wraps components.unet itself (inference)
     instead of a copy (training, where the pretrained UNet must stay clean for the regularizer)."""
     gen_unet = components.unet if share_unet else copy.deepcopy(components.unet)
-    schedule = schedule_from_scheduler(components.scheduler)
+    schedule = components.backbone.schedule(components.scheduler)
     generator = OSEDiffGenerator(components.vae, gen_unet, schedule, gen_cfg.timestep, gen_cfg.latent)
     lora = gen_cfg.lora
     targets = _lora_unet(gen_unet, lora)

@@ -22,7 +22,6 @@ from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.components import Components
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import add_lora, lora_layers, merge_and_unload, select_targets
-from osediff_lab.models.schedules import schedule_from_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def build_pisa_generator(
     alpha ``lora.alpha``), all frozen (the method chooses what trains); ``latent``: how z_L is taken from the
     VAE posterior. The pretrained UNet is that UNet with its adapters disabled (the score distillation's)."""
     unet = components.unet
-    generator = PiSAGenerator(components.vae, unet, schedule_from_scheduler(components.scheduler), timestep, latent)
+    generator = PiSAGenerator(components.vae, unet, components.backbone.schedule(components.scheduler), timestep, latent)
     names = select_targets(unet, lora.unet_targets)
     add_pisa_adapters(unet, {PIXEL: names, SEMANTIC: names}, {PIXEL: lora.rank, SEMANTIC: lora.rank}, lora.alpha, lora.init)
     generator.requires_grad_(False)

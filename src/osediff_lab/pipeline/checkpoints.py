@@ -30,7 +30,6 @@ from osediff_lab.models.lora import add_lora
 from osediff_lab.models.lora_files import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.osediff import UNET_ADAPTERS, build_generator
 from osediff_lab.models.pisasr import PIXEL, SEMANTIC, PiSAGenerator, add_pisa_adapters, build_pisa_generator
-from osediff_lab.models.schedules import schedule_from_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, options: Di
     ``options``: the pipeline options, whose ``official`` / ``official_pisasr`` say how a release was trained."""
     if ckpt.kind == "official":
         official = options.official
-        schedule = schedule_from_scheduler(components.scheduler)
+        schedule = components.backbone.schedule(components.scheduler)
         generator = OSEDiffGenerator(components.vae, components.unet, schedule, official.timestep, "mode")
         for key, names in ckpt.meta.items():
             if key.startswith(("unet.", "vae.")) and names:
@@ -193,7 +192,7 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, options: Di
                 add_lora(model, names, rank, official.lora_alpha, adapter, "gaussian")
     elif ckpt.kind == "official-pisasr":  # pisasr.py:413-445: both sets over their module lists, PEFT's default alpha
         official = options.official_pisasr
-        schedule = schedule_from_scheduler(components.scheduler)
+        schedule = components.backbone.schedule(components.scheduler)
         generator = PiSAGenerator(components.vae, components.unet, schedule, official.timestep, "sample")
         names = {adapter: ckpt.meta[f"unet.{adapter}"] for adapter in PISA_SETS}
         for adapter_names in names.values():
