@@ -53,7 +53,7 @@ class SDXLBackbone(SDBackbone):
 
     @classmethod
     def recognises_denoiser(cls, net: nn.Module) -> bool:
-        return getattr(net.config, "addition_embed_type", None) == "text_time"
+        return getattr(getattr(net, "config", None), "addition_embed_type", None) == "text_time"
 
     def text_encoders(self, c: Components) -> TextEncoders:
         return SDXLText([c.tokenizer, c.tokenizer_2], [c.text_encoder, c.text_encoder_2])
