@@ -229,6 +229,18 @@ def test_the_experiments_carry_the_release_values():
     assert paper.method.stage == "pixel" and paper.trainer.max_steps == 4000
 
 
+@pytest.mark.parametrize("experiment", ["pisasr_paper", "pisasr_release"])
+def test_the_experiments_pass_the_checks_and_build_on_the_tiny_model(experiment, tmp_path):
+    cfg = compose_config([f"+experiment={experiment}", *TINY, "val=none", "prompt=ram_tiny", "degradation=bicubic",
+                          "trainer=cpu", "trainer.precision=32"], tmp_path)
+    assert config_problems(cfg) == []
+    from osediff_lab.train import build_module
+
+    module = build_module(cfg)
+    assert module.method.release_one_optimizer is (experiment == "pisasr_release")
+    assert module.prompts(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))[0].endswith(", ")  # "{tags}, "
+
+
 # ---- the release's optimiser quirks ------------------------------------------------------------
 def test_unsynced_semantic_gradients_and_one_optimizer_groups(pixel_export):
     sem = ["method=pisasr_semantic", f"method.pixel_lora_from={pixel_export}"]
