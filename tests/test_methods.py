@@ -48,8 +48,8 @@ class ToyGenerator(nn.Module):
 class ToyMethod(Method):
     """A method the framework has never seen: L1 to the HQ crop, no regularizer."""
 
-    def __init__(self, components, encode_text, lpips, l1_weight: float) -> None:
-        super().__init__(ToyGenerator(), {}, encode_text)
+    def __init__(self, components, encode_text, lpips, l1_weight: float, optim: dict) -> None:
+        super().__init__(ToyGenerator(), {}, encode_text, optim=optim)
         self.l1_weight = l1_weight
 
     def generator_losses(self, batch, embeds):
@@ -60,7 +60,7 @@ class ToyMethod(Method):
 def test_a_method_defined_in_a_test_file_trains_three_steps(tmp_path):
     cfg = compose_config([*RUN, "callbacks.samples.num_images=0"], tmp_path)  # grids need a latent generator
     with open_dict(cfg):
-        cfg.method = {"_target_": f"{__name__}.ToyMethod", "l1_weight": 1.0}
+        cfg.method = {"_target_": f"{__name__}.ToyMethod", "l1_weight": 1.0, "optim": {"generator": {"lr": 1e-3}}}
     torch.manual_seed(0)
     before = copy.deepcopy(build_module(cfg).method.generator.state_dict())
     trainer, module, summary = run(cfg)

@@ -10,19 +10,22 @@ and one config in ``conf/method``; a method defined elsewhere plugs in by its ``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.lora import adapters_disabled
-from osediff_lab.models.osediff import cast_frozen
+from osediff_lab.models.osediff import build_generator, cast_frozen
 from osediff_lab.models.vsd import classifier_free_guidance
 from osediff_lab.step import GENERATOR, GroupSettings, ParamGroup, settings_problems
 
+log = logging.getLogger(__name__)
 __all__ = ["GENERATOR", "Method", "ParamGroup", "weighted_total"]
 
 
@@ -43,12 +46,11 @@ class Method(nn.Module):
     @classmethod
     def argument_problems(cls, args: Any) -> list[str]:
         """Problems with this method's config (``method.*``) found before anything is built, each naming its key:
-        here, every group of ``groups`` needs its optimiser settings in ``method.optim.<group>``."""
+        here, every group of ``groups`` needs its optimiser settings in ``method.optim.<group>`` (settings of groups it
+        lacks are left unused: an experiment tuned for one method's groups composes with another)."""
         optim = args.get("optim") or {}
         problems = [f"method.optim.{name} is missing: {cls.__name__} trains the parameter group '{name}' "
                     "(give its lr, betas, weight_decay, eps)" for name in cls.groups if name not in optim]
-        problems += [f"method.optim.{name}: {cls.__name__} has no parameter group '{name}' (its groups: {list(cls.groups)})"
-                     for name in optim if name not in cls.groups]
         for name in cls.groups:
             if name in optim:
                 problems += settings_problems(name, optim[name], f"method.optim.{name}")
@@ -63,7 +65,11 @@ class Method(nn.Module):
         optim: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
-        self.optim_settings = {name: GroupSettings.from_config(values) for name, values in (optim or {}).items()}
+        self.optim_settings = {name: GroupSettings.from_config(values) for name, values in (optim or {}).items()
+                               if name in self.groups}
+        unused = sorted(set(optim or {}) - set(self.groups))
+        if unused:
+            log.info("method.optim.%s: %s has no such parameter group; left unused", ", ".join(unused), type(self).__name__)
         self.generator = generator
         self.lora_targets = lora_targets
         self.encode_text = encode_text
@@ -132,6 +138,20 @@ class Method(nn.Module):
             pred = self.generator.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), TextEmbeds.cat([neg, as_embeds(embeds)]), unet)
         pred_uncond, pred_cond = pred.to(z_t.dtype).chunk(2)
         return classifier_free_guidance(pred_uncond, pred_cond, cfg_scale), pred_uncond
+
+    @classmethod
+    def inference_generator(cls, components: Any, sidecar: Mapping[str, Any]) -> tuple[nn.Module, dict[str, list[str]]]:
+        """The inference generator over ``components`` (its adapters placed, untrained) and its LoRA targets, rebuilt
+        from an export's sidecar (``models/lora_files.py``): by default OSEDiff's generator as the sidecar
+        describes it (timestep, LoRA ranks and targets, trained VAE parts)."""
+        gen_cfg = OmegaConf.create({key: sidecar[key] for key in ("timestep", "train_vae_encoder", "train_vae_decoder", "lora")}
+                                   | {"latent": "mode"})
+        return build_generator(components, gen_cfg, share_unet=True)
+
+    @classmethod
+    def inference_prompt(cls, sidecar: Mapping[str, Any]) -> dict[str, Any]:
+        """The prompt config inference uses unless told: the one the export was trained with."""
+        return sidecar.get("prompt", {"name": "none"})
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The generator tensors inference loads, keyed relative to the generator: by default the trained ones."""

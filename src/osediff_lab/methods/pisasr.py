@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from osediff_lab.errors import ConfigError
@@ -193,6 +193,19 @@ class PiSASR(Method):
         if n != want:
             raise ConfigError(f"method.pixel_lora_from={path} holds {n} of this generator's {want} pixel-level LoRA "
                               "tensors; train the pixel stage with the same method.lora and model")
+
+    @classmethod
+    def inference_generator(cls, components: Components, sidecar: Mapping[str, Any]) -> tuple[nn.Module, dict[str, list[str]]]:
+        """Both LoRA sets as the export's ``method`` block describes them (an export from before ``method.latent``
+        existed was trained on the posterior's mode)."""
+        method = sidecar["method"]
+        return build_pisa_generator(components, OmegaConf.create(method["lora"]), int(method["timestep"]),
+                                    method.get("latent", "mode"))
+
+    @classmethod
+    def inference_prompt(cls, sidecar: Mapping[str, Any]) -> dict[str, Any]:
+        """The empty prompt, as the release runs inference (test_pisasr.py:50)."""
+        return {"name": "none"}
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Both LoRA sets (the frozen pixel-level one too): inference weighs them with lambda_pix / lambda_sem."""

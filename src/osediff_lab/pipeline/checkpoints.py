@@ -12,8 +12,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
@@ -28,8 +30,8 @@ from osediff_lab.models.components import (
 from osediff_lab.models.generator import OSEDiffGenerator
 from osediff_lab.models.lora import add_lora
 from osediff_lab.models.lora_files import load_torch_weights, lora_sidecar, training_checkpoint_parts
-from osediff_lab.models.osediff import UNET_ADAPTERS, build_generator
-from osediff_lab.models.pisasr import PIXEL, SEMANTIC, PiSAGenerator, add_pisa_adapters, build_pisa_generator
+from osediff_lab.models.osediff import UNET_ADAPTERS
+from osediff_lab.models.pisasr import PIXEL, SEMANTIC, PiSAGenerator, add_pisa_adapters
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ PISA_ADAPTER = re.compile(r"\.default_(?:encoder|decoder|others)_(pix|sem)\.")
 # A release checkpoint's kind -> the pipeline options saying how that release was trained (conf/infer.yaml)
 OFFICIAL_KINDS = {"official": "official", "official-pisasr": "official_pisasr"}
 BASE_ENV = "OSEDIFF_SD21_BASE"
+DEFAULT_METHOD = "osediff_lab.methods.osediff.OSEDiff"  # the method of exports whose sidecar names none
 
 
 @dataclass
@@ -128,14 +131,20 @@ def default_prompt(ckpt: Checkpoint) -> dict:
     prompt mode the checkpoint was trained with."""
     if ckpt.kind == "official":
         log.info("the official release was trained with DAPE prompts; using the null prompt (pass prompt=dape)")
-    if ckpt.kind in OFFICIAL_KINDS or _is_pisasr(ckpt):
+    if ckpt.kind in OFFICIAL_KINDS:
         return {"name": "none"}
-    return ckpt.meta.get("prompt", {"name": "none"})
+    return method_class(ckpt).inference_prompt(ckpt.meta)
 
 
-def _is_pisasr(ckpt: Checkpoint) -> bool:
-    """One of our PiSA-SR checkpoints (its sidecar names the method)."""
-    return str((ckpt.meta.get("method") or {}).get("_target_", "")).endswith(".PiSASR")
+def method_class(ckpt: Checkpoint) -> Any:
+    """The method that trained an export, by the ``_target_`` its sidecar names (one from before methods
+    existed: OSEDiff); it rebuilds its inference generator (``Method.inference_generator``)."""
+    name = str((ckpt.meta.get("method") or {}).get("_target_") or DEFAULT_METHOD)
+    try:
+        return get_object(name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{ckpt.path}: its sidecar names the method {name}, which is not importable here ({exc}); "
+                          "install or put on PYTHONPATH the package that defines it") from None
 
 
 def _pretrained_dir(path: str | None, source: str) -> Path:
@@ -199,24 +208,8 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, options: Di
             _check_names_exist(generator.unet, adapter_names, ckpt.path, "unet")
         ranks = {adapter: ckpt.meta[f"rank_{adapter}"] for adapter in PISA_SETS}
         add_pisa_adapters(generator.unet, names, ranks, official.lora_alpha, "gaussian")
-    elif _is_pisasr(ckpt):
-        method = ckpt.meta["method"]
-        # checkpoints from before method.latent existed were trained on the posterior's mode
-        generator, targets = build_pisa_generator(components, OmegaConf.create(method["lora"]), int(method["timestep"]),
-                                                  method.get("latent", "mode"))
-        _check_targets(targets, ckpt)
     else:
-        meta = ckpt.meta
-        gen_cfg = OmegaConf.create(
-            {
-                "timestep": meta["timestep"],
-                "latent": "mode",
-                "train_vae_encoder": meta["train_vae_encoder"],
-                "train_vae_decoder": meta["train_vae_decoder"],
-                "lora": meta["lora"],
-            }
-        )
-        generator, targets = build_generator(components, gen_cfg, share_unet=True)
+        generator, targets = method_class(ckpt).inference_generator(components, ckpt.meta)
         _check_targets(targets, ckpt)
     if ckpt.kind not in OFFICIAL_KINDS:
         _check_prediction_type(components, ckpt)
