@@ -342,3 +342,18 @@ def test_an_overweighted_vsd_is_named_and_a_healthy_run_is_not(tmp_path):
     _, _, healthy = run(compose_config([*TELEMETRY, "trainer.max_steps=4", "loss.vsd_weight=0.02", "loss.lpips_weight=0"],
                                        tmp_path / "healthy"))
     assert healthy["health"]["warnings"] == []
+
+
+def test_discriminator_accuracy_by_hand_and_logged_for_a_gan_run(tmp_path):
+    """d_accuracy: the share of real logits > 0 and fake logits < 0, averaged over levels and the two sides (what the
+    'no signal' rule reads); a HYPIR run logs it with each term's gradient at z_H, the GAN's included."""
+    from osediff_lab.discriminators.losses import accuracy
+
+    real = [torch.tensor([1.0, -1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5])]  # 3/4 and 2/2 right
+    fake = [torch.tensor([-1.0, 1.0, 1.0, 1.0]), torch.tensor([-0.5, -2.0])]  # 1/4 and 2/2 right
+    assert float(accuracy(real, fake)) == (0.75 + 1.0 + 0.25 + 1.0) / 4
+    gan = [*TELEMETRY, "method=hypir", "discriminator=convnext_tiny", "generator.lora.unet_rank=8",
+           "generator.lora.unet_alpha=8", "trainer.max_steps=2", "data.crop_size=64"]
+    _, _, summary = run(compose_config(gan, tmp_path))
+    last = summary["health"]["last"]
+    assert 0 <= last["train/d_accuracy"] <= 1 and {"train/grad_zh_gan", "train/grad_zh_l2"} <= set(last)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from osediff_lab.discriminators.losses import (
+    accuracy,
     discriminator_loss,
     generator_loss,
     loss_problems,
@@ -97,7 +98,8 @@ class Discriminator(nn.Module):
             fake_features = self.features(fake.detach(), embeds)
         real_logits, fake_logits = self.classify(real_features), self.classify(fake_features)
         loss = discriminator_loss(self.loss, real_logits, fake_logits, self.real_target)
-        metrics = {"d_logit_real": mean_logit(real_logits), "d_logit_fake": mean_logit(fake_logits)}
+        metrics = {"d_logit_real": mean_logit(real_logits), "d_logit_fake": mean_logit(fake_logits),
+                   "d_accuracy": accuracy(real_logits, fake_logits)}
         if with_r1:
             r1 = r1_penalty(real_logits, real)
             loss = loss + self.r1_gamma / 2 * r1

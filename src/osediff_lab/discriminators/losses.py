@@ -83,6 +83,13 @@ def mean_logit(levels: Logits) -> torch.Tensor:
     return torch.stack([x.detach().float().mean() for x in levels]).mean()
 
 
+def accuracy(real: Logits, fake: Logits) -> torch.Tensor:
+    """The share of samples the discriminator gets right (real logit > 0, fake logit < 0), averaged over levels and
+    over real and fake (a diagnostic, detached): near 1 for long, the generator gets no signal."""
+    right = [(r.detach() > 0).float().mean() for r in real] + [(f.detach() < 0).float().mean() for f in fake]
+    return torch.stack(right).mean()
+
+
 def loss_problems(loss: str, real_target: float, r1_gamma: float) -> list[str]:
     """Config problems of a discriminator's loss settings (``discriminator.*``)."""
     problems = []

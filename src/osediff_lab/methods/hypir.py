@@ -112,6 +112,7 @@ class HYPIR(Method):
         [-1, 1]); the state: z_L and what the discriminator's updates need."""
         z_l = self.generator.encode(batch["lq_up"])
         z_h = self.generator.denoise(z_l, embeds)
+        self.outputs = {"z_h": z_h}
         x_h = self.decode(z_h)
         hq = batch["hq"]
         terms: dict[str, torch.Tensor] = {"l2": F.mse_loss(x_h.float(), hq.float())}

@@ -73,6 +73,7 @@ class OSEDiffGAN(OSEDiff):
         the regularizer, and the step's samples for the discriminator."""
         self.metrics = {}
         x_h, z_h = self.generator(batch["lq_up"], embeds)
+        self.outputs = {"z_h": z_h}
         terms = self.loss_terms(x_h, z_h, batch["hq"], embeds)
         fake = sample_for(self.discriminator, x_h, z_h)
         if self.weights["gan"] > 0:
