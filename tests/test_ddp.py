@@ -20,8 +20,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from osediff_lab.lit.distributed import average_gradients, gather_objects, own_rank_state
+from osediff_lab.lit.distributed import gather_objects, own_rank_state
 from osediff_lab.lit.resume import RNGState
+from osediff_lab.step import average_gradients
 
 CLI = ["logger=csv", "loss.lpips.pretrained=false", "loss.lpips.net=alex", "data.crop_size=32", "data.batch_size=2",
        "callbacks.samples.every_n_steps=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]

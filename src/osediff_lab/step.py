@@ -9,6 +9,7 @@ A method hands the loop named parameter groups (``ParamGroup``), each with its o
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,9 +18,6 @@ from typing import Any
 import torch
 from hydra.utils import get_object
 from torch import nn
-
-from osediff_lab.lit.distributed import average_gradients
-from osediff_lab.lit.optimization import clip_gradients, poison_if_nonfinite
 
 GENERATOR = "generator"
 SETTING_KEYS = ("lr", "betas", "weight_decay", "eps", "updates", "sync_grads")
@@ -143,6 +141,45 @@ class Stepper:
         self.scaler.step(optimizer)
         self.scaler.update(new_scale=1.0 if self.unit_scale else None)
         return (~torch.isfinite(norm)).float()  # the norm is finite iff every gradient is
+
+
+def poison_if_nonfinite(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Make the gradients non-finite when ``loss`` is, without a host sync: a NaN loss whose graph happens
+    to give finite gradients must still skip the step, on every rank alike."""
+    target = next((p for p in params if p.grad is not None), params[0])
+    if target.grad is None:
+        target.grad = torch.zeros_like(target)
+    target.grad.add_(torch.where(torch.isfinite(loss.detach()), 0.0, float("nan")).to(target.grad.dtype))
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, clip: float | None) -> torch.Tensor:
+    """Clip the optimiser's gradients to norm ``clip`` (none: measure only) and return the total norm (a
+    tensor, not read here): finite exactly when every gradient is, so it also flags a skipped step."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Replace each gradient by its mean over ranks with one flat all-reduce (missing gradients count as 0).
+
+    DDP's own reducer expects every parameter to get a gradient from every backward, which alternating
+    generator/regularizer steps never satisfy (the public release needed find_unused_parameters=True, a
+    full graph walk per step); this syncs exactly the set an optimiser is about to step.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
 
 
 def unit_scaler(device: torch.device) -> torch.amp.GradScaler:

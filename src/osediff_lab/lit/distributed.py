@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 
 def _active() -> bool:
@@ -27,27 +26,6 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """Replace each gradient by its mean over ranks with one flat all-reduce (missing gradients count as 0).
-
-    DDP's own reducer expects every parameter to get a gradient from every backward, which alternating
-    generator/regularizer steps never satisfy (the public release needed find_unused_parameters=True, a
-    full graph walk per step); this syncs exactly the set an optimiser is about to step.
-    """
-    _, world = rank_and_world()
-    if world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-        offset += n
 
 
 def own_rank_state(saved: Any, key: str) -> Any | None:

@@ -1,15 +1,12 @@
-"""The optimisation mechanics of the training loop: optimisers and schedules per parameter group, clipping,
-and the non-finite policy's pieces (poisoned gradients, skip counts kept on the device)."""
+"""The training loop's bookkeeping around the step (``osediff_lab.step``): learning-rate schedules per group and
+the non-finite policy's skip counts, kept on the device and read at log steps."""
 
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 
 import torch
 from diffusers.optimization import get_scheduler
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -18,56 +15,9 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimiser steps had a non-finite loss or gradient."""
 
 
-def poison_if_nonfinite(loss: torch.Tensor, params: list[nn.Parameter]) -> None:
-    """Make the gradients non-finite when ``loss`` is, without a host sync: a NaN loss whose graph happens
-    to give finite gradients must still skip the step, on every rank alike."""
-    target = next((p for p in params if p.grad is not None), params[0])
-    if target.grad is None:
-        target.grad = torch.zeros_like(target)
-    target.grad.add_(torch.where(torch.isfinite(loss.detach()), 0.0, float("nan")).to(target.grad.dtype))
-
-
-def build_optimizers(
-    groups: dict[str, list[nn.Parameter]],
-    lrs: dict[str, float],
-    betas: tuple[float, float],
-    weight_decay: float,
-    eps: float,
-    use_8bit: bool = False,
-    fused: bool = True,
-) -> dict[str, torch.optim.Optimizer]:
-    """One AdamW per parameter group at its learning rate (bitsandbytes' AdamW8bit with ``use_8bit``).
-
-    ``fused``: torch's fused AdamW, one kernel per step that also skips a non-finite step on the device. Not
-    for a group listing a tensor twice (``optim.conv_in_lora_twice``): one fused launch reads that tensor's
-    moments once for both entries, where the release's AdamW steps it twice in a row."""
-    if use_8bit:
-        import bitsandbytes as bnb
-
-        cls, fuses = bnb.optim.AdamW8bit, lambda params: {}
-    else:
-        cls, fuses = torch.optim.AdamW, lambda params: {"fused": fused and len({id(p) for p in params}) == len(params)}
-    unknown = sorted(set(groups) - set(lrs))
-    if unknown:
-        raise ValueError(f"no learning rate for parameter groups {unknown} (known: {sorted(lrs)})")
-    with warnings.catch_warnings():  # optim.conv_in_lora_twice lists tensors twice on purpose
-        warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate parameters")
-        return {
-            name: cls(params, lr=lrs[name], betas=betas, weight_decay=weight_decay, eps=eps, **fuses(params))
-            for name, params in groups.items()
-        }
-
-
 def build_schedulers(optimizers: list[torch.optim.Optimizer], name: str, warmup_steps: int, steps: int) -> list:
     """diffusers' learning-rate schedule ``name`` for each optimiser, over ``steps`` generator steps."""
     return [get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=max(1, steps)) for opt in optimizers]
-
-
-def clip_gradients(optimizer: torch.optim.Optimizer, clip: float | None) -> torch.Tensor:
-    """Clip the optimiser's gradients to norm ``clip`` (none: measure only) and return the total norm (a
-    tensor, not read here): finite exactly when every gradient is, so it also flags a skipped step."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    return torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else math.inf)
 
 
 class SkipCounter:
