@@ -139,3 +139,11 @@ def test_the_manifest_holds_every_registered_release_folder_with_the_subfolders_
         assert {e.path.split("/")[1] for e in entries if e.path.count("/") > 1} >= set(backbone.folders())
         assert MANIFEST[f"{release.prefix}_{backbone.denoiser_folder}"].path == (
             f"{release.folder}/{backbone.denoiser_folder}/diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize(("model", "family"), [("tiny", "sd"), ("tiny_sdxl", "sdxl"), ("tiny_sd3", "sd3")])
+def test_a_model_config_saved_before_model_backbone_builds_the_family_its_arch_describes(model, family):
+    cfg = compose_config([*TINY, f"model={model}"]).model
+    with open_dict(cfg):
+        del cfg["backbone"]  # as the sidecars of earlier runs hold it
+    assert build_components(cfg).family == family
