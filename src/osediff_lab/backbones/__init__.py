@@ -21,7 +21,8 @@ from typing import Any
 from torch import nn
 
 from osediff_lab.backbones import sd, sd3, sdxl  # noqa: F401  (the built-in families register themselves)
-from osediff_lab.backbones.base import REGISTRY, TAG, Backbone, Components, Release
+from osediff_lab.backbones.base import REGISTRY, Backbone, Release
+from osediff_lab.backbones.components import TAG, Components
 from osediff_lab.backbones.embeds import TextEmbeds, as_embeds
 from osediff_lab.errors import ConfigError
 

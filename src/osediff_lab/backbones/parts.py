@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import CLIPTokenizer, PreTrainedTokenizerBase, T5TokenizerFast
 
-from osediff_lab.backbones.base import Backbone, Components, library_class
+from osediff_lab.backbones.components import Components, library_class
 from osediff_lab.errors import ConfigError, MissingWeightsError
 
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -128,7 +128,7 @@ def load_scheduler(path: str | Path) -> SchedulerMixin:
     return scheduler_class(name, str(config_file)).from_pretrained(str(path), subfolder="scheduler", local_files_only=True)
 
 
-def random_components(backbone: Backbone, arch: Mapping[str, Any]) -> Components:
+def random_components(backbone: Any, arch: Mapping[str, Any]) -> Components:
     """``backbone``'s components at the sizes in ``arch`` (plain containers), randomly initialised in diffusers'
     order (text parts, VAE, denoiser), so one seed gives one model."""
     parts: dict[str, Any] = {}
@@ -150,7 +150,7 @@ def random_components(backbone: Backbone, arch: Mapping[str, Any]) -> Components
     return Components(vae=vae, unet=denoiser, scheduler=scheduler, backbone=backbone, **parts)
 
 
-def load_components(backbone: Backbone, path: Path) -> Components:
+def load_components(backbone: Any, path: Path) -> Components:
     """``backbone``'s components from its diffusers folder at ``path`` (the text parts it ``wants``), offline."""
     kw = {"local_files_only": True}
     parts: dict[str, Any] = {}
