@@ -49,16 +49,22 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         nn.functional.mse_loss(net(x[mine]), y[mine]).backward()
         average_gradients(list(net.parameters()))
         grads = [p.grad.clone() for p in net.parameters()]
+        some, never = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))  # a gradient on rank 0 only; on none
+        if rank == 0:
+            some.grad = torch.full((2,), 2.0)
+        average_gradients([some, never])
+        partial = (some.grad.clone(), never.grad)
 
         torch.manual_seed(42)
         RNGState(seed=42).on_fit_start(SimpleNamespace(global_rank=rank), None)
         draws = gather_objects(torch.randn(5))
         picked = own_rank_state({"ranks": gather_objects(f"state of rank {rank}")}, "test")
-        torch.save({"grads": grads, "draws": draws, "picked": picked}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save({"grads": grads, "draws": draws, "picked": picked, "partial": partial}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_average_gradients_and_draw_their_own_noise(tmp_path):
     mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -77,6 +83,8 @@ def test_two_ranks_average_gradients_and_draw_their_own_noise(tmp_path):
     assert not torch.equal(r0["draws"][0], r0["draws"][1]), "both ranks drew the same noise"
     assert r0["draws"][1].equal(r1["draws"][1])
     assert (r0["picked"], r1["picked"]) == ("state of rank 0", "state of rank 1")
+    for r in (r0, r1):  # missing on one rank: 0 there; missing everywhere: stays None (no AdamW state, no decay)
+        assert torch.equal(r["partial"][0], torch.ones(2)) and r["partial"][1] is None
 
 
 def train_cli(args: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:

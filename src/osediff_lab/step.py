@@ -160,7 +160,8 @@ def clip_gradients(optimizer: torch.optim.Optimizer, clip: float | None) -> torc
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
-    """Replace each gradient by its mean over ranks with one flat all-reduce (missing gradients count as 0).
+    """Replace each gradient by its mean over ranks with one flat all-reduce (a gradient missing on some ranks
+    counts as 0 there; one missing on every rank stays None, so the optimiser leaves that tensor alone).
 
     DDP's own reducer expects every parameter to get a gradient from every backward, which alternating
     generator/regularizer steps never satisfy (the public release needed find_unused_parameters=True, a
@@ -172,13 +173,16 @@ def average_gradients(params: list[nn.Parameter]) -> None:
     if world == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    present = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [present])
     torch.distributed.all_reduce(flat)
     flat /= world
+    anywhere = flat[-len(params):] > 0  # read only for tensors without a gradient here (rare: frozen sets)
     offset = 0
-    for p in params:
+    for i, p in enumerate(params):
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        if p.grad is not None or bool(anywhere[i]):
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
 
 
