@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2  # pytest-xdist processes (one torch thread each); whole test files go to one worker
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
+
+# The unit tests: no end-to-end runs (marked slow: training, CLI subprocesses, DDP) and no Slurm; for iterating on a method.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not slurm" --durations=5
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH)

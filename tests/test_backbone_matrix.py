@@ -42,6 +42,7 @@ def twin(model: str, *extra: str):
     return compose_config([*TINY, f"model={model}", *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", TWINS)
 def test_osediff_on_every_twin_trains_validates_resumes_exports_and_infers_tiled(model, tmp_path):
     family, schedule = TWINS[model]
@@ -66,6 +67,7 @@ def test_osediff_on_every_twin_trains_validates_resumes_exports_and_infers_tiled
     assert sidecar["base_model"]["name"] == model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", TWINS)
 def test_pisasr_trains_three_steps_on_every_twin_and_its_generator_infers_tiled(model):
     """PiSA-SR's pixel stage through the same training step the loop runs (SRModule.train_step, real AdamW), then
@@ -181,6 +183,7 @@ def test_sd3_generator_shifts_and_scales_latents_both_ways():
         torch.testing.assert_close(generator.decode(z), c.vae.decode(posterior).sample.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])  # SD2.1's family: tests/test_memory.py
 def test_memory_prediction_matches_the_real_step_on_each_family(model):
     cfg = twin(model, "data.crop_size=32", "data.batch_size=1")

@@ -55,6 +55,7 @@ RUN = [*TINY, "trainer.max_steps=2", "trainer.log_every_n_steps=1", "callbacks.s
        "callbacks.checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow
 def test_a_family_defined_here_trains_exports_and_infers_through_config_alone(tmp_path):
     cfg = compose_config(RUN, tmp_path)
     with open_dict(cfg):

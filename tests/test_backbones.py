@@ -40,6 +40,7 @@ def test_v_prediction_twin_passes_the_check_and_gives_a_v_schedule(twin):
     assert type(generator.schedule) is VPredictionSchedule
 
 
+@pytest.mark.slow
 def test_osediff_trains_on_the_v_twin_and_its_export_reloads_for_inference(tmp_path):
     trainer, module, summary = run(compose_config(RUN, tmp_path))
     assert trainer.global_step == 3 and type(module.method.schedule) is VPredictionSchedule

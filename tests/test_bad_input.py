@@ -277,6 +277,7 @@ def test_evaluate_subset_needs_the_switch_and_says_how_many_were_left_out(tmp_pa
     assert "2 GT image(s) have no SR image and were left out" in (tmp_path / "o2" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_evaluate_cli_exit_status_says_whether_a_pair_failed(tmp_path, bad_files):
     sr, gt = good_pairs(tmp_path, ["a"])
     common = [f"gt_dir={gt}", f"paths.weights_dir={tmp_path / 'w'}", "metrics=[psnr]", "progress=false",
@@ -362,6 +363,7 @@ def test_training_skips_bad_images_reports_them_prints_progress_lines_and_leaves
     assert "at step 4, not below trainer.max_steps=2: nothing to train" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_images_found_unreadable_in_a_data_worker_reach_the_summary(tmp_path, monkeypatch):
     """A file that passes the scan and then fails to load in a worker process (here: made to fail there):
     the worker's finding travels with the batch to the trainer, so summary.json still names it."""
@@ -445,6 +447,7 @@ def test_preview_skips_unreadable_images_and_lists_them(tmp_path, photo_folder):
     assert sorted(Path(s["path"]).name for s in report["skipped_images"]) == ["truncated_png.png", "zero.png"]
 
 
+@pytest.mark.slow
 def test_a_config_error_is_one_message_without_traceback_and_exit_status_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "osediff_lab.evaluate", f"sr_dir={tmp_path / 'nope'}", f"gt_dir={tmp_path}",
                            f"hydra.run.dir={tmp_path / 'hydra'}"], env=ENV, capture_output=True, text=True, timeout=300)

@@ -49,6 +49,7 @@ def test_backbone_experiments_pass_the_checks_and_build_on_their_tiny_twin(name,
 LOSS_ARMS = {p.stem: OmegaConf.load(p) for p in (CONF_DIR / "loss").glob("*.yaml") if "defaults" in OmegaConf.load(p)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", sorted(LOSS_ARMS))
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_a_loss_arm_keeps_what_defines_it_under_every_experiment(name, arm, tmp_path):
@@ -59,6 +60,7 @@ def test_a_loss_arm_keeps_what_defines_it_under_every_experiment(name, arm, tmp_
     assert own and {k: cfg.loss[k] for k in own} == own
 
 
+@pytest.mark.slow
 def test_the_no_vsd_arm_of_the_demo_trains_without_vsd(tmp_path):
     from osediff_lab.train import build_module
 

@@ -143,6 +143,7 @@ FAST = [*TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=1", "callbacks.
         "callbacks.checkpoint.every_n_train_steps=1"]
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, monkeypatch, caplog):
     original = OSEDiff.generator_losses
     calls = {"n": 0}
@@ -167,6 +168,7 @@ def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, monkeypatch, capl
     assert all(torch.isfinite(p).all() for p in module.trained_state_dict().values())
 
 
+@pytest.mark.slow
 def test_too_many_bad_steps_stop_with_clear_error_keeping_last_good_checkpoint(tmp_path, monkeypatch):
     original = OSEDiff.generator_losses
     calls = {"n": 0}
@@ -205,6 +207,7 @@ def test_wandb_online_without_key_falls_back_to_csv(tmp_path, monkeypatch, caplo
     assert caplog.text.count("W&B logging unavailable") == 1
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_samples_is_reported_and_training_continues(tmp_path, monkeypatch, caplog):
     import osediff_lab.lit.callbacks as callbacks
 
@@ -242,6 +245,7 @@ def test_worker_crash_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
     assert time.time() - start_time < 30
 
 
+@pytest.mark.slow
 def test_stuck_worker_times_out_with_the_configured_limit(tmp_path, monkeypatch):
     from osediff_lab.data.datasets import HQCropDataset
 

@@ -275,6 +275,7 @@ def group_steps(trainer, module) -> dict[str, set[int]]:
     return {name: {int(s["step"]) for s in opt.state.values()} for name, opt in zip(module.groups, trainer.optimizers, strict=True)}
 
 
+@pytest.mark.slow
 def test_hypir_alternates_g_and_d_as_configured_and_its_backbone_never_changes(tmp_path):
     cfg = compose_config([*RUN, *HYPIR, "trainer.max_steps=2", "method.optim.discriminator.updates=2",
                           f"+callbacks.order._target_={__name__}.StepOrder"], tmp_path)
@@ -315,6 +316,7 @@ def optimizer_tensors(trainer, module) -> dict[str, torch.Tensor]:
             for i, s in opt.state_dict()["state"].items() for k, v in s.items() if torch.is_tensor(v)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "overrides", "stem"), [("hypir", HYPIR, "hypir_lora"), ("osediff_gan", OSEDIFF_GAN, "osediff_gan_lora")])
 def test_method_trains_resumes_bit_identically_exports_and_infers(name, overrides, stem, tmp_path):
     straight = run(compose_config([*RUN, *overrides, "trainer.max_steps=3"], tmp_path / "straight"))

@@ -91,6 +91,7 @@ def test_folder_run_writes_pngs_and_prompts_and_reports_the_corrupt_file(inputs,
         assert (out / f"{name}.png").read_bytes() == (tmp_path / "again" / f"{name}.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_single_file(inputs, ckpt, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     args = [f"input={inputs / 'a.png'}", f"output={tmp_path / 'out'}", f"ckpt={ckpt}", "pipeline.process_size=32",
@@ -113,6 +114,7 @@ def test_infer_exif_rotated_jpeg_gives_an_upright_output(tmp_path, ckpt):
         assert im.size == (64, 96)
 
 
+@pytest.mark.slow
 def test_infer_on_a_folder_without_images_names_it_and_the_suffixes(tmp_path, ckpt):
     empty = tmp_path / "empty"
     empty.mkdir()

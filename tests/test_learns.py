@@ -41,6 +41,7 @@ def heldout_l2(module, cfg) -> float:
     return float(F.mse_loss(sr01, to_unit(hq)))
 
 
+@pytest.mark.slow
 def test_short_run_on_nano_lowers_heldout_l2(tmp_path, single_thread):
     cfg = compose_config(LEARN, tmp_path)
     pl.seed_everything(cfg.seed, workers=True)

@@ -39,6 +39,7 @@ def tiny_cfg(*overrides: str):
     return compose_config([*TINY, "data.crop_size=64", "data.batch_size=2", *overrides])
 
 
+@pytest.mark.slow
 def test_fake_replay_predicts_the_real_steps_peak():
     cfg = tiny_cfg()
     predicted = predict_training_memory(cfg)
@@ -82,6 +83,7 @@ def _nan_terms(out):
     return terms | {"total": terms["total"] * float("nan")}, z_h
 
 
+@pytest.mark.slow
 def test_memory_options_shrink_the_sd21_prediction():
     """At SD2.1 size on fake tensors (seconds, no memory): 384 px keeps the test quick."""
     base = ["model=sd21_shape", "data.crop_size=384", "data.batch_size=1", "loss.lpips.pretrained=false"]
@@ -100,6 +102,7 @@ def test_prediction_rejects_configs_it_cannot_replay():
         predict_training_memory(tiny_cfg("generator.frozen_dtype=bf16"))
 
 
+@pytest.mark.slow
 def test_memory_cli_prints_the_prediction(tmp_path):
     import subprocess
     import sys

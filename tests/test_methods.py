@@ -57,6 +57,7 @@ class ToyMethod(Method):
         return weighted_total({"l1": (x_h - batch["hq"]).abs().mean()}, {"l1": self.l1_weight}), None
 
 
+@pytest.mark.slow
 def test_a_method_defined_in_a_test_file_trains_three_steps(tmp_path):
     cfg = compose_config([*RUN, "callbacks.samples.num_images=0"], tmp_path)  # grids need a latent generator
     with open_dict(cfg):
@@ -95,6 +96,7 @@ def pixel(tmp_path_factory) -> dict:
     return run(compose_config([*RUN, "method=pisasr_pixel"], tmp_path_factory.mktemp("pixel")))[2]
 
 
+@pytest.mark.slow
 def test_csd_targets_are_cfg_and_unconditional_x0_of_the_pretrained_unet(tmp_path, pixel):
     cfg = compose_config([*TINY, "method=pisasr_semantic", f"method.pixel_lora_from={pixel['lora']}"], tmp_path / "sem")
     torch.manual_seed(0)
@@ -166,6 +168,7 @@ def test_semantic_stage_without_its_pixel_lora_is_rejected_before_building(tmp_p
 PAIRS = [(m, e) for e in EXPERIMENTS for m in METHODS if m.startswith("pisasr") or not e.startswith("pisasr")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, experiment", PAIRS)
 def test_every_method_composes_with_every_experiment(method, experiment, tmp_path):
     cfg = compose_config([f"+experiment={experiment}", f"method={method}"], tmp_path)

@@ -242,6 +242,7 @@ def test_the_experiments_pass_the_checks_and_build_on_the_tiny_model(experiment,
 
 
 # ---- the release's optimiser quirks ------------------------------------------------------------
+@pytest.mark.slow
 def test_unsynced_semantic_gradients_and_one_optimizer_groups(pixel_export):
     sem = ["method=pisasr_semantic", f"method.pixel_lora_from={pixel_export}"]
     for overrides, stage_sync in ((["method=pisasr_pixel"], True), (sem, False)):
@@ -253,6 +254,7 @@ def test_unsynced_semantic_gradients_and_one_optimizer_groups(pixel_export):
     assert plain.settings.sync_grads and all(p.requires_grad for p in plain.params)
 
 
+@pytest.mark.slow
 def test_release_adamw_keeps_moving_the_frozen_pixel_lora_in_stage_two(pixel_export):
     """The frozen pixel LoRA keeps a zero gradient (set_grads_to_none unset), so AdamW moves it by weight decay and
     its stage-1 moments: p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps) with m, v decayed by beta1, beta2."""

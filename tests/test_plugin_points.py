@@ -76,6 +76,7 @@ def three_group_config(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
+@pytest.mark.slow
 def test_a_method_with_three_groups_trains_resumes_exports_and_reimports(tmp_path):
     straight, _ = tmp_path / "straight", tmp_path / "resumed"
     trainer, module, summary = run(three_group_config(straight, "trainer.max_steps=3"))
@@ -233,6 +234,7 @@ EMA_RUN = [*TINY, "data.crop_size=32", "callbacks=ema", "callbacks.ema.decay=0.9
            "callbacks.checkpoint.every_n_train_steps=1", f"+callbacks.recorder._target_={__name__}.Recorder"]
 
 
+@pytest.mark.slow
 def test_ema_is_the_hand_computed_average_and_both_exports_are_written(tmp_path):
     trainer, module, summary = run(compose_config([*EMA_RUN, "trainer.max_steps=3"], tmp_path))
     seen = next(c for c in trainer.callbacks if isinstance(c, Recorder)).seen
@@ -251,6 +253,7 @@ def test_ema_is_the_hand_computed_average_and_both_exports_are_written(tmp_path)
     assert sidecars[0]["weights"] == "live" and sidecars[1]["weights"] == "ema" and sidecars[1]["ema"]["updates"] == 3
 
 
+@pytest.mark.slow
 def test_ema_resumes_bit_identically(tmp_path):
     _, _, straight = run(compose_config([*EMA_RUN, "trainer.max_steps=4"], tmp_path / "a"))
     run(compose_config([*EMA_RUN, "trainer.max_steps=2"], tmp_path / "b"))
@@ -275,6 +278,7 @@ def test_ema_warmup_and_cpu_shadow_follow_the_formula():
     assert torch.equal(live.detach(), torch.full((2,), 7.0))
 
 
+@pytest.mark.slow
 def test_accumulated_training_resumes_bit_identically(tmp_path):
     """optim.accumulate_grad_batches=2 under the trainer: max_steps counts optimiser steps (two batches each), and
     a run stopped at step 2 and resumed to 3 equals a straight run (checkpoints fall between accumulated steps)."""
@@ -331,6 +335,7 @@ TELEMETRY = [*TINY, "data.crop_size=32", "trainer.log_every_n_steps=1", "callbac
              "health.warnings.term_ratio_steps=2"]
 
 
+@pytest.mark.slow
 def test_an_overweighted_vsd_is_named_and_a_healthy_run_is_not(tmp_path):
     """loss.vsd_weight=50: the VSD term's gradient dwarfs L2's at z_H and the run's summary says so; the same run
     at the demo's VSD weight raises nothing."""
@@ -344,6 +349,7 @@ def test_an_overweighted_vsd_is_named_and_a_healthy_run_is_not(tmp_path):
     assert healthy["health"]["warnings"] == []
 
 
+@pytest.mark.slow
 def test_discriminator_accuracy_by_hand_and_logged_for_a_gan_run(tmp_path):
     """d_accuracy: the share of real logits > 0 and fake logits < 0, averaged over levels and the two sides (what the
     'no signal' rule reads); a HYPIR run logs it with each term's gradient at z_H, the GAN's included."""

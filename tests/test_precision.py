@@ -28,6 +28,7 @@ def step_rows(run_dir: Path) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in r.items() if v} for r in rows]
 
 
+@pytest.mark.slow
 def test_fp16_overflow_halves_the_loss_scale_skips_and_recovers(tmp_path):
     """Start the GradScaler far too high: every overflowing optimiser step is skipped and halves the scale
     (backoff 0.5), and once the scale fits, the updates go through. max_steps counts generator steps, skipped
@@ -53,6 +54,7 @@ def test_fp16_overflow_halves_the_loss_scale_skips_and_recovers(tmp_path):
         "no generator update went through"
 
 
+@pytest.mark.slow
 def test_fp32_steps_with_finite_gradients_are_never_skipped(tmp_path):
     cfg = compose_config([*FAST, "trainer.max_steps=3"], tmp_path)
     trainer, module, _ = run(cfg)
@@ -62,6 +64,7 @@ def test_fp32_steps_with_finite_gradients_are_never_skipped(tmp_path):
     assert all(math.isfinite(r["train/grad_norm_generator"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_the_training_step_never_reads_a_value_back_from_the_device():
     """Fake tensors hold no values, so any host read of a computed tensor (``.item()``, ``bool()``, a branch on
     a value) raises. The whole training step runs on them: generator and regularizer steps, clipping, the
@@ -137,6 +140,7 @@ def test_fused_adamw_by_default_and_not_for_a_tensor_listed_twice():
     torch.testing.assert_close(twice.detach(), alone.detach(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_lightning_loop_reads_no_tensor_between_log_steps(tmp_path, monkeypatch):
     """The real loop around the step (Lightning, the module's logging, every callback of a run: run statistics,
     the preemption check, progress, checkpoints) reads no tensor value back while a batch trains, unless it is a
@@ -179,6 +183,7 @@ def test_the_lightning_loop_reads_no_tensor_between_log_steps(tmp_path, monkeypa
     assert reads == [], f"{len(reads)} reads while batches trained, the first:\n{reads[0]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "64"])
 def test_every_offered_precision_steps_through_the_modules_update(precision, tmp_path):
     """bf16-mixed and 64-true (fp32 and fp16 above): Lightning's step runs the module's plain-torch update

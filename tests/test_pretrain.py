@@ -63,6 +63,7 @@ def test_unet_stage_needs_the_vae_stage(tmp_path):
         pretrain(pretrain_cfg(tmp_path, "stage=unet"))
 
 
+@pytest.mark.slow
 def test_killed_stage_resumes_bit_identically(tmp_path, single_thread):
     """2 steps, then the same command with max_steps=4 == 4 steps in one go (weights and optimiser)."""
     pretrain(pretrain_cfg(tmp_path / "a", "stage=vae", "vae.max_steps=2"))

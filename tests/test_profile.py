@@ -41,6 +41,7 @@ def test_unclassified_op_is_an_error():
         op_column("aten.some_new_matmul")
 
 
+@pytest.mark.slow
 def test_sd21_counts_agree_with_the_paper_without_memory():
     """Full SD2.1-base and RAM Swin-L sizes on the meta device: the paper's Conv2d + Linear GMACs within 5%."""
     cfg = compose_config(["model=sd21_shape", "prompt=dape"])

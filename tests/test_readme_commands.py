@@ -28,6 +28,7 @@ NOISE = ("gemm_4bit_forward", "publisher trust check", "💡 Tip", "module(s) in
 
 NOT_HERE = {
     "make test": "the test suite itself",
+    "make test-fast": "the test suite's unit tests (tests marked slow left out)",
     "make bench": "benchmarks (timings never live in tests)",
     "make bench BENCH=train": "benchmarks (timings never live in tests)",
     "make lint": "ruff over the sources, run by the lead and CI",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from helpers import TINY, compose_config
 from osediff_lab.checks import config_problems
 from osediff_lab.models.components import build_components
@@ -41,9 +43,8 @@ def test_degradation_none_is_rejected_before_building(tmp_path):
     assert "degradation=none" in text and "degradation=realesrgan" in text
 
 
+@pytest.mark.slow
 def test_auto_resume_refuses_a_run_whose_config_changed(tmp_path):
-    import pytest
-
     from osediff_lab.errors import ConfigError
     from osediff_lab.lit.resume import config_changes
     from osediff_lab.train import run
@@ -57,9 +58,8 @@ def test_auto_resume_refuses_a_run_whose_config_changed(tmp_path):
     assert config_changes({"optim": {"grad_clip": 1.0}}, {"optim": {"grad_clip": 0.5}}) == ["optim.grad_clip: 1.0 -> 0.5"]
 
 
+@pytest.mark.slow
 def test_resume_with_other_lora_ranks_is_one_clear_error(tmp_path):
-    import pytest
-
     from osediff_lab.train import run
 
     fast = [*TINY, "data.crop_size=32", "trainer.max_steps=1", "callbacks.samples.every_n_steps=0",
@@ -71,6 +71,7 @@ def test_resume_with_other_lora_ranks_is_one_clear_error(tmp_path):
                            tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_memory_options_train_and_draw_their_sample_grid(tmp_path):
     """The README's memory options on the tiny model (frozen weights in bf16 beside fp32 LoRA): the step and
     the live pipeline behind the end-of-run sample grid both run (the grid crashed with a dtype mismatch)."""

@@ -36,6 +36,7 @@ def loaded_after(code: str, names: tuple[str, ...]) -> list[str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_importing_the_cli_modules_loads_no_training_and_no_model_libraries():
     heavy = (*TRAINING, "diffusers", "transformers", "peft", "torchmetrics", "timm")
     assert loaded_after("import osediff_lab.infer, osediff_lab.evaluate, osediff_lab.data.paired", heavy) == []

@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import TINY, compose_config
@@ -20,6 +21,7 @@ def logged_losses(run_dir: Path) -> list[float]:
         return [float(r["train/loss_total"]) for r in csv.DictReader(f) if r.get("train/loss_total")]
 
 
+@pytest.mark.slow
 def test_step_changes_only_trainable_tensors(tmp_path):
     cfg = compose_config(FAST, tmp_path)
     torch.manual_seed(cfg.seed)
@@ -40,6 +42,7 @@ def test_step_changes_only_trainable_tensors(tmp_path):
     assert not untouched, f"LoRA layers that never received a gradient: {untouched[:5]}"
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(tmp_path):
     a = run(compose_config(FAST, tmp_path / "a"))[2]
     b = run(compose_config(FAST, tmp_path / "b"))[2]
@@ -47,6 +50,7 @@ def test_same_seed_same_losses(tmp_path):
     assert len(la) == 2 and la == lb
 
 
+@pytest.mark.slow
 def test_reg_steps_per_gen_step(tmp_path):
     trainer, module, _ = run(compose_config([*FAST, "loss.reg_steps_per_gen_step=3"], tmp_path))
     assert trainer.global_step == 2
@@ -55,6 +59,7 @@ def test_reg_steps_per_gen_step(tmp_path):
     assert steps(opt_g) == 2 and steps(opt_r) == 6
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_trained_tensors_and_resumes(tmp_path):
     cfg = compose_config(FAST, tmp_path / "first")
     trainer, module, summary = run(cfg)
@@ -76,6 +81,7 @@ def test_checkpoint_holds_only_trained_tensors_and_resumes(tmp_path):
         assert (now - value).abs().max() < 0.05, name
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     """The demo experiment (W&B offline, sample grids, LoRA export) with a reduced step count."""
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -91,6 +97,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert (run_dir / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_image_space_vsd_trains_and_differs_from_latent(tmp_path):
     a = run(compose_config([*FAST, "loss.vsd_space=image"], tmp_path / "image"))[2]
     b = run(compose_config(FAST, tmp_path / "latent"))[2]

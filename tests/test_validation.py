@@ -35,6 +35,7 @@ class KeepOutputs(pl.Callback):
         self.seen.append((outputs.cpu(), {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}))
 
 
+@pytest.mark.slow
 def test_validate_on_4_realsr_pairs_matches_pyiqa(realsr, tmp_path):
     import pyiqa
 
@@ -65,6 +66,7 @@ def test_validate_on_4_realsr_pairs_matches_pyiqa(realsr, tmp_path):
     assert torch.equal(sr0, (sr0 * 255).round() / 255)  # scored at 8 bit, like saved PNGs
 
 
+@pytest.mark.slow
 def test_fit_validates_every_n_steps_and_keeps_best_checkpoint(realsr, tmp_path):
     cfg = val_config(
         realsr, tmp_path,
