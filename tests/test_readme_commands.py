@@ -21,6 +21,7 @@ from helpers import REALSR
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README and the reference pages it links
 
 # Output no run may show: library noise a user cannot act on, epoch counters, crashes.
 NOISE = ("gemm_4bit_forward", "publisher trust check", "💡 Tip", "module(s) in eval mode", "LeafSpec", "Epoch ", "Traceback",
@@ -57,7 +58,7 @@ NOT_HERE = {
     "holds the loop to no reads between log steps)",
     "python benchmarks/bench_degradation.py [--blur]": "a benchmark (make bench runs it; tests/test_degradation.py "
     "holds the batch to each sample alone and the strips to the plain convolution, bit for bit)",
-    "python benchmarks/bench_backbones.py": "a benchmark (make bench runs it; its table is in the README)",
+    "python benchmarks/bench_backbones.py": "a benchmark (make bench runs it; its table is in docs/backbones.md)",
     "python -m osediff_lab.train +experiment=osediff_sd3": "needs SD3-medium weights and GPUs (tests/test_configs.py "
     "builds each backbone recipe on its tiny twin)",
     "python -m osediff_lab.weights fetch sdxl_base": "downloads: needs the network",
@@ -69,6 +70,28 @@ NOT_HERE = {
     "python -m osediff_lab.pretrain stage=ship ship_dir=my_base/": "needs the pretraining stages' outputs",
     "python -m osediff_lab.pretrain stage=vae data=folder data.root=$HOME/photos out_dir=outputs/pretrain/mine":
         "needs a folder of your photographs",
+    "python: class MyMethod(Method):": "a sketch of a method's shape (docs/extending.md); tests/test_plugin_points.py "
+    "trains a complete one defined in the test file",
+    "python -m osediff_lab.train +experiment=hypir_release data.root=<512-px patches>": "needs SD2.1-base, HYPIR's "
+    "OpenCLIP ConvNeXt and a dataset (tests/test_gan.py checks its values and runs it on the tiny twin)",
+    "python -m osediff_lab.train method=osediff_gan": "trains on SD2.1-size tiny defaults for long; tests/test_gan.py "
+    "trains, resumes, exports and infers osediff_gan on model=tiny",
+    "python -m osediff_lab.train method=hypir discriminator=convnext_tiny": "tests/test_gan.py trains, resumes, "
+    "exports and infers hypir with the ConvNeXt twin on model=tiny",
+    "python -m osediff_lab.weights fetch convnext_xxlarge_clip": "downloads: needs the network",
+    "python -m osediff_lab.infer input=lq/ output=sr/ ckpt=<run>/lora/hypir_lora.safetensors": "needs a trained "
+    "HYPIR run (tests/test_gan.py infers from one on model=tiny)",
+    "python -m osediff_lab.train +experiment=pisasr_paper": "needs SD2.1-base, RAM weights and LSDIR "
+    "(tests/test_pisasr_release.py builds it on the tiny model)",
+    "python -m osediff_lab.train +experiment=pisasr_paper method=pisasr_semantic trainer.max_steps=8500 "
+    "method.pixel_lora_from=<stage 1 run>/lora/osediff_lora.safetensors": "needs the paper recipe's stage 1 run",
+    "python -m osediff_lab.train +experiment=pisasr_release": "needs SD2.1-base, RAM weights and LSDIR "
+    "(tests/test_pisasr_release.py runs both stages on the tiny model)",
+    "python -m osediff_lab.train +experiment=pisasr_release method=pisasr_semantic trainer.max_steps=12500 "
+    "method.pixel_lora_from=<stage 1 run>/lora/osediff_lora.safetensors ckpt_path=<stage 1 run>/checkpoints/last.ckpt":
+        "needs the release recipe's stage 1 run (tests/test_pisasr_release.py continues stage 1 through the loop)",
+    "python -m osediff_lab.infer input=lq/ output=sr/ ckpt=pisa_sr.pkl pipeline.lambda_pix=1.0 pipeline.lambda_sem=0.5":
+        "needs the authors' pisa_sr.pkl and SD2.1-base (tests/test_pisasr_release.py loads a release-format file)",
 }
 
 DEMO = "python -m osediff_lab.train +experiment=demo"
@@ -94,14 +117,14 @@ RUN = (
 
 
 def readme_commands() -> list[str]:
-    """Shell lines of the README's bash blocks (continuations joined, comments cut), inline `python ...` and
-    `make ...` spans, and each python block by its first line."""
-    text = README.read_text()
+    """Shell lines of the bash blocks of the README and docs/ (continuations joined, comments cut), inline
+    `python ...` and `make ...` spans, and each python block by its first line."""
+    text = "\n".join(page.read_text() for page in DOCS)
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#\s.*$", "", line).strip()
-            if line:
+            if line and not line.startswith("#"):
                 found.append(re.sub(r"\s+", " ", line))
     found += re.findall(r"`((?:python|make|bash) [^`]+)`", text)
     found += ["python: " + block.splitlines()[0] for block in re.findall(r"```python\n(.*?)```", text, re.S)]
