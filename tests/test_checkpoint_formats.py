@@ -71,6 +71,7 @@ def test_ours_on_a_diffusers_base_dir(trained, base_dir, tmp_path):
     assert torch.equal(OSEDiffPipeline.from_checkpoint(weights, base=base_dir, options=OPTS)(LQ), reference)
 
 
+@pytest.mark.slow
 def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     cfg = compose_config(TINY, tmp_path)
     torch.manual_seed(cfg.seed)

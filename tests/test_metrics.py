@@ -40,6 +40,7 @@ def psnr_y_by_hand(sr: np.ndarray, gt: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / mse))
 
 
+@pytest.mark.slow
 def test_psnr_ssim_equal_pyiqa_on_realsr(bicubic_pairs, tmp_path):
     import pyiqa
 

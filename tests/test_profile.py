@@ -70,6 +70,7 @@ def compose_profile_section():
         return compose(config_name="profile").profile
 
 
+@pytest.mark.slow
 def test_profile_writes_markdown_and_json_with_latency(tmp_path):
     cfg = compose_config(["model=tiny", "prompt=dape_tiny"])
     with open_dict(cfg):
