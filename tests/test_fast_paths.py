@@ -67,6 +67,7 @@ def test_channels_last_matches(model, plain):
     assert (pipe(lq_batch(24, 24)) - plain).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_compile_traced_matches_and_a_failing_backend_falls_back(model):
     """Dynamo tracing (backend 'eager': no C++ codegen, seconds on CPU) gives the plain result; a backend
     that raises at compile time leaves the eager forward in place with the same result."""
@@ -128,6 +129,7 @@ def saved_bytes(module, b: dict) -> int:
     return sum(sizes)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_saves_memory_and_keeps_gradients():
     plain = tiny_module([])
     ckpt = tiny_module(["generator.gradient_checkpointing=true"])
@@ -141,6 +143,7 @@ def test_gradient_checkpointing_saves_memory_and_keeps_gradients():
     assert saved_bytes(ckpt, batch(ckpt)) < 0.5 * saved_bytes(plain, batch(plain))
 
 
+@pytest.mark.slow
 def test_frozen_bf16_losses_match_fp32():
     ref = tiny_module(["loss.vsd_weight=1"])
     lo = tiny_module(["loss.vsd_weight=1", "generator.frozen_dtype=bf16", "trainer.precision=bf16-mixed"])
@@ -158,6 +161,7 @@ def test_frozen_bf16_losses_match_fp32():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lo.groups["generator"].params if p.grad is not None)
 
 
+@pytest.mark.slow
 def test_bf16_lpips_matches_fp32_and_passes_gradients():
     ref = tiny_module([])
     lo = tiny_module(["loss.lpips.dtype=bf16"])

@@ -149,6 +149,7 @@ def test_adapters_disabled_gives_pretrained_unet(parts):
     assert all(prm.requires_grad for n, prm in unet.named_parameters() if ".lora_" in n)
 
 
+@pytest.mark.slow
 def test_sd21_shape_sizes_and_checkpoint_megabytes():
     """Full SD2.1-base sizes, built on the meta device (no memory): counts and the checkpoint's tensor bytes."""
     cfg = compose_config(["model=sd21_shape"])
