@@ -301,7 +301,7 @@ def test_evaluate_cli_exit_status_says_whether_a_pair_failed(tmp_path, bad_files
      ("optim.lr=1e-4", "method.optim.generator.lr"), ("optim.reg_lr=1e-4", "method.optim.regularizer.lr"),
      ("method.optim.regularizer.betas=[0.9,1.0]", "method.optim.regularizer.betas"),
      ("optim.accumulate_grad_batches=0", "optim.accumulate_grad_batches"),
-     ("method.optim.generator.updates=2", "method.optim.generator.updates"), ("trainer.max_steps=0", "trainer.max_steps"),
+     ("+method.optim.generator.updates=2", "method.optim.generator.updates"), ("trainer.max_steps=0", "trainer.max_steps"),
      ("trainer.max_steps=-1", "trainer.max_steps"), ("trainer.precision=8-mixed", "trainer.precision"),
      ("trainer.precision=bf16-true", "trainer.precision")],
 )
