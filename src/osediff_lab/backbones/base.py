@@ -27,7 +27,6 @@ from torch import nn
 
 from osediff_lab.backbones.components import Components, library_class
 from osediff_lab.backbones.embeds import TextEmbeds
-from osediff_lab.backbones.parts import load_components, random_components
 from osediff_lab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -173,10 +172,15 @@ class Backbone(ABC):
 
     def load(self, path: Path) -> Components:
         """Every component of its diffusers folder at ``path``, offline."""
+        # diffusers and transformers load with the first model, not with the CLIs that import this
+        from osediff_lab.backbones.parts import load_components
+
         return load_components(self, path)
 
     def build_random(self, arch: Mapping[str, Any]) -> Components:
         """Randomly initialised components at the sizes in ``arch`` (``model.arch`` of its tiny / shape twins)."""
+        from osediff_lab.backbones.parts import random_components  # as load()
+
         return random_components(self, arch)
 
     # ---- conditioning and the denoiser -------------------------------------------------------------------
