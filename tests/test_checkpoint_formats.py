@@ -68,7 +68,10 @@ def test_ours_round_trip_rebuilds_the_tiny_base_from_the_sidecar(trained, tmp_pa
 def test_ours_on_a_diffusers_base_dir(trained, base_dir, tmp_path):
     cfg, parts, reference = trained
     weights, _ = export_lora(trained_state(parts.generator), cfg, parts.targets, tmp_path / "w.safetensors")
-    assert torch.equal(OSEDiffPipeline.from_checkpoint(weights, base=base_dir, options=OPTS)(LQ), reference)
+    # a base read back from its diffusers folder differs from the in-memory one by ~6e-8 in the time embedding
+    # (diffusers' load path), which reaches the output as < 1e-6: the same weights, not the same bits
+    torch.testing.assert_close(OSEDiffPipeline.from_checkpoint(weights, base=base_dir, options=OPTS)(LQ), reference,
+                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -145,7 +148,7 @@ def test_official_release_format_loads_with_identical_outputs(base_dir, tmp_path
     pipe = OSEDiffPipeline.from_checkpoint(tmp_path / "osediff.pkl", base=base_dir, options=OPTS)
     assert pipe.upsampler == "pillow"  # pipeline.upsampler=auto: the release's own upsampling for its checkpoint
     pipe.upsampler = "torch"  # the same input as the reference pipeline's, to compare the networks
-    assert torch.equal(pipe(LQ), reference)
+    torch.testing.assert_close(pipe(LQ), reference, rtol=0, atol=1e-5)  # the base read from disk: see above
 
 
 class NotWeights:
