@@ -90,7 +90,3 @@ def find_ema(trainer: pl.Trainer) -> EMACallback | None:
     """The trainer's EMA callback, if any."""
     return next((c for c in trainer.callbacks if isinstance(c, EMACallback)), None)
 
-
-def ema_or_live(callback: EMACallback | None, pl_module: pl.LightningModule) -> contextlib.AbstractContextManager:
-    """The EMA weights' context when there is an EMA, else nothing changes."""
-    return callback.weights(pl_module) if callback is not None and callback.ema is not None else contextlib.nullcontext()
