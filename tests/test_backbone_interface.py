@@ -20,6 +20,7 @@ from torch import nn
 
 from helpers import TINY, compose_config
 from osediff_lab.backbones import backbone_of, family_of, recognise_folder, releases
+from osediff_lab.backbones.flux import FluxBackbone
 from osediff_lab.backbones.sd import SDBackbone
 from osediff_lab.backbones.sd3 import SD3Backbone
 from osediff_lab.backbones.sdxl import SDXLBackbone
@@ -48,9 +49,9 @@ def test_folders_are_recognised_by_family_and_a_flux_folder_is_not_sd3s(tmp_path
     assert recognise_folder(folder(tmp_path / "sdxl", "unet", "text_encoder", "text_encoder_2")) is SDXLBackbone
     assert recognise_folder(folder(tmp_path / "sd3", "text_encoder_2", denoiser_class="SD3Transformer2DModel")) is SD3Backbone
     flux = folder(tmp_path / "flux", "text_encoder", "text_encoder_2", denoiser_class="FluxTransformer2DModel")
-    assert recognise_folder(flux) is None and recognise_folder(tmp_path / "nowhere") is None
+    assert recognise_folder(flux) is FluxBackbone and recognise_folder(tmp_path / "nowhere") is None
     with pytest.raises(ConfigError, match="no registered backbone .* recognises this folder; set model.backbone"):
-        load_pretrained(flux)
+        load_pretrained(folder(tmp_path / "other", "text_encoder"))
 
 
 def test_a_preset_whose_backbone_does_not_fit_its_folder_names_the_one_that_does(tmp_path):
@@ -64,7 +65,7 @@ def test_a_preset_whose_backbone_does_not_fit_its_folder_names_the_one_that_does
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["+model.load_t5=false"], r"model.load_t5 is not an argument of SDBackbone \(it takes \[\]\)"),
-    (["model.backbone=flux"], r"model.backbone='flux' is neither a registered backbone"),
+    (["model.backbone=flux2"], r"model.backbone='flux2' is neither a registered backbone"),
     (["model.backbone=osediff_lab.backbones.text.TextEncoders"], "is not a Backbone subclass"),
     (["model.backbone=osediff_lab.backbones.nothing.Here"], "model.backbone: 'osediff_lab.backbones.nothing.Here' is not importable"),
 ])
@@ -137,8 +138,8 @@ def test_the_manifest_holds_every_registered_release_folder_with_the_subfolders_
         entries = [MANIFEST[name] for name in GROUPS[release.group]]
         assert len(entries) == len(backbone.folder_files)
         assert {e.path.split("/")[1] for e in entries if e.path.count("/") > 1} >= set(backbone.folders())
-        assert MANIFEST[f"{release.prefix}_{backbone.denoiser_folder}"].path == (
-            f"{release.folder}/{backbone.denoiser_folder}/diffusion_pytorch_model.safetensors")
+        assert MANIFEST[f"{release.prefix}_{backbone.denoiser_folder}_config"].path == (
+            f"{release.folder}/{backbone.denoiser_folder}/config.json")
 
 
 @pytest.mark.parametrize(("model", "family"), [("tiny", "sd"), ("tiny_sdxl", "sdxl"), ("tiny_sd3", "sd3")])

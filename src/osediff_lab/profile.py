@@ -161,7 +161,7 @@ class Modules:
         x = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
         z = torch.zeros(1, c.vae.config.latent_channels, size // factor, size // factor, device=device, dtype=dtype)
         embeds = c.text([""]).to(dtype)
-        t = c.backbone.schedule(c.scheduler).model_timestep(torch.full((1,), timestep, dtype=torch.long, device=device))
+        t = c.backbone.schedule(c.scheduler).model_timestep(torch.full((1,), timestep, dtype=torch.long, device=device), z)
         runs: dict[str, Callable[[], Any]] = {}
         if self.tagger is not None:
             side = self.tagger.arch.image_size

@@ -1,5 +1,5 @@
 """Base-model families, one file each, behind one interface (``base.Backbone``): ``sd`` (SD2.1, SD-Turbo;
-sd.py), ``sdxl`` (sdxl.py) and ``sd3`` (sd3.py). Nothing outside this package asks which family a model is.
+sd.py), ``sdxl`` (sdxl.py), ``sd3`` (sd3.py) and ``flux`` (FLUX.1-dev, -schnell; flux.py). Nothing outside this package asks which family a model is.
 
 Module map: ``base`` (the interface, ``Components``, folder-file and release records), ``embeds``
 (``TextEmbeds``), ``text`` (``TextEncoders``, the prompt-encoding module a backbone subclasses), ``parts``
@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from osediff_lab.backbones import sd, sd3, sdxl  # noqa: F401  (the built-in families register themselves)
+from osediff_lab.backbones import flux, sd, sd3, sdxl  # noqa: F401  (the built-in families register themselves)
 from osediff_lab.backbones.base import REGISTRY, Backbone, Release
 from osediff_lab.backbones.components import TAG, Components
 from osediff_lab.backbones.embeds import TextEmbeds, as_embeds

@@ -201,6 +201,11 @@ class Backbone(ABC):
 
         return schedule_from_scheduler(scheduler)
 
+    def guidance_distilled(self, net: nn.Module) -> bool:
+        """Whether ``net`` takes the guidance value as an input (guidance distillation, FLUX.1-dev): then the real
+        score of score distillation is one call at guidance = the CFG value, not CFG against a negative prompt."""
+        return False
+
     def denoiser_channels(self, net: nn.Module) -> tuple[int, int]:
         """The latent channels the denoiser takes and gives (before any packing of its own)."""
         return int(net.config.in_channels), int(net.config.out_channels)

@@ -98,6 +98,11 @@ class SD3Backbone(Backbone):
         return "transformer" in parts and denoiser_class in (None, cls.denoiser_class)
 
     @classmethod
+    def recognises_arch(cls, arch: Mapping[str, Any]) -> bool:
+        """A transformer section without FLUX's single-stream blocks (``num_single_layers``)."""
+        return "num_single_layers" not in (arch.get("transformer") or {}) and super().recognises_arch(arch)
+
+    @classmethod
     def recognises_denoiser(cls, net: nn.Module) -> bool:
         return isinstance(net, library_class("diffusers", cls.denoiser_class))
 

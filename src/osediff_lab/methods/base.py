@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from osediff_lab.backbones import backbone_of
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.lora import adapters_disabled
@@ -132,12 +133,27 @@ class Method(nn.Module):
                           negative_prompt: str, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The pretrained denoiser's outputs (``unet`` with its adapters off) on the scaled latent ``z_t`` at integer
         timesteps ``t``: classifier-free guided at ``cfg_scale`` against ``negative_prompt``, and unconditional
-        (the negative prompt's). One batched call; the real score of VSD and both CSD targets."""
+        (the negative prompt's). One batched call; the real score of VSD and both CSD targets. On a guidance-distilled
+        base the guided output is ``real_prediction``'s and the negative prompt's is a call of its own."""
         neg = self.fixed_prompt_embedding(negative_prompt).expand(z_t.shape[0])
+        if backbone_of(unet).guidance_distilled(unet):
+            with adapters_disabled(unet):
+                pred_uncond = self.generator.predict(z_t, t, neg, unet).to(z_t.dtype)
+            return self.real_prediction(unet, z_t, t, embeds, negative_prompt, cfg_scale), pred_uncond
         with adapters_disabled(unet):
             pred = self.generator.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), TextEmbeds.cat([neg, as_embeds(embeds)]), unet)
         pred_uncond, pred_cond = pred.to(z_t.dtype).chunk(2)
         return classifier_free_guidance(pred_uncond, pred_cond, cfg_scale), pred_uncond
+
+    def real_prediction(self, unet: nn.Module, z_t: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds,
+                        negative_prompt: str, cfg_scale: float) -> torch.Tensor:
+        """VSD's real score, ``guided_prediction``'s guided output; on a guidance-distilled base
+        (``Backbone.guidance_distilled``, FLUX.1-dev) one call of the prompt at guidance = ``cfg_scale``, the value its
+        guidance embedding was distilled to imitate CFG at, with no negative prompt."""
+        if not backbone_of(unet).guidance_distilled(unet):
+            return self.guided_prediction(unet, z_t, t, embeds, negative_prompt, cfg_scale)[0]
+        with adapters_disabled(unet):
+            return self.generator.predict(z_t, t, as_embeds(embeds).with_guidance(cfg_scale), unet).to(z_t.dtype)
 
     @classmethod
     def inference_generator(cls, components: Any, sidecar: Mapping[str, Any]) -> tuple[nn.Module, dict[str, list[str]]]:

@@ -111,7 +111,7 @@ class OSEDiff(Method):
     def vsd_targets(
         self, z_h: torch.Tensor, embeds: TextEmbeds, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 predictions of the real score (frozen UNet, CFG with the negative prompt) and the fake score
+        """x0 predictions of the real score (frozen UNet, CFG with the negative prompt; ``real_prediction``) and the fake score
         (the regularizer UNet with its LoRA) at timesteps ``t`` with ``noise`` (drawn when not given)."""
         b = z_h.shape[0]
         t = sample_timesteps(b, *self.vsd_t, z_h.device) if t is None else t.to(z_h.device)
@@ -119,7 +119,7 @@ class OSEDiff(Method):
         z_t = self.schedule.add_noise(z_h.detach(), noise, t)
         pred_fake = self.fake_pred(z_t, t, embeds).to(z_t.dtype)
         if self.real_unet is None:
-            pred_real, _ = self.guided_prediction(self.reg_unet, z_t, t, embeds, self.negative_prompt, self.cfg_scale)
+            pred_real = self.real_prediction(self.reg_unet, z_t, t, embeds, self.negative_prompt, self.cfg_scale)
         else:  # the release: a separate frozen UNet, run outside autocast in the run's weight dtype
             neg = self.fixed_prompt_embedding(self.negative_prompt).expand(b)
             z_both, t_both, c_both = torch.cat([z_t, z_t]), torch.cat([t, t]), TextEmbeds.cat([neg, as_embeds(embeds)])

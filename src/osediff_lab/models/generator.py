@@ -61,7 +61,7 @@ class OSEDiffGenerator(nn.Module):
         """``net``'s output (default: this generator's denoiser) on the scaled latent ``z_t`` at integer timesteps
         ``t``, in the schedule's parameterisation (eps, v or flow velocity)."""
         net = self.unet if net is None else net
-        return denoiser_output(net, z_t, self.schedule.model_timestep(t), embeds, self.vae_factor)
+        return denoiser_output(net, z_t, self.schedule.model_timestep(t, z_t), embeds, self.vae_factor)
 
     def unet_at_timestep(self, z_l: torch.Tensor, prompt_embeds: TextEmbeds) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoiser's output on z_L (scaled latent) at t = timestep, and t, one per sample."""

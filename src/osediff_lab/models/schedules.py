@@ -13,6 +13,7 @@ state dicts.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -54,8 +55,9 @@ class NoiseSchedule(nn.Module, ABC):
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model is trained to output at add_noise(x0, noise, t) (the diffusion loss's target)."""
 
-    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """The timestep value the network is conditioned on for integer timesteps ``t``: ``t`` itself."""
+    def model_timestep(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The timestep value the network is conditioned on for integer timesteps ``t`` on the latent ``like``:
+        ``t`` itself."""
         return t
 
 
@@ -134,9 +136,58 @@ class FlowMatchSchedule(NoiseSchedule):
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (noise.float() - x0.float()).to(x0.dtype)
 
-    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+    def model_timestep(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """sigma(t) N as float, the value diffusers' SD3 / FLUX pipelines pass the transformer."""
         return self.sigmas.to(t.device)[t.long()] * self.num_train_timesteps
+
+
+def calculate_shift(image_seq_len: float, base_seq_len: int, max_seq_len: int, base_shift: float,
+                    max_shift: float) -> float:
+    """mu for ``image_seq_len`` image tokens: the line through (base_seq_len, base_shift) and (max_seq_len,
+    max_shift), as diffusers' FluxPipeline computes it from its scheduler config (extrapolated beyond both)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def time_shift(mu: float, s: torch.Tensor) -> torch.Tensor:
+    """FLUX's exponential time shift of the unshifted sigma ``s``: exp(mu) / (exp(mu) + (1 / s - 1)), i.e. the
+    fixed shift exp(mu) of ``FlowMatchSchedule``."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+
+
+class DynamicShiftFlowSchedule(FlowMatchSchedule):
+    """Rectified flow whose shift depends on the image size (FLUX.1-dev's ``use_dynamic_shifting``): sigma(t) =
+    time_shift(mu, (t + 1) / N), mu = calculate_shift(tokens) with tokens = (h / patch)(w / patch) of the latent it
+    is applied to (a tile under latent tiling), or ``fixed_seq_len`` tokens whatever the size. ``sigmas`` holds the
+    unshifted grid (t + 1) / N."""
+
+    def __init__(self, num_train_timesteps: int, base_seq_len: int, max_seq_len: int, base_shift: float,
+                 max_shift: float, patch: int, fixed_seq_len: int | None = None) -> None:
+        super().__init__(num_train_timesteps, 1.0)
+        if max_seq_len == base_seq_len or patch < 1:
+            raise ValueError(f"need max_seq_len != base_seq_len and patch >= 1, got {max_seq_len}, {base_seq_len}, {patch}")
+        self.base_seq_len, self.max_seq_len = base_seq_len, max_seq_len
+        self.base_shift, self.max_shift = base_shift, max_shift
+        self.patch, self.fixed_seq_len = patch, fixed_seq_len
+
+    def image_seq_len(self, like: torch.Tensor) -> int:
+        """The token count mu is computed from: ``fixed_seq_len``, else the latent's packed grid."""
+        if self.fixed_seq_len is not None:
+            return self.fixed_seq_len
+        return (like.shape[-2] // self.patch) * (like.shape[-1] // self.patch)
+
+    def mu(self, like: torch.Tensor) -> float:
+        """mu of the latent ``like`` (B, C, h, w)."""
+        return calculate_shift(self.image_seq_len(like), self.base_seq_len, self.max_seq_len, self.base_shift, self.max_shift)
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return time_shift(self.mu(like), super().sigma(t, like))
+
+    def model_timestep(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """sigma(t) N on the latent ``like`` (its size sets the shift)."""
+        if like is None:
+            raise ValueError("a resolution-dependent shift needs the latent: model_timestep(t, like)")
+        return time_shift(self.mu(like), self.sigmas.to(t.device)[t.long()]) * self.num_train_timesteps
 
 
 def schedule_from_scheduler(scheduler: SchedulerMixin) -> NoiseSchedule:
