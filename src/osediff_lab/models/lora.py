@@ -1,5 +1,7 @@
 """LoRA mechanics every method shares: target layers picked by module-name suffix, named PEFT adapters injected
-over them, switched off for a call, merged or unloaded, and a frozen copy of the base without them.
+over them, switched off for a call, merged or unloaded, a frozen copy of the base without them, a copy of the module
+tree that holds the same base weights (another set of adapters over one base in memory), and gradient checkpointing
+that recomputes with the adapters active at forward time.
 
 Which layers a method adapts and how it groups them into adapters is its builder's choice (OSEDiff's three
 denoiser adapters, ``models.backbone.lora_groups``, and its VAE adapters: ``models.osediff``; PiSA-SR's:
@@ -9,12 +11,15 @@ never adapted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -107,3 +112,73 @@ def frozen_base_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     unload_adapters(base)
     return base.to(dtype).requires_grad_(False).eval()
 
+
+
+def shared_base_copy(model: nn.Module, own: Iterable[str] = ()) -> nn.Module:
+    """A copy of ``model``'s module tree that holds ``model``'s own layers (every leaf module, parameter and buffer):
+    adapters injected into it wrap the same base weights, so both trees keep one set in memory. The modules named in
+    ``own`` are copied with all they hold, so the copy may train them without touching ``model``."""
+    owned = {id(x) for name in own for m in model.get_submodule(name).modules()
+             for x in (m, *m.parameters(recurse=False), *m.buffers(recurse=False))}
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        held = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if next(module.children(), None) is None:
+            held.append(module)
+        memo.update((id(x), x) for x in held if id(x) not in owned)
+    return copy.deepcopy(model, memo)
+
+
+AdapterState = list[tuple[BaseTunerLayer, bool, list[str], list[bool]]]
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """Each LoRA layer of ``model`` with whether its adapters are off, which are active and its tensors' requires_grad."""
+    return adapter_state_of(lora_layers(model))
+
+
+def _apply_adapter_state(state: AdapterState) -> None:
+    for layer, disabled, active, grads in state:
+        layer.set_adapter(active)  # PEFT's set_adapter also sets requires_grad: put back below
+        layer.enable_adapters(not disabled)
+        for p, grad in zip(layer.parameters(), grads, strict=True):
+            p.requires_grad_(grad)
+
+
+@contextmanager
+def adapter_state_restored(state: AdapterState) -> Iterator[None]:
+    """Run with the LoRA layers as ``state`` recorded them (adapters on or off, active adapters, requires_grad); the
+    state they have now is put back after. A no-op when nothing differs."""
+    layers = [layer for layer, *_ in state]
+    now = adapter_state_of(layers)
+    if now == state:
+        yield
+        return
+    _apply_adapter_state(state)
+    try:
+        yield
+    finally:
+        _apply_adapter_state(now)
+
+
+def adapter_state_of(layers: Iterable[BaseTunerLayer]) -> AdapterState:
+    """``adapter_state`` of these LoRA layers."""
+    return [(layer, layer.disable_adapters, list(layer.active_adapters), [p.requires_grad for p in layer.parameters()])
+            for layer in layers]
+
+
+def checkpoint_keeping_adapters(block: nn.Module, *args: Any) -> Any:
+    """torch's non-reentrant activation checkpoint of ``block(*args)`` whose recomputation (in backward, when other
+    adapters may be active: the real score's adapters-off call, another adapter set) runs with the adapters that were
+    active at forward time, so the gradients are those of the forward that was run."""
+    state = adapter_state(block)
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), adapter_state_restored(state)
+
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """diffusers' gradient checkpointing of ``model``'s blocks, recomputed with the adapters active at forward time."""
+    model.enable_gradient_checkpointing(checkpoint_keeping_adapters)
