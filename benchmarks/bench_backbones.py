@@ -27,7 +27,7 @@ from osediff_lab.io import atomic_write_text  # noqa: E402
 from osediff_lab.memory import GIB, training_step  # noqa: E402
 from osediff_lab.models.components import build_components  # noqa: E402
 from osediff_lab.models.osediff import build_generator  # noqa: E402
-from osediff_lab.pipeline import OSEDiffPipeline  # noqa: E402
+from osediff_lab.pipeline import SRPipeline  # noqa: E402
 from osediff_lab.profile import profile_rows  # noqa: E402
 from osediff_lab.prompts import NullPrompt  # noqa: E402
 from osediff_lab.tables import markdown_table  # noqa: E402
@@ -93,7 +93,7 @@ def measure(model: str, size: int, device: torch.device) -> list[str]:
         components = build_components(cfg.model)
     generator, _ = build_generator(components, cfg.generator, share_unet=True)
     precision = "bf16" if device.type == "cuda" else "fp32"
-    pipe = OSEDiffPipeline(generator, components.text, NullPrompt(), 4, {"device": str(device), "precision": precision,
+    pipe = SRPipeline(generator, components.text, NullPrompt(), 4, {"device": str(device), "precision": precision,
                                                                         "color_fix": "none"})
     lq = torch.rand(1, 3, size // 4, size // 4, device=device)
     infer_s = min(timings(lambda: pipe.enhance(lq), repeats=2, warmup=1))

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from osediff_lab.models.components import build_components
 from osediff_lab.models.osediff import build_generator
 from osediff_lab.paths import CONF_DIR
-from osediff_lab.pipeline import OSEDiffPipeline, color_fix
+from osediff_lab.pipeline import SRPipeline, color_fix
 from osediff_lab.prompts import NullPrompt
 
 # Forces tiling of the 64 x 64 latent of a 512 px output: 3 x 3 UNet tiles, 2 x 2 VAE tiles.
@@ -55,7 +55,7 @@ def main() -> None:
     components, generator = tiny_pipeline_parts()
     lq = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     pipes = {
-        name: OSEDiffPipeline(
+        name: SRPipeline(
             copy.deepcopy(generator), components.text, NullPrompt(), 4,
             {"device": "cpu", "precision": "fp32", "color_fix": "none", **options},
         )

@@ -27,7 +27,7 @@ from osediff_lab.dtypes import resolve_device  # noqa: E402
 from osediff_lab.memory import MemoryPrediction, predict_training_memory, training_step  # noqa: E402
 from osediff_lab.models.components import build_components  # noqa: E402
 from osediff_lab.models.osediff import build_generator  # noqa: E402
-from osediff_lab.pipeline import OSEDiffPipeline  # noqa: E402
+from osediff_lab.pipeline import SRPipeline  # noqa: E402
 from osediff_lab.prompts import NullPrompt  # noqa: E402
 from osediff_lab.train import build_module  # noqa: E402
 
@@ -74,7 +74,7 @@ def bench_inference(model: str, size: int, batches: list[int], repeats: int, cas
     base: dict[int, tuple[float, torch.Tensor]] = {}
     for name in cases:
         opts = {"device": str(DEVICE), "color_fix": "none", **INFER_CASES[name]}
-        pipe = OSEDiffPipeline(copy.deepcopy(generator), components.text, NullPrompt(), 4, opts)
+        pipe = SRPipeline(copy.deepcopy(generator), components.text, NullPrompt(), 4, opts)
         for b in batches:
             x = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(b)).to(DEVICE) * 2 - 1
             embeds = pipe.embed([""] * b)

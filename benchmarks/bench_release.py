@@ -144,12 +144,12 @@ def whole_process_rows(repeats: int) -> None:
 def infer_row(repeats: int) -> None:
     from bench_inference import tiny_pipeline_parts
 
-    from osediff_lab.pipeline import OSEDiffPipeline
+    from osediff_lab.pipeline import SRPipeline
     from osediff_lab.prompts import NullPrompt
 
     components, generator = tiny_pipeline_parts()
     lq = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    pipes = [OSEDiffPipeline(copy.deepcopy(generator), components.text, NullPrompt(), 4,
+    pipes = [SRPipeline(copy.deepcopy(generator), components.text, NullPrompt(), 4,
                              {"device": "cpu", "precision": "fp32", "color_fix": "none", **options})
              for options in ({}, {"merge_lora": False, "fast": {"attention": "plain"}})]
     fast, plain, ratio = paired(lambda: pipes[0](lq), lambda: pipes[1](lq), repeats, "cpu")

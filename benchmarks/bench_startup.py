@@ -25,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE
        "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "tests")])}
 # The tiny training run every start-up and step measurement uses (bench_release's rows too).
 TRAIN = ["model=tiny", "data=demo", "logger=csv", "val=none", "degradation=realesrgan", "data.crop_size=256",
-         "data.batch_size=2", "loss.lpips_weight=0"]
+         "data.batch_size=2", "method.lpips_weight=0"]
 HEAVY = ("pytorch_lightning", "lightning", "wandb", "lpips", "pyiqa", "timm", "torchmetrics")
 
 

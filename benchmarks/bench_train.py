@@ -22,7 +22,7 @@ def main(steps: int = 20) -> None:
     tmp = Path(tempfile.mkdtemp())
     cfg = compose_config([*OVERRIDES, f"trainer.max_steps={steps}"], tmp)
     trainer, module, summary = run(cfg)
-    train_step = summary["wall_time_s"] / steps
+    optimize_batch = summary["wall_time_s"] / steps
 
     dm = HQDataModule(cfg.data)
     dm.setup("fit")
@@ -34,7 +34,7 @@ def main(steps: int = 20) -> None:
         module.generator(batch["lq_up"], embeds)
         fwd = timings(lambda: module.generator(batch["lq_up"], embeds), 10)
     print(f"tiny preset, CPU ({torch.get_num_threads()} threads), 128x128, batch 4, LPIPS vgg (random weights)")
-    print(f"  training step (generator + regularizer, incl. data + logging): {train_step:.3f} s/step over {steps} steps")
+    print(f"  training step (generator + regularizer, incl. data + logging): {optimize_batch:.3f} s/step over {steps} steps")
     print(f"  generator forward alone: median {statistics.median(fwd):.4f} s (min {min(fwd):.4f}, max {max(fwd):.4f})")
 
 

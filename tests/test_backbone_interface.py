@@ -94,7 +94,7 @@ def test_a_denoiser_built_outside_components_is_recognised_by_its_class_one_buil
     assert family_of(tiny_transformer()) == "sd3" and family_of(unet) == "sdxl"
     assert family_of(nn.Linear(2, 2)) == "sd"  # the fallback: a UNet called with hidden states alone
     components = build_components(compose_config([*TINY, "model=tiny_sd3", "model.arch.text_encoder_3.max_length=8"]).model)
-    assert backbone_of(components.unet) == SD3Backbone(t5_max_length=8)
+    assert backbone_of(components.denoiser) == SD3Backbone(t5_max_length=8)
 
 
 def test_sd3_runs_its_own_joint_attention_processors():

@@ -23,7 +23,7 @@ from osediff_lab.models.backbone import TextEmbeds, denoiser_output, family_of, 
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.osediff import build_generator
 from osediff_lab.models.schedules import EpsilonSchedule, FlowMatchSchedule, VPredictionSchedule
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.profile import profile_rows
 from osediff_lab.prompts import NullPrompt
 from osediff_lab.train import build_module, run
@@ -59,7 +59,7 @@ def test_osediff_on_every_twin_trains_validates_resumes_exports_and_infers_tiled
     moved = [n for n, p in module2.trained_state_dict().items() if not torch.equal(p, first[n])]
     assert moved, "the resumed step trained nothing"
     assert max((module2.trained_state_dict()[n] - first[n]).abs().max().item() for n in moved) < 0.5, "resume restarted"
-    pipe = OSEDiffPipeline.from_checkpoint(summary2["lora"], device="cpu", latent_tiling={"tile": 4, "overlap": 2, "sigma": 0.1})
+    pipe = SRPipeline.from_checkpoint(summary2["lora"], device="cpu", latent_tiling={"tile": 4, "overlap": 2, "sigma": 0.1})
     assert family_of(pipe.generator.unet) == family
     out, _ = pipe.enhance(torch.rand(1, 3, 24, 20))
     assert out.shape == (1, 3, 96, 80) and torch.isfinite(out).all()
@@ -70,7 +70,7 @@ def test_osediff_on_every_twin_trains_validates_resumes_exports_and_infers_tiled
 @pytest.mark.slow
 @pytest.mark.parametrize("model", TWINS)
 def test_pisasr_trains_three_steps_on_every_twin_and_its_generator_infers_tiled(model):
-    """PiSA-SR's pixel stage through the same training step the loop runs (SRModule.train_step, real AdamW), then
+    """PiSA-SR's pixel stage through the same training step the loop runs (SRModule.optimize_batch, real AdamW), then
     its live generator through the inference pipeline with latent tiling; its export, re-import and the two-stage
     schedule are the loop's and the pipeline's, tested for SD2.1's twin in tests/test_methods.py."""
     torch.manual_seed(0)
@@ -85,12 +85,12 @@ def test_pisasr_trains_three_steps_on_every_twin_and_its_generator_infers_tiled(
     assert any(not torch.equal(after[n], before[n]) for n in before), "three steps moved no pixel LoRA tensor"
     assert all(torch.isfinite(p).all() for p in after.values())
     options = {"process_size": 80, "latent_tiling": {"tile": 4, "overlap": 2, "sigma": 0.1}}
-    pipe = OSEDiffPipeline(module.generator, module.text_encoders, NullPrompt(), 4, options, live=True)
+    pipe = SRPipeline(module.generator, module.text_encoders, NullPrompt(), 4, options, live=True)
     out, _ = pipe.enhance(torch.rand(1, 3, 24, 20))
     assert out.shape == (1, 3, 96, 80) and torch.isfinite(out).all()
     if model == "tiny_sd3":  # tiles must hold whole 2 x 2 patches: named before any work
         with pytest.raises(ConfigError, match=r"latent_tiling.tile=5 .* multiples of 2"):
-            OSEDiffPipeline(module.generator, module.text_encoders, NullPrompt(), 4, {"latent_tiling": {"tile": 5, "overlap": 2}}, live=True)
+            SRPipeline(module.generator, module.text_encoders, NullPrompt(), 4, {"latent_tiling": {"tile": 5, "overlap": 2}}, live=True)
 
 
 @pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])
@@ -136,23 +136,23 @@ def test_each_family_calls_its_denoiser_with_its_conditioning():
         zz = torch.randn(2, c.vae.config.latent_channels, 6, 4) if model == "tiny_sd3" else z
         t = torch.tensor([999, 500]) if model != "tiny_sd3" else torch.tensor([1000.0, 500.0])
         with torch.no_grad():
-            got = denoiser_output(c.unet, zz, t, e, 8)
+            got = denoiser_output(c.denoiser, zz, t, e, 8)
             if model == "tiny_sd3":
-                want = c.unet(hidden_states=zz, timestep=t, encoder_hidden_states=e.hidden, pooled_projections=e.pooled).sample
+                want = c.denoiser(hidden_states=zz, timestep=t, encoder_hidden_states=e.hidden, pooled_projections=e.pooled).sample
             elif model == "tiny_sdxl":
                 ids = torch.tensor([[48.0, 32.0, 0.0, 0.0, 48.0, 32.0]] * 2)
-                want = c.unet(zz, t, encoder_hidden_states=e.hidden,
+                want = c.denoiser(zz, t, encoder_hidden_states=e.hidden,
                               added_cond_kwargs={"text_embeds": e.pooled, "time_ids": ids}).sample
             else:
-                want = c.unet(zz, t, encoder_hidden_states=e.hidden).sample
+                want = c.denoiser(zz, t, encoder_hidden_states=e.hidden).sample
         torch.testing.assert_close(got, want)
 
 
 def test_sd3_conditioning_pads_clip_to_the_joint_width_and_appends_t5():
     c = build_components(twin("tiny_sd3").model)
     e = c.text(["a photo", "grass"])
-    joint = c.unet.config.joint_attention_dim
-    assert e.hidden.shape == (2, 77 + c.backbone.t5_max_length, joint) and e.pooled.shape == (2, c.unet.config.pooled_projection_dim)
+    joint = c.denoiser.config.joint_attention_dim
+    assert e.hidden.shape == (2, 77 + c.backbone.t5_max_length, joint) and e.pooled.shape == (2, c.denoiser.config.pooled_projection_dim)
     clip_width = c.text_encoder.config.hidden_size + c.text_encoder_2.config.hidden_size
     assert not e.hidden[:, :77, clip_width:].any(), "CLIP states are zero-padded to the joint width"
     t5_ids = c.tokenizer_3(["a photo", "grass"], padding="max_length", max_length=c.backbone.t5_max_length, truncation=True,
@@ -164,8 +164,8 @@ def test_lora_groups_split_sd3_blocks_into_halves():
     c = build_components(twin("tiny_sd3").model)
     names = ["pos_embed.proj", "transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q", "proj_out",
              "context_embedder"]
-    assert isinstance(c.unet, SD3Transformer2DModel) and len(c.unet.transformer_blocks) == 2
-    assert lora_groups(c.unet, names) == {"encoder": ["pos_embed.proj", "transformer_blocks.0.attn.to_q"],
+    assert isinstance(c.denoiser, SD3Transformer2DModel) and len(c.denoiser.transformer_blocks) == 2
+    assert lora_groups(c.denoiser, names) == {"encoder": ["pos_embed.proj", "transformer_blocks.0.attn.to_q"],
                                           "decoder": ["transformer_blocks.1.attn.to_q", "proj_out"],
                                           "others": ["context_embedder"]}
     generator, _ = build_generator(c, twin("tiny_sd3").generator)

@@ -20,7 +20,7 @@ from osediff_lab.backbones import backbone_of, family_of
 from osediff_lab.backbones.embeds import TextEmbeds
 from osediff_lab.backbones.sd import SDBackbone
 from osediff_lab.models.components import build_components, load_pretrained, save_pretrained
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.train import run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -68,7 +68,7 @@ def test_a_family_defined_here_trains_exports_and_infers_through_config_alone(tm
     assert sidecar["model_arch"]["backbone"] == {"_target_": f"{__name__}.TimeScaledSD", "time_scale": SCALE}
 
     SEEN.clear()
-    pipe = OSEDiffPipeline.from_checkpoint(summary["lora"], device="cpu", merge_lora=False)
+    pipe = SRPipeline.from_checkpoint(summary["lora"], device="cpu", merge_lora=False)
     generator = pipe.generator
     assert backbone_of(generator.unet) == TimeScaledSD(SCALE)
     out, _ = pipe.enhance(torch.rand(1, 3, 16, 16))
@@ -88,4 +88,4 @@ def test_its_folder_rule_tells_its_folders_from_sd_ones_and_config_names_it_with
     cfg = compose_config([*TINY, "model=sd21_base", f"model.pretrained_path={folder}", "model.backbone=time_scaled_sd",
                           "+model.time_scale=0.5"])
     loaded = build_components(cfg.model)
-    assert loaded.backbone == TimeScaledSD(0.5) and family_of(loaded.unet) == "time_scaled_sd"
+    assert loaded.backbone == TimeScaledSD(0.5) and family_of(loaded.denoiser) == "time_scaled_sd"

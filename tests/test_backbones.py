@@ -18,7 +18,7 @@ from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import build_components, check_compatible, save_pretrained
 from osediff_lab.models.osediff import build_generator
 from osediff_lab.models.schedules import EpsilonSchedule, VPredictionSchedule
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.train import run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -44,14 +44,14 @@ def test_v_prediction_twin_passes_the_check_and_gives_a_v_schedule(twin):
 def test_osediff_trains_on_the_v_twin_and_its_export_reloads_for_inference(tmp_path):
     trainer, module, summary = run(compose_config(RUN, tmp_path))
     assert trainer.global_step == 3 and type(module.method.schedule) is VPredictionSchedule
-    pipe = OSEDiffPipeline.from_checkpoint(summary["lora"], device="cpu")
+    pipe = SRPipeline.from_checkpoint(summary["lora"], device="cpu")
     assert type(pipe.generator.schedule) is VPredictionSchedule
     out, _ = pipe.enhance(torch.rand(1, 3, 16, 16))
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     assert json.loads(Path(summary["lora_sidecar"]).read_text())["prediction_type"] == "v_prediction"
     epsilon_base = save_pretrained(build_components(compose_config(TINY).model), tmp_path / "epsilon_base")
     with pytest.raises(ConfigError, match="predicting 'v_prediction', but this base predicts 'epsilon'"):
-        OSEDiffPipeline.from_checkpoint(summary["lora"], base=epsilon_base, device="cpu")
+        SRPipeline.from_checkpoint(summary["lora"], base=epsilon_base, device="cpu")
 
 
 @pytest.mark.parametrize(("model", "cls", "schedule"), [("tiny_sd_turbo", EulerDiscreteScheduler, VPredictionSchedule),

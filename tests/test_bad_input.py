@@ -298,7 +298,8 @@ def test_evaluate_cli_exit_status_says_whether_a_pair_failed(tmp_path, bad_files
 @pytest.mark.parametrize(
     ("override", "key"),
     [("method.optim.generator.lr=-1e-3", "method.optim.generator.lr"), ("method.optim.regularizer.lr=0", "method.optim.regularizer.lr"),
-     ("optim.lr=1e-4", "method.optim.generator.lr"), ("optim.reg_lr=1e-4", "method.optim.regularizer.lr"),
+     ("optim.lr=1e-4", "method.optim.generator.lr"), ("loss.vsd_weight=0.5", "method.vsd_weight"),
+     ("loss.reg_steps_per_gen_step=2", "method.optim.regularizer.updates"), ("loss=no_vsd", "method=osediff_no_vsd"), ("optim.reg_lr=1e-4", "method.optim.regularizer.lr"),
      ("method.optim.regularizer.betas=[0.9,1.0]", "method.optim.regularizer.betas"),
      ("optim.accumulate_grad_batches=0", "optim.accumulate_grad_batches"),
      ("+method.optim.generator.updates=2", "method.optim.generator.updates"), ("trainer.max_steps=0", "trainer.max_steps"),

@@ -17,7 +17,7 @@ from osediff_lab.export import main as export_main
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.lora_files import config_hash, export_lora
 from osediff_lab.models.osediff import build_osediff
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.prompts import NullPrompt
 from osediff_lab.train import build_module
 from test_pipeline import lq_batch, make_pipeline, perturb_trained, tiny_model
@@ -59,9 +59,9 @@ def test_ours_round_trip_rebuilds_the_tiny_base_from_the_sidecar(trained, tmp_pa
     meta = json.loads(sidecar.read_text())
     assert meta["seed"] == cfg.seed and meta["model_arch"]["name"] == "tiny" and "reg_unet.reg" not in meta["target_modules"]
     assert all(".lora_" in k or k.startswith("unet.conv_in.base_layer") for k in load_file(str(weights)))
-    out = OSEDiffPipeline.from_checkpoint(weights, options=OPTS)(LQ)
+    out = SRPipeline.from_checkpoint(weights, options=OPTS)(LQ)
     assert torch.equal(out, reference)
-    merged = OSEDiffPipeline.from_checkpoint(weights, options={**OPTS, "merge_lora": True})(LQ)
+    merged = SRPipeline.from_checkpoint(weights, options={**OPTS, "merge_lora": True})(LQ)
     assert (merged - reference).abs().max() < 1e-4
 
 
@@ -70,7 +70,7 @@ def test_ours_on_a_diffusers_base_dir(trained, base_dir, tmp_path):
     weights, _ = export_lora(trained_state(parts.generator), cfg, parts.targets, tmp_path / "w.safetensors")
     # a base read back from its diffusers folder differs from the in-memory one by ~6e-8 in the time embedding
     # (diffusers' load path), which reaches the output as < 1e-6: the same weights, not the same bits
-    torch.testing.assert_close(OSEDiffPipeline.from_checkpoint(weights, base=base_dir, options=OPTS)(LQ), reference,
+    torch.testing.assert_close(SRPipeline.from_checkpoint(weights, base=base_dir, options=OPTS)(LQ), reference,
                                rtol=0, atol=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     torch.manual_seed(cfg.seed)
     module = build_module(cfg)
     perturb_trained(module.generator)
-    pipe = OSEDiffPipeline(copy.deepcopy(module.generator), module.text_encoders, NullPrompt(), 4, OPTS)
+    pipe = SRPipeline(copy.deepcopy(module.generator), module.text_encoders, NullPrompt(), 4, OPTS)
     reference = pipe(LQ)
     # what Lightning's checkpoint dump writes, then the module's own hook (keeps trained tensors only)
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}
@@ -88,8 +88,8 @@ def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     torch.save(checkpoint, tmp_path / "last.ckpt")
     weights, sidecar = export_main([f"ckpt={tmp_path / 'last.ckpt'}", f"out={tmp_path / 'lora.safetensors'}"])
     assert json.loads(sidecar.read_text())["config_hash"] == config_hash(cfg)  # as the end-of-training export's
-    assert torch.equal(OSEDiffPipeline.from_checkpoint(weights, options=OPTS)(LQ), reference)
-    assert torch.equal(OSEDiffPipeline.from_checkpoint(tmp_path / "last.ckpt", options=OPTS)(LQ), reference)
+    assert torch.equal(SRPipeline.from_checkpoint(weights, options=OPTS)(LQ), reference)
+    assert torch.equal(SRPipeline.from_checkpoint(tmp_path / "last.ckpt", options=OPTS)(LQ), reference)
 
 
 # ---- the official release format --------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_official_release_format_loads_with_identical_outputs(base_dir, tmp_path
     cfg = compose_config(TINY + overrides)
     torch.manual_seed(cfg.seed)
     plain = build_components(cfg.model)
-    lists = official_module_lists(plain.unet, plain.vae)
+    lists = official_module_lists(plain.denoiser, plain.vae)
     assert len(lists["vae_lora_encoder_modules"]) > len(set(lists["vae_lora_encoder_modules"]))  # duplicates
     components, generator, targets = tiny_model(overrides, seed=cfg.seed)
     for group in ("encoder", "decoder", "others"):  # our placement is the release's placement
@@ -145,7 +145,7 @@ def test_official_release_format_loads_with_identical_outputs(base_dir, tmp_path
     }
     assert "conv_in.base_layer.weight" in release["state_dict_unet"]
     torch.save(release, tmp_path / "osediff.pkl")
-    pipe = OSEDiffPipeline.from_checkpoint(tmp_path / "osediff.pkl", base=base_dir, options=OPTS)
+    pipe = SRPipeline.from_checkpoint(tmp_path / "osediff.pkl", base=base_dir, options=OPTS)
     assert pipe.upsampler == "pillow"  # pipeline.upsampler=auto: the release's own upsampling for its checkpoint
     pipe.upsampler = "torch"  # the same input as the reference pipeline's, to compare the networks
     torch.testing.assert_close(pipe(LQ), reference, rtol=0, atol=1e-5)  # the base read from disk: see above
@@ -158,7 +158,7 @@ class NotWeights:
 def test_official_format_is_loaded_weights_only(tmp_path):
     torch.save({"state_dict_unet": {}, "payload": NotWeights()}, tmp_path / "evil.pkl")
     with pytest.raises(ConfigError, match="weights-only"):
-        OSEDiffPipeline.from_checkpoint(tmp_path / "evil.pkl")
+        SRPipeline.from_checkpoint(tmp_path / "evil.pkl")
 
 
 def test_official_format_without_a_base_names_the_fix(tmp_path, monkeypatch):
@@ -166,7 +166,7 @@ def test_official_format_without_a_base_names_the_fix(tmp_path, monkeypatch):
     torch.save({"state_dict_unet": {}, "state_dict_vae": {}, "unet_lora_encoder_modules": [], "unet_lora_decoder_modules": [],
                 "unet_lora_others_modules": [], "vae_lora_encoder_modules": [], "rank_unet": 4, "rank_vae": 4}, tmp_path / "o.pkl")
     with pytest.raises(MissingWeightsError, match="base="):
-        OSEDiffPipeline.from_checkpoint(tmp_path / "o.pkl")
+        SRPipeline.from_checkpoint(tmp_path / "o.pkl")
 
 
 # ---- the base loader --------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_base_loader_rejects_a_prediction_type_without_a_schedule(base_dir, expo
     config = bad / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "sample"}))
     with pytest.raises(ConfigError, match="prediction_type='sample'.*epsilon"):
-        OSEDiffPipeline.from_checkpoint(exported, base=bad, options=OPTS)
+        SRPipeline.from_checkpoint(exported, base=bad, options=OPTS)
 
 
 def test_base_loader_rejects_other_latent_channels(base_dir, exported, tmp_path):
@@ -191,13 +191,13 @@ def test_base_loader_rejects_other_latent_channels(base_dir, exported, tmp_path)
     shutil.rmtree(bad / "vae")
     AutoencoderKL.from_config({**vae_cfg, "latent_channels": 8}).save_pretrained(bad / "vae")
     with pytest.raises(ConfigError, match="VAE latent channels 8 != denoiser in/out channels 4/4"):
-        OSEDiffPipeline.from_checkpoint(exported, base=bad, options=OPTS)
+        SRPipeline.from_checkpoint(exported, base=bad, options=OPTS)
 
 
 def test_missing_base_dir_and_sidecar_are_named(exported, tmp_path):
     with pytest.raises(MissingWeightsError, match="nowhere"):
-        OSEDiffPipeline.from_checkpoint(exported, base=tmp_path / "nowhere", options=OPTS)
+        SRPipeline.from_checkpoint(exported, base=tmp_path / "nowhere", options=OPTS)
     lonely = tmp_path / "lonely.safetensors"
     shutil.copy(exported, lonely)
     with pytest.raises(MissingWeightsError, match="lonely.json"):
-        OSEDiffPipeline.from_checkpoint(lonely, options=OPTS)
+        SRPipeline.from_checkpoint(lonely, options=OPTS)

@@ -46,34 +46,39 @@ def test_backbone_experiments_pass_the_checks_and_build_on_their_tiny_twin(name,
         assert any(n.endswith("add_q_proj") for n in method.lora_targets["unet.default_encoder"])
 
 
-LOSS_ARMS = {p.stem: OmegaConf.load(p) for p in (CONF_DIR / "loss").glob("*.yaml") if "defaults" in OmegaConf.load(p)}
+LOSS_ARMS = {p.stem: OmegaConf.load(p) for p in (CONF_DIR / "method").glob("osediff_*.yaml")
+             if list(OmegaConf.load(p).get("defaults", [])) == ["osediff", "_self_"]}
+
+
+def test_the_loss_arms_are_options_of_the_method():
+    assert set(LOSS_ARMS) == {"osediff_no_vsd", "osediff_vsd_image"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arm", sorted(LOSS_ARMS))
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_a_loss_arm_keeps_what_defines_it_under_every_experiment(name, arm, tmp_path):
-    """loss=no_vsd means no VSD under any experiment: the values an arm's file sets over its parent survive the
-    experiment's own loss settings (the demo's vsd_weight once turned the no-VSD arm back on)."""
-    cfg = compose_config([f"+experiment={name}", f"loss={arm}"], tmp_path)
+    """method=osediff_no_vsd means no VSD under any experiment: the values an arm's file sets over its parent survive the
+    experiment's own method settings (the demo's vsd_weight once turned the no-VSD arm back on)."""
+    cfg = compose_config([f"+experiment={name}", f"method={arm}"], tmp_path)
     own = {k: v for k, v in LOSS_ARMS[arm].items() if k != "defaults"}
-    assert own and {k: cfg.loss[k] for k in own} == own
+    assert own and {k: cfg.method[k] for k in own} == own
 
 
 @pytest.mark.slow
 def test_the_no_vsd_arm_of_the_demo_trains_without_vsd(tmp_path):
     from osediff_lab.train import build_module
 
-    weights = {arm: build_module(compose_config(["+experiment=demo", f"loss={arm}"], tmp_path)).method.weights["vsd"]
-               for arm in ("osediff", "no_vsd")}
-    assert weights == {"osediff": 0.02, "no_vsd": 0.0}
+    weights = {arm: build_module(compose_config(["+experiment=demo", f"method={arm}"], tmp_path)).method.weights["vsd"]
+               for arm in ("osediff", "osediff_no_vsd")}
+    assert weights == {"osediff": 0.02, "osediff_no_vsd": 0.0}
 
 
 def test_demo_experiment_is_runnable_here(tmp_path):
     cfg = compose_config(["+experiment=demo"], tmp_path)
     assert config_problems(cfg) == []
     assert cfg.model.name == "nano" and cfg.data.name == "demo" and cfg.val.name == "demo"
-    assert cfg.loss.lpips_weight == 0  # no random perceptual network in the demo: a real one or none
+    assert cfg.method.lpips_weight == 0  # no random perceptual network in the demo: a real one or none
 
 
 def test_ablate_vsd_declares_its_sweep(tmp_path):
@@ -84,7 +89,7 @@ def test_ablate_vsd_declares_its_sweep(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=ablate_vsd"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert set(cfg.hydra.sweeper.params.loss.split(",")) == {"osediff", "no_vsd", "vsd_image"}
+    assert set(cfg.hydra.sweeper.params.method.split(",")) == {"osediff", "osediff_no_vsd", "osediff_vsd_image"}
     assert cfg.model.name == "sd21_base" and cfg.data.name == "lsdir"
 
 
@@ -115,10 +120,10 @@ def test_unknown_preset_is_rejected():
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("loss.lpips_weight=-1", "loss.lpips_weight"),
-        ("loss.vsd_weight=-0.5", "loss.vsd_weight"),
-        ("loss.reg_steps_per_gen_step=0", "loss.reg_steps_per_gen_step"),
-        ("loss.vsd_t_max=2000", "loss.vsd_t_max"),
+        ("method.lpips_weight=-1", "method.lpips_weight"),
+        ("method.vsd_weight=-0.5", "method.vsd_weight"),
+        ("method.optim.regularizer.updates=0", "method.optim.regularizer.updates"),
+        ("method.vsd_t_max=2000", "method.vsd_t_max"),
         ("generator.lora.unet_rank=0", "generator.lora.unet_rank"),
         ("data.crop_size=100", "data.crop_size"),
         ("generator.frozen_dtype=bf16", "trainer.precision"),

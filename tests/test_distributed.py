@@ -40,9 +40,9 @@ def test_ddp_cpu_two_ranks_agree_on_weights_and_split_data(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_multirun_and_report(tmp_path):
-    """`-m loss.vsd_weight=0,1` through hydra/launcher=local: both jobs finish, log, and feed the report."""
+    """`-m method.vsd_weight=0,1` through hydra/launcher=local: both jobs finish, log, and feed the report."""
     sweep = tmp_path / "sweep"
-    cli(["-m", "hydra/launcher=local", *TINY_CLI, "trainer.max_steps=2", "loss.vsd_weight=0,1",
+    cli(["-m", "hydra/launcher=local", *TINY_CLI, "trainer.max_steps=2", "method.vsd_weight=0,1",
          f"hydra.sweep.dir={sweep}"], tmp_path, timeout=900)
     jobs = sorted(p.parent for p in sweep.rglob("summary.json"))
     assert len(jobs) == 2
@@ -53,9 +53,9 @@ def test_submitit_local_multirun_and_report(tmp_path):
         assert summary["steps"] == 2 and summary["peak_memory_mb"] > 0 and summary["wall_time_s"] > 0
     runs = load_local(sweep)
     table = results_table(runs)
-    assert "loss.vsd_weight" in table.splitlines()[0]
+    assert "method.vsd_weight" in table.splitlines()[0]
     rows = table.splitlines()[2:]
     assert len(rows) == 2 and {r.split("|")[1].strip() for r in rows} == {"0", "1"}
-    with_vsd = next(r for r in runs if "loss.vsd_weight=1" in r["overrides"])
-    without = next(r for r in runs if "loss.vsd_weight=0" in r["overrides"])
+    with_vsd = next(r for r in runs if "method.vsd_weight=1" in r["overrides"])
+    without = next(r for r in runs if "method.vsd_weight=0" in r["overrides"])
     assert "train/loss_vsd" in with_vsd["loss_stats"] and "train/loss_vsd" not in without["loss_stats"]

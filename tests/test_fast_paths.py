@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from helpers import TINY, compose_config
 from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.pipeline.fast import compile_with_fallback
 from osediff_lab.train import build_module
 from test_pipeline import lq_batch, make_pipeline, tiny_model
@@ -39,7 +39,7 @@ def plain(model):
     return make_pipeline(*model, **PLAIN)(lq_batch(24, 24))
 
 
-def processors(pipe: OSEDiffPipeline) -> set[type]:
+def processors(pipe: SRPipeline) -> set[type]:
     gen = pipe.generator
     return {type(p) for m in (gen.unet, gen.vae) for p in m.attn_processors.values()}
 
@@ -92,7 +92,7 @@ def test_compile_traced_matches_and_a_failing_backend_falls_back(model):
 
 # ---- training memory options -----------------------------------------------------------------
 def tiny_module(overrides: list[str]):
-    cfg = compose_config([*TINY, "generator.latent=mode", "loss.vsd_weight=0", *overrides])
+    cfg = compose_config([*TINY, "generator.latent=mode", "method.vsd_weight=0", *overrides])
     assert not config_problems(cfg)
     torch.manual_seed(0)
     module = build_module(cfg)
@@ -145,8 +145,8 @@ def test_gradient_checkpointing_saves_memory_and_keeps_gradients():
 
 @pytest.mark.slow
 def test_frozen_bf16_losses_match_fp32():
-    ref = tiny_module(["loss.vsd_weight=1"])
-    lo = tiny_module(["loss.vsd_weight=1", "generator.frozen_dtype=bf16", "trainer.precision=bf16-mixed"])
+    ref = tiny_module(["method.vsd_weight=1"])
+    lo = tiny_module(["method.vsd_weight=1", "generator.frozen_dtype=bf16", "trainer.precision=bf16-mixed"])
     assert ref.generator.vae.decoder.conv_in.weight.dtype == torch.float32
     assert lo.generator.vae.decoder.conv_in.weight.dtype == torch.bfloat16
     b = batch(ref)

@@ -28,7 +28,7 @@ from osediff_lab.discriminators.image import ConvNeXtDiscriminator
 from osediff_lab.discriminators.layers import BlurPool, MultiLevelHeads, SpectralNormalized
 from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.models.components import build_components
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.train import build_module, run
 from osediff_lab.weights import MANIFEST
 from osediff_lab.weights.manifest import WeightFile
@@ -190,7 +190,7 @@ def test_unet_features_are_the_blocks_outputs_and_the_up_blocks_never_run(tmp_pa
     discriminator stops after the last one. ``frozen`` is a copy of the base without its adapters."""
     cfg = compose_config([*TINY, "method=osediff_gan", "discriminator.unet=frozen", "discriminator.layers=[down.0,mid]"], tmp_path)
     torch.manual_seed(0)
-    base = copy.deepcopy(build_components(cfg.model).unet).eval()
+    base = copy.deepcopy(build_components(cfg.model).denoiser).eval()
     torch.manual_seed(0)
     method = build_module(cfg).method
     disc = method.discriminator
@@ -237,7 +237,7 @@ def test_hypir_generator_is_the_schedulers_x0_at_t200_with_lora_on_the_release_t
     cfg = compose_config([*TINY, "method=hypir", "discriminator=convnext_tiny"], tmp_path)
     torch.manual_seed(0)
     components = build_components(cfg.model)
-    base = copy.deepcopy(components.unet).eval()
+    base = copy.deepcopy(components.denoiser).eval()
     torch.manual_seed(0)
     gen = build_module(cfg).method.generator
     z_l, hidden = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
@@ -302,7 +302,7 @@ def test_osediff_gan_steps_generator_regularizer_discriminator_and_a_frozen_unet
         opt.register_step_post_hook(lambda *_, name=name: order.append(name))
     hq = torch.rand(2, 3, 64, 64) * 2 - 1
     for _ in range(2):
-        logs = module.train_step(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=["", ""])
+        logs = module.optimize_batch(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=["", ""])
     assert order == ["generator", "regularizer", "discriminator"] * 2
     assert {"train/loss_gan", "train/loss_discriminator", "train/d_logit_real", "train/d_logit_fake"} <= set(logs)
     assert all(p.grad is None for p in disc.denoiser.parameters())
@@ -336,7 +336,7 @@ def test_method_trains_resumes_bit_identically_exports_and_infers(name, override
     assert lora.name == f"{stem}.safetensors" and sidecar["method"]["_target_"].endswith(type(module.method).__name__)
     exported = load_file(str(lora))
     assert not any("discriminator" in k for k in exported)
-    pipe = OSEDiffPipeline.from_checkpoint(lora, options={"device": "cpu", "precision": "fp32", "merge_lora": False})
+    pipe = SRPipeline.from_checkpoint(lora, options={"device": "cpu", "precision": "fp32", "merge_lora": False})
     loaded = dict(pipe.generator.named_parameters())
     assert all(torch.equal(loaded[k].detach(), v) for k, v in exported.items())
     assert pipe.generator.timestep == module.method.generator.timestep
@@ -440,6 +440,6 @@ def test_the_release_recipe_builds_on_the_tiny_twin(tmp_path):
     optimizers = module.build_optimizers()
     hq = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logs = module.train_step(module.on_after_batch_transfer({"hq": hq}, 0), optimizers, prompts=["", ""])
+        logs = module.optimize_batch(module.on_after_batch_transfer({"hq": hq}, 0), optimizers, prompts=["", ""])
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
     assert {"train/loss_l2", "train/loss_lpips", "train/loss_gan", "train/loss_discriminator"} <= set(logs)

@@ -198,7 +198,7 @@ def test_prompt_saved_without_target_builds_by_its_name(tmp_path):
 
 def test_prompt_null_is_refused_naming_prompt_none(capsys):
     """Hydra reads a bare `prompt=null` as 'no config' ("must be a string or a list"): each CLI stops first, naming the fix."""
-    assert renamed_choice_problems(["train.py", "prompt=dape", "data.prompt=null", "loss=no_vsd"]) == []
+    assert renamed_choice_problems(["train.py", "prompt=dape", "data.prompt=null", "method=osediff_no_vsd"]) == []
     assert renamed_choice_problems(["prompt=null"]) == ["prompt=null: the prompt option 'null' is now called 'none': prompt=none"]
     assert renamed_choice_problems(["+prompt='null',dape"]) == [
         "+prompt='null',dape: the prompt option 'null' is now called 'none': +prompt=none,dape"]
@@ -254,7 +254,7 @@ def test_every_model_option_names_its_factory(option, factory, tmp_path):
 def test_small_model_options_build_frozen_components(option, tmp_path):
     cfg = compose_config(TINY + [f"model={option}"], tmp_path)
     components = build_components(cfg.model)
-    assert isinstance(components, Components) and not any(p.requires_grad for p in components.unet.parameters())
+    assert isinstance(components, Components) and not any(p.requires_grad for p in components.denoiser.parameters())
 
 
 def test_missing_base_weights_and_bad_model_keys_named_before_any_model(monkeypatch, tmp_path):

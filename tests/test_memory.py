@@ -57,10 +57,10 @@ def test_fake_replay_predicts_the_real_steps_peak():
 
 
 def test_predicted_and_benchmarked_step_is_the_training_step():
-    """memory and the benchmarks replay SRModule.train_step: its regularizer steps per generator step,
+    """memory and the benchmarks replay SRModule.optimize_batch: its regularizer steps per generator step,
     its clipping and its non-finite skip, not a copy of the step without them."""
     torch.manual_seed(0)
-    module = build_module(tiny_cfg("loss.reg_steps_per_gen_step=2", "optim.grad_clip=1e-6")).train()
+    module = build_module(tiny_cfg("method.optim.regularizer.updates=2", "optim.grad_clip=1e-6")).train()
     built = []
     build = module.build_optimizers
     module.build_optimizers = lambda: built.append(build()) or built[0]

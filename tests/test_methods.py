@@ -23,7 +23,7 @@ from osediff_lab.models.components import build_components
 from osediff_lab.models.pisasr import build_pisa_generator
 from osediff_lab.models.vsd import classifier_free_guidance, sample_timesteps
 from osediff_lab.paths import CONF_DIR
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.train import build_module, run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,7 +79,7 @@ def test_pisa_generator_predicts_the_residual_of_the_lq_latent():
     cfg = compose_config([*TINY, "method=pisasr_pixel"])
     torch.manual_seed(0)
     components = build_components(cfg.model)
-    pretrained = copy.deepcopy(components.unet).eval()
+    pretrained = copy.deepcopy(components.denoiser).eval()
     generator, targets = build_pisa_generator(components, cfg.method.lora, cfg.method.timestep)
     assert set(targets) == {"unet.pixel", "unet.semantic"} and not any(p.requires_grad for p in generator.parameters())
     z_l = torch.randn(2, 4, 8, 8)
@@ -100,7 +100,7 @@ def pixel(tmp_path_factory) -> dict:
 def test_csd_targets_are_cfg_and_unconditional_x0_of_the_pretrained_unet(tmp_path, pixel):
     cfg = compose_config([*TINY, "method=pisasr_semantic", f"method.pixel_lora_from={pixel['lora']}"], tmp_path / "sem")
     torch.manual_seed(0)
-    pretrained = copy.deepcopy(build_components(cfg.model).unet).eval()
+    pretrained = copy.deepcopy(build_components(cfg.model).denoiser).eval()
     torch.manual_seed(0)
     method = build_module(cfg).method.eval()
     z_h = torch.randn(2, 4, 8, 8)
@@ -137,7 +137,7 @@ def test_pisa_two_stages_then_inference_weights(tmp_path, pixel):
     lq = torch.rand(1, 3, 16, 16)
 
     def sr(path, **weights):
-        return OSEDiffPipeline.from_checkpoint(path, device="cpu", **weights).enhance(lq)[0]
+        return SRPipeline.from_checkpoint(path, device="cpu", **weights).enhance(lq)[0]
 
     both, pixel_only = sr(semantic["lora"]), sr(semantic["lora"], lambda_sem=0.0)
     torch.testing.assert_close(pixel_only, sr(pixel["lora"]), atol=1e-5, rtol=0)  # lambda_sem=0: the pixel stage

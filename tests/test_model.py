@@ -156,7 +156,7 @@ def test_sd21_shape_sizes_and_checkpoint_megabytes():
     with torch.device("meta"):
         comps = build_components(cfg.model)
         p = build_osediff(comps, cfg.generator)
-    unet = sum(x.numel() for n, x in comps.unet.named_parameters() if ".lora_" not in n)
+    unet = sum(x.numel() for n, x in comps.denoiser.named_parameters() if ".lora_" not in n)
     vae = sum(x.numel() for n, x in p.generator.vae.named_parameters() if ".lora_" not in n)
     text = sum(x.numel() for x in comps.text_encoder.parameters())
     assert 860e6 < unet < 870e6 and 83e6 < vae < 85e6 and 335e6 < text < 345e6

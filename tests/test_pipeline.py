@@ -11,10 +11,10 @@ from PIL import Image
 from helpers import TINY, compose_config
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import Components, build_components
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.pipeline import OSEDiffPipeline, adain_color_fix, plan_sizes, wavelet_color_fix
+from osediff_lab.pipeline import SRPipeline, adain_color_fix, plan_sizes, wavelet_color_fix
 from osediff_lab.pipeline.colorfix import channel_stats, wavelet_split
 from osediff_lab.pipeline.tiling import gaussian_weights, tile_starts, tiled_apply
 from osediff_lab.prompts import NullPrompt
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 FAST = {"process_size": 32, "color_fix": "none"}  # small images: the CPU is shared
 
 
-def perturb_trained(generator: OSEDiffGenerator, seed: int = 1) -> None:
+def perturb_trained(generator: OneStepGenerator, seed: int = 1) -> None:
     """Give every trained tensor (LoRA A/B, conv_in) a random offset, as training would: LoRA B starts at 0."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -33,7 +33,7 @@ def perturb_trained(generator: OSEDiffGenerator, seed: int = 1) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def tiny_model(overrides: list[str] | None = None, seed: int = 42) -> tuple[Components, OSEDiffGenerator, dict]:
+def tiny_model(overrides: list[str] | None = None, seed: int = 42) -> tuple[Components, OneStepGenerator, dict]:
     """Tiny base components and a LoRA generator with non-trivial trained weights."""
     cfg = compose_config(TINY + list(overrides or []))
     torch.manual_seed(seed)
@@ -43,11 +43,11 @@ def tiny_model(overrides: list[str] | None = None, seed: int = 42) -> tuple[Comp
     return components, generator, targets
 
 
-def make_pipeline(components: Components, generator: OSEDiffGenerator, **options) -> OSEDiffPipeline:
+def make_pipeline(components: Components, generator: OneStepGenerator, **options) -> SRPipeline:
     """A pipeline over copies of the generator and text encoder (merging and casting change them in place)."""
     opts = {"merge_lora": False, **FAST, **options}
     text_encoder = copy.deepcopy(components.text)
-    return OSEDiffPipeline(copy.deepcopy(generator), text_encoder, NullPrompt(), 4, opts)
+    return SRPipeline(copy.deepcopy(generator), text_encoder, NullPrompt(), 4, opts)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def test_live_mode_leaves_a_training_model_as_it_was(model):
     before = {n: p.clone() for n, p in live_gen.state_dict().items()}
     tiling = live_gen.vae.use_tiling
     text_encoder = copy.deepcopy(components.text)
-    pipe = OSEDiffPipeline(live_gen, text_encoder, NullPrompt(), 4, FAST, live=True)
+    pipe = SRPipeline(live_gen, text_encoder, NullPrompt(), 4, FAST, live=True)
     out = pipe(lq_batch(8, 8))
     assert torch.equal(out, make_pipeline(*model)(lq_batch(8, 8)))  # latent mode used, same numbers
     assert live_gen.training and live_gen.latent == "sample" and live_gen.vae.use_tiling == tiling

@@ -29,7 +29,7 @@ from osediff_lab.models.lora import lora_layers, merge_and_unload
 from osediff_lab.models.perceptual import build_lpips
 from osediff_lab.models.pisasr import build_pisa_generator
 from osediff_lab.models.text import PromptEmbedder
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.pipeline.tiling import tiled_apply
 from osediff_lab.prompts import NullPrompt
 
@@ -56,7 +56,7 @@ def build_method(overrides: list[str], seed: int = 0) -> SimpleNamespace:
     cfg = compose_config([*TINY, *overrides])
     torch.manual_seed(seed)
     components = build_components(cfg.model)
-    pretrained_unet, pretrained_vae = copy.deepcopy(components.unet).eval(), copy.deepcopy(components.vae).eval()
+    pretrained_unet, pretrained_vae = copy.deepcopy(components.denoiser).eval(), copy.deepcopy(components.vae).eval()
     lpips = build_lpips(cfg.loss.lpips, cfg.paths.weights_dir) if cfg.method.lpips_weight > 0 else None
     try:
         method = instantiate(cfg.method, components=components, encode_text=PromptEmbedder(components.text, max_cached=64),
@@ -150,7 +150,7 @@ def test_lora_alpha_8_at_rank_4_is_scale_2():
     assert (cfg.method.lora.rank, cfg.method.lora.alpha) == (4, 8)
     torch.manual_seed(0)
     components = build_components(cfg.model)
-    w0 = {n: p.detach().clone() for n, p in components.unet.named_parameters()}
+    w0 = {n: p.detach().clone() for n, p in components.denoiser.named_parameters()}
     generator, targets = build_pisa_generator(components, cfg.method.lora, cfg.method.timestep)
     perturb_lora(generator, seed=1, only=".pixel.")
     name = next(n for n in targets["unet.pixel"] if n.endswith("to_q"))
@@ -328,7 +328,7 @@ def two_sets():
             layer.set_adapter(adapters)
         merge_and_unload(unet)
         merged[key] = unet.eval()
-    embeds = torch.randn(2, 77, components.unet.config.cross_attention_dim)
+    embeds = torch.randn(2, 77, components.denoiser.config.cross_attention_dim)
     return SimpleNamespace(components=components, generator=generator.eval(), merged=merged, embeds=embeds, cfg=cfg)
 
 
@@ -360,7 +360,7 @@ def test_pipeline_mixes_tile_by_tile(two_sets, merge_lora):
     lambda_pix, lambda_sem = 0.7, 1.3
     opts = {"merge_lora": merge_lora, "latent": "mode", "lambda_pix": lambda_pix, "lambda_sem": lambda_sem, "device": "cpu",
             "latent_tiling": {"tile": 4, "overlap": 2, "sigma": 0.1}}
-    pipe = OSEDiffPipeline(copy.deepcopy(two_sets.generator), copy.deepcopy(two_sets.components.text), NullPrompt(), 4, opts)
+    pipe = SRPipeline(copy.deepcopy(two_sets.generator), copy.deepcopy(two_sets.components.text), NullPrompt(), 4, opts)
     x_l = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(4)) * 2 - 1
     embeds = pipe.embed([""])
     vae, sf = two_sets.components.vae, two_sets.components.vae.config.scaling_factor
@@ -379,7 +379,7 @@ def test_pipeline_mixes_tile_by_tile(two_sets, merge_lora):
 def test_fused_qkv_with_two_calls_is_refused(two_sets):
     opts = {"merge_lora": True, "lambda_pix": 1.0, "lambda_sem": 0.5, "device": "cpu", "fast": {"fuse_qkv": True}}
     with pytest.raises(ConfigError, match="pipeline.fast.fuse_qkv.*two UNet calls"):
-        OSEDiffPipeline(copy.deepcopy(two_sets.generator), copy.deepcopy(two_sets.components.text), NullPrompt(), 4, opts)
+        SRPipeline(copy.deepcopy(two_sets.generator), copy.deepcopy(two_sets.components.text), NullPrompt(), 4, opts)
 
 
 # ---- the release's checkpoint: pisa_sr.pkl ---------------------------------------------------------
@@ -422,7 +422,7 @@ def release_checkpoint(tmp_path_factory):
     cfg = compose_config([*TINY, "method=pisasr_semantic"])
     torch.manual_seed(cfg.seed)
     plain = build_components(cfg.model)
-    groups = release_groups(plain.unet)
+    groups = release_groups(plain.denoiser)
     tmp = tmp_path_factory.mktemp("pisa")
     base = save_pretrained(plain, tmp / "base")
     torch.manual_seed(cfg.seed)
@@ -441,13 +441,13 @@ def test_release_checkpoint_round_trips(release_checkpoint, lambda_pix, lambda_s
     rc = release_checkpoint
     opts = {"process_size": 32, "color_fix": "none", "merge_lora": False, "device": "cpu",
             "lambda_pix": lambda_pix, "lambda_sem": lambda_sem}
-    pipe = OSEDiffPipeline.from_checkpoint(rc.path, base=rc.base, options=opts)
+    pipe = SRPipeline.from_checkpoint(rc.path, base=rc.base, options=opts)
     assert pipe.upsampler == "pillow" and pipe.scale == 4 and isinstance(pipe.prompts, NullPrompt)  # test_pisasr.py's
     assert pipe.generator.timestep == 1 and pipe.generator.latent == "sample"
     loaded = dict(pipe.generator.named_parameters())
     assert all(torch.equal(loaded[n], p) for n, p in rc.generator.named_parameters() if ".lora_" in n)
     pipe.upsampler = "torch"  # the same input as the reference pipeline's, to compare the networks
-    reference = OSEDiffPipeline(copy.deepcopy(rc.generator), copy.deepcopy(rc.components.text), NullPrompt(), 4, opts)
+    reference = SRPipeline(copy.deepcopy(rc.generator), copy.deepcopy(rc.components.text), NullPrompt(), 4, opts)
     lq = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     # float noise only: the base read back from disk runs a few matmuls along other paths (6e-8 at the time embedding)
     torch.testing.assert_close(pipe(lq), reference(lq), rtol=0, atol=1e-5)

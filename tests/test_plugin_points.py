@@ -98,9 +98,9 @@ def test_a_method_with_three_groups_trains_resumes_exports_and_reimports(tmp_pat
     # export under the method's own name, re-import through the pipeline
     lora = Path(summary["lora"])
     assert lora.name == "three_group_lora.safetensors" and json.loads(lora.with_suffix(".json").read_text())["method"]["_target_"].endswith("ThreeGroupMethod")
-    from osediff_lab.pipeline import OSEDiffPipeline
+    from osediff_lab.pipeline import SRPipeline
 
-    pipe = OSEDiffPipeline.from_checkpoint(lora, options={"device": "cpu", "precision": "fp32", "merge_lora": False})
+    pipe = SRPipeline.from_checkpoint(lora, options={"device": "cpu", "precision": "fp32", "merge_lora": False})
     loaded = dict(pipe.generator.named_parameters())
     exported = module.generator_state_dict()
     assert all(torch.equal(loaded[k].detach(), v.detach()) for k, v in exported.items())
@@ -118,7 +118,7 @@ def test_a_group_the_method_does_not_define_is_rejected_before_building(tmp_path
 
 # ---- gradient accumulation ------------------------------------------------------------------------------------
 
-ACCUM = [*TINY, "data.crop_size=32", "loss=no_vsd", "loss.lpips_weight=0", "generator.latent=mode", "optim.grad_clip=0"]
+ACCUM = [*TINY, "data.crop_size=32", "method=osediff_no_vsd", "method.lpips_weight=0", "generator.latent=mode", "optim.grad_clip=0"]
 
 
 def generator_grads(module) -> list[torch.Tensor]:
@@ -133,7 +133,7 @@ def accumulated_grads(module, hq: torch.Tensor, micro: int) -> list[torch.Tensor
     optimizers = module.build_optimizers()
     for chunk in hq.chunk(micro):
         batch = module.on_after_batch_transfer({"hq": chunk.clone(), "lq": F.interpolate(chunk, scale_factor=0.25, mode="area")}, 0)
-        module.train_step(batch, optimizers, prompts=[""] * chunk.shape[0])
+        module.optimize_batch(batch, optimizers, prompts=[""] * chunk.shape[0])
     assert module.batches_trained == micro
     return generator_grads(module)
 
@@ -158,7 +158,7 @@ def test_regularizer_steps_once_per_accumulated_step(tmp_path):
     hq = torch.rand(2, 3, 32, 32) * 2 - 1
     counts = []
     for _ in range(4):
-        module.train_step(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""] * 2)
+        module.optimize_batch(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""] * 2)
         counts.append({name: max([int(s["step"]) for s in opt.state.values()] or [0]) for name, opt in optimizers.items()})
     assert counts == [{"generator": 0, "regularizer": 0}, {"generator": 1, "regularizer": 1},
                       {"generator": 1, "regularizer": 1}, {"generator": 2, "regularizer": 2}]
@@ -175,7 +175,7 @@ def test_fp16_scaler_backs_off_once_per_accumulated_step(tmp_path):
 
     def micro_batch() -> dict:
         with torch.autocast("cpu", dtype=torch.float16):  # what trainer.precision=16-mixed runs the step under
-            return module.train_step(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""] * 2)
+            return module.optimize_batch(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""] * 2)
 
     logs = micro_batch()
     assert module.grad_scaler().get_scale() == init and "train/skipped_generator" not in logs
@@ -315,7 +315,7 @@ def test_health_rules_by_hand():
 
 def test_term_gradients_are_the_gradient_of_each_weighted_term_at_z_h(tmp_path):
     """Truth: autograd of weight x term with respect to z_H, one term at a time, on a fresh forward."""
-    module = build_module(compose_config([*TINY, "data.crop_size=32", "loss.vsd_weight=0.5", "generator.latent=mode"],
+    module = build_module(compose_config([*TINY, "data.crop_size=32", "method.vsd_weight=0.5", "generator.latent=mode"],
                                          tmp_path)).train()
     hq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batch = module.on_after_batch_transfer({"hq": hq}, 0)
@@ -337,14 +337,14 @@ TELEMETRY = [*TINY, "data.crop_size=32", "trainer.log_every_n_steps=1", "callbac
 
 @pytest.mark.slow
 def test_an_overweighted_vsd_is_named_and_a_healthy_run_is_not(tmp_path):
-    """loss.vsd_weight=50: the VSD term's gradient dwarfs L2's at z_H and the run's summary says so; the same run
+    """method.vsd_weight=50: the VSD term's gradient dwarfs L2's at z_H and the run's summary says so; the same run
     at the demo's VSD weight raises nothing."""
-    _, _, broken = run(compose_config([*TELEMETRY, "trainer.max_steps=4", "loss.vsd_weight=50", "loss.lpips_weight=0"],
+    _, _, broken = run(compose_config([*TELEMETRY, "trainer.max_steps=4", "method.vsd_weight=50", "method.lpips_weight=0"],
                                       tmp_path / "broken"))
     assert any(m.startswith("VSD gradient is") and "L2's at z_H since step 0" in m for m in broken["health"]["warnings"])
     assert broken["health"]["last"]["train/grad_zh_vsd"] > 40 * broken["health"]["last"]["train/grad_zh_l2"]
     assert "train/grad_norm_unet.conv_out" in broken["health"]["last"]
-    _, _, healthy = run(compose_config([*TELEMETRY, "trainer.max_steps=4", "loss.vsd_weight=0.02", "loss.lpips_weight=0"],
+    _, _, healthy = run(compose_config([*TELEMETRY, "trainer.max_steps=4", "method.vsd_weight=0.02", "method.lpips_weight=0"],
                                        tmp_path / "healthy"))
     assert healthy["health"]["warnings"] == []
 

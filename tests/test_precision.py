@@ -93,7 +93,7 @@ def test_a_nonfinite_step_leaves_weights_and_adam_state_as_they_were(fused):
     hq = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def step() -> dict:
-        return module.train_step(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""])
+        return module.optimize_batch(module.on_after_batch_transfer({"hq": hq.clone()}, 0), optimizers, prompts=[""])
 
     step()  # a good step creates the Adam state
     groups = {name: [p.detach().clone() for p in group.params] for name, group in module.groups.items()}

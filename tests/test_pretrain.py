@@ -80,6 +80,32 @@ def test_killed_stage_resumes_bit_identically(tmp_path, single_thread):
     assert c["step"] == 2
 
 
+@pytest.mark.slow
+def test_a_preemption_signal_checkpoints_and_the_rerun_finishes(tmp_path, single_thread, monkeypatch):
+    """SIGUSR1 (what Slurm sends before a time limit) during step 2 of 5: the stage stops after that step with a
+    checkpoint whose file loads with weights_only=True, and the same command then finishes the run."""
+    import os
+    import signal
+
+    import osediff_lab.pretrain as pretrain_module
+
+    calls, losses = [0], pretrain_module.vae_losses
+
+    def signalled_losses(*args):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return losses(*args)
+
+    monkeypatch.setattr(pretrain_module, "vae_losses", signalled_losses)
+    report = pretrain(pretrain_cfg(tmp_path, "stage=vae", "vae.max_steps=5"))
+    ckpt = tmp_path / "checkpoints" / "vae" / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 2 and not report["vae"]["finished"]
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler, None)
+    report = pretrain(pretrain_cfg(tmp_path, "stage=vae", "vae.max_steps=5"))
+    assert report["vae"]["finished"] and torch.load(ckpt, weights_only=True)["step"] == 5
+
+
 def test_step_sampler_covers_each_file_once_per_epoch_and_restarts_mid_epoch():
     it = iter(StepSampler(5, seed=3))
     first = [next(it) for _ in range(10)]
@@ -129,9 +155,9 @@ def test_model_nano_loads_the_shipped_folder_as_sd21_base_would():
     comps = build_components(cfg.model)
     same = load_pretrained(NANO)
     weights = load_file(NANO / "unet" / "diffusion_pytorch_model.safetensors")
-    for k, v in comps.unet.state_dict().items():
-        assert torch.equal(v, weights[k]) and torch.equal(v, same.unet.state_dict()[k]), k
-    assert not any(p.requires_grad for p in comps.unet.parameters())
+    for k, v in comps.denoiser.state_dict().items():
+        assert torch.equal(v, weights[k]) and torch.equal(v, same.denoiser.state_dict()[k]), k
+    assert not any(p.requires_grad for p in comps.denoiser.parameters())
     assert OmegaConf.select(cfg, "model.source") == "pretrained"
 
 

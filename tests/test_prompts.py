@@ -182,7 +182,7 @@ def test_unknown_prompt_target_is_a_config_error():
 def test_training_module_tags_the_configured_source(tmp_path):
     from osediff_lab.train import build_module
 
-    cfg = cfg_with("prompt=dape_tiny", "prompt.source=hq", "loss.lpips_weight=0")
+    cfg = cfg_with("prompt=dape_tiny", "prompt.source=hq", "method.lpips_weight=0")
     module = build_module(cfg)
     hq = torch.rand(2, 3, 64, 64) * 2 - 1
     batch = {"hq": hq, "lq_up": torch.zeros_like(hq), "path": ["a.png", "b.png"]}

@@ -43,7 +43,7 @@ NOT_HERE = {
     "python -m osediff_lab.train +experiment=ablate_vsd": "the paper's recipe on LSDIR: needs SD2.1-base and LSDIR",
     "python -m osediff_lab.train -m +experiment=ablate_rank trainer=slurm hydra/launcher=slurm_gpu "
     "hydra.launcher.account=myproj": "needs a Slurm cluster with GPUs and SD2.1-base",
-    "python -m osediff_lab.train -m loss.vsd_weight=0,1 trainer=ddp_cpu hydra/launcher=slurm_cpu": "needs the Slurm "
+    "python -m osediff_lab.train -m method.vsd_weight=0,1 trainer=ddp_cpu hydra/launcher=slurm_cpu": "needs the Slurm "
     "cluster that ../shared/tools/slurm/up.sh starts (tests/test_preemption.py and the Slurm tests use it)",
     "bash ../shared/tools/slurm/up.sh": "starts the shared Slurm test cluster (outside this repository)",
     "python -m osediff_lab.report --wandb-workspace ablate_rank --out experiments/rank/workspace.json": "reads the "
@@ -98,14 +98,14 @@ DEMO = "python -m osediff_lab.train +experiment=demo"
 RUN = (
     "python -m osediff_lab.weights check",
     DEMO,
-    "python -m osediff_lab.train model=tiny data=folder data.root=$HOME/photos data.crop_size=256 trainer=cpu loss.lpips_weight=0",
-    "python -m osediff_lab.train -m model=tiny loss.lpips_weight=0 loss.vsd_weight=0,1 hydra/launcher=local",
+    "python -m osediff_lab.train model=tiny data=folder data.root=$HOME/photos data.crop_size=256 trainer=cpu method.lpips_weight=0",
+    "python -m osediff_lab.train -m model=tiny method.lpips_weight=0 method.vsd_weight=0,1 hydra/launcher=local",
     "python -m osediff_lab.report multirun-dir/ --out experiments/rank/results.md --plot experiments/rank/tradeoff.png",
     "python -m osediff_lab.evaluate sr_dir=results/sr gt_dir=../shared/data/realsr/HR",
     "python -m osediff_lab.evaluate checkpoint=outputs/.../lora/osediff_lora.safetensors val=realsr",
     "python -m osediff_lab.infer input=lq_folder/ output=sr/ ckpt=outputs/.../lora/osediff_lora.safetensors",
     "python -m osediff_lab.export ckpt=outputs/.../checkpoints/last.ckpt out=my_lora.safetensors",
-    "python: from osediff_lab.pipeline import OSEDiffPipeline",
+    "python: from osediff_lab.pipeline import SRPipeline",
     "python -m osediff_lab.profile model=sd21_shape --no-latency",
     "python -m osediff_lab.memory model=sd21_shape data.crop_size=512 data.batch_size=1 generator.gradient_checkpointing=true "
     "generator.frozen_dtype=bf16 trainer.precision=bf16-mixed",
@@ -211,7 +211,7 @@ def test_train_on_a_folder_of_photos(shell):
 def test_local_multirun_then_report(shell):
     out = shell(RUN[3], "trainer.max_steps=1")
     (sweep,) = (shell.root / "outputs" / "train" / "multiruns").iterdir()
-    assert "loss.vsd_weight=0 | finished" in out and "loss.vsd_weight=1 | finished" in out  # the launcher's job table
+    assert "method.vsd_weight=0 | finished" in out and "method.vsd_weight=1 | finished" in out  # the launcher's job table
     report = RUN[4].replace("multirun-dir/", f"{sweep}/")
     out = shell(report)
     assert "vsd_weight" in (shell.root / "experiments" / "rank" / "results.md").read_text()

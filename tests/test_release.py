@@ -37,11 +37,11 @@ def randomise_reg_lora(module) -> None:
 def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(tmp_path, release_precision):
     """Independent truth: a copy of the pretrained UNet taken before any LoRA (real score, CFG with the
     negative prompt) and a copy of the regularizer with its LoRA merged by PEFT (fake score)."""
-    cfg = compose_config([*TINY, f"loss.release_score_precision={str(release_precision).lower()}"], tmp_path)
+    cfg = compose_config([*TINY, f"method.release_score_precision={str(release_precision).lower()}"], tmp_path)
     from osediff_lab.models.components import build_components
 
     torch.manual_seed(0)
-    pretrained = copy.deepcopy(build_components(cfg.model).unet).eval()
+    pretrained = copy.deepcopy(build_components(cfg.model).denoiser).eval()
     torch.manual_seed(0)  # the same random base weights again, now under the method's LoRA
     module = build_module(cfg).eval()
     randomise_reg_lora(module)
@@ -57,12 +57,12 @@ def test_fake_score_uses_the_reg_lora_and_real_score_is_cfg_of_the_frozen_unet(t
 
     abar = module.method.schedule.alphas_cumprod
     z_t = add_noise(z_h, noise, t, abar)
-    neg = module.method.fixed_prompt_embedding(cfg.loss.negative_prompt).expand(2).hidden
+    neg = module.method.fixed_prompt_embedding(cfg.method.negative_prompt).expand(2).hidden
     with torch.no_grad():
         eps_u = pretrained(z_t, t, encoder_hidden_states=neg).sample
         eps_c = pretrained(z_t, t, encoder_hidden_states=embeds.hidden).sample
         eps_fake = merged(z_t, t, encoder_hidden_states=embeds.hidden).sample
-    expected_real = x0_from_eps(z_t, classifier_free_guidance(eps_u, eps_c, cfg.loss.cfg_scale), t, abar)
+    expected_real = x0_from_eps(z_t, classifier_free_guidance(eps_u, eps_c, cfg.method.cfg_scale), t, abar)
     expected_fake = x0_from_eps(z_t, eps_fake, t, abar)
     tol = 3e-2 if release_precision else 1e-4  # release: the real score runs in pure fp16
     torch.testing.assert_close(x0_real, expected_real, atol=tol, rtol=tol)

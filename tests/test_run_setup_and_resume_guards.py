@@ -52,8 +52,8 @@ def test_auto_resume_refuses_a_run_whose_config_changed(tmp_path):
     fast = [*TINY, "data.crop_size=32", "trainer.max_steps=1", "callbacks.samples.every_n_steps=0",
             "callbacks.checkpoint.every_n_train_steps=1", "trainer.enable_progress_bar=false"]
     run(compose_config(fast, tmp_path))
-    with pytest.raises(ConfigError, match=r"loss.vsd_weight: 1.0 -> 0.5(.|\n)*resume=false"):
-        run(compose_config([*fast, "trainer.max_steps=2", "loss.vsd_weight=0.5"], tmp_path))
+    with pytest.raises(ConfigError, match=r"method.vsd_weight: 1.0 -> 0.5(.|\n)*resume=false"):
+        run(compose_config([*fast, "trainer.max_steps=2", "method.vsd_weight=0.5"], tmp_path))
     assert config_changes({"trainer": {"max_steps": 1}, "a": 1, "old": 2}, {"trainer": {"max_steps": 9}, "a": 1}) == []
     assert config_changes({"optim": {"grad_clip": 1.0}}, {"optim": {"grad_clip": 0.5}}) == ["optim.grad_clip: 1.0 -> 0.5"]
 

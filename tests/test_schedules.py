@@ -16,7 +16,7 @@ from diffusers import (
 from torch import nn
 
 from osediff_lab.errors import ConfigError
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 from osediff_lab.models.schedules import (
     EpsilonSchedule,
     FlowMatchSchedule,
@@ -177,7 +177,7 @@ def test_generator_step_is_the_schedules_x0_at_its_timestep(scheduler):
     vae = nn.Module()
     vae.config = SimpleNamespace(scaling_factor=0.18215, block_out_channels=(8, 8, 8, 8))
     unet = RecordingUNet(out)
-    gen = OSEDiffGenerator(vae, unet, schedule, timestep=999)
+    gen = OneStepGenerator(vae, unet, schedule, timestep=999)
     z_h = gen.denoise(z_l, torch.zeros(len(T), 2, 8))
     t = torch.full((len(T),), 999)
     assert torch.equal(z_h, schedule.x0_from_output(z_l, out, t))

@@ -72,15 +72,15 @@ def test_presets_cpu_has_no_gpu_line_and_tasks_follow_devices():
 
 def test_job_table_and_failure_reason():
     trace = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
-             "last):\n  File \"x.py\", line 1\nosediff_lab.errors.ConfigError: loss.vsd_weight=-1.0 is negative\n\n"
+             "last):\n  File \"x.py\", line 1\nosediff_lab.errors.ConfigError: method.vsd_weight=-1.0 is negative\n\n"
              "----------------------\nYou can check full logs with 'job.stderr(0)'")
     reason = failure_reason(RuntimeError(trace))
-    assert reason == "osediff_lab.errors.ConfigError: loss.vsd_weight=-1.0 is negative"
-    records = [JobRecord(0, ["seed=1", "loss.vsd_weight=1"], "7_0", restarts=1, result="finished", summary={"attempts": 2}),
-               JobRecord(1, ["seed=1", "loss.vsd_weight=-1"], "7_1", result="failed", reason=reason)]
+    assert reason == "osediff_lab.errors.ConfigError: method.vsd_weight=-1.0 is negative"
+    records = [JobRecord(0, ["seed=1", "method.vsd_weight=1"], "7_0", restarts=1, result="finished", summary={"attempts": 2}),
+               JobRecord(1, ["seed=1", "method.vsd_weight=-1"], "7_1", result="failed", reason=reason)]
     rows = jobs_table(records).splitlines()[2:]
-    assert rows[0] == "| 0 | 7_0 | loss.vsd_weight=1 | finished, preempted and requeued 1x | 2 |  |"
-    assert rows[1].startswith("| 1 | 7_1 | loss.vsd_weight=-1 | failed | 1 | osediff_lab.errors.ConfigError")
+    assert rows[0] == "| 0 | 7_0 | method.vsd_weight=1 | finished, preempted and requeued 1x | 2 |  |"
+    assert rows[1].startswith("| 1 | 7_1 | method.vsd_weight=-1 | failed | 1 | osediff_lab.errors.ConfigError")
 
 
 # ---- on a running cluster ----------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_sweep_survives_usr2_and_scontrol_requeue_with_wandb(tmp_path):
     job, W&B's service included). Both checkpoint, write no summary, are requeued and finish; the sweep
     waits for the final attempts and ends with a table; W&B holds every row once, as the CSV does."""
     sweep_dir = tmp_path / "sweep"
-    proc = sweep(sweep_dir, ["logger=wandb", "loss.vsd_weight=0,1"])
+    proc = sweep(sweep_dir, ["logger=wandb", "method.vsd_weight=0,1"])
     jobs = job_ids(sweep_dir, proc, 2)
     preempt_at_first_checkpoint(sweep_dir, proc, {0: ["scancel", "--signal=USR2", jobs[0]],
                                                   1: ["scontrol", "requeue", jobs[1]]})
@@ -231,7 +231,7 @@ def test_ddp_job_preempted_and_resumed_and_a_failing_point_is_loud(tmp_path):
     traceback in its own log, Slurm exit code non-zero, 'failed (reason)' in the sweep's table, a
     non-zero sweep, and `report` lists it beside the results."""
     sweep_dir = tmp_path / "sweep"
-    proc = sweep(sweep_dir, ["trainer=ddp_cpu", "logger=csv", "loss.vsd_weight=1,-1"])
+    proc = sweep(sweep_dir, ["trainer=ddp_cpu", "logger=csv", "method.vsd_weight=1,-1"])
     jobs = job_ids(sweep_dir, proc, 2)
     wait_for(sweep_dir / "0" / "checkpoints" / "step000002.ckpt", proc)
     os.kill(rank_pid(jobs[0], 0), signal.SIGUSR2)  # rank 1 never sees the signal: it must follow rank 0
@@ -239,9 +239,9 @@ def test_ddp_job_preempted_and_resumed_and_a_failing_point_is_loud(tmp_path):
     out = finish(proc, sweep_dir)
     assert proc.returncode != 0, "a sweep with a failed job must not exit 0"
     table = (sweep_dir / "jobs.md").read_text()
-    assert "| 0 | " + jobs[0] + " | loss.vsd_weight=1 | finished, preempted and requeued 1x | 2 |" in table, table
-    assert re.search(rf"\| 1 \| {jobs[1]} \| loss.vsd_weight=-1 \| failed \| 1 \| .*ConfigError: .*loss.vsd_weight=-1 is negative", table), table
-    assert "loss.vsd_weight=-1" in out
+    assert "| 0 | " + jobs[0] + " | method.vsd_weight=1 | finished, preempted and requeued 1x | 2 |" in table, table
+    assert re.search(rf"\| 1 \| {jobs[1]} \| method.vsd_weight=-1 \| failed \| 1 \| .*ConfigError: .*method.vsd_weight=-1 is negative", table), table
+    assert "method.vsd_weight=-1" in out
     assert job_field(jobs[1], "ExitCode") not in ("", "0:0"), "Slurm recorded the failed job as a success"
     own_log = "".join(p.read_text() for p in (sweep_dir / ".submitit" / jobs[1]).glob("*_log.*"))
     assert "Traceback" in own_log and "ConfigError" in own_log

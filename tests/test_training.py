@@ -52,7 +52,7 @@ def test_same_seed_same_losses(tmp_path):
 
 @pytest.mark.slow
 def test_reg_steps_per_gen_step(tmp_path):
-    trainer, module, _ = run(compose_config([*FAST, "loss.reg_steps_per_gen_step=3"], tmp_path))
+    trainer, module, _ = run(compose_config([*FAST, "method.optim.regularizer.updates=3"], tmp_path))
     assert trainer.global_step == 2
     opt_g, opt_r = trainer.optimizers
     steps = lambda opt: max(int(s["step"]) for s in opt.state.values())  # noqa: E731
@@ -99,7 +99,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_image_space_vsd_trains_and_differs_from_latent(tmp_path):
-    a = run(compose_config([*FAST, "loss.vsd_space=image"], tmp_path / "image"))[2]
+    a = run(compose_config([*FAST, "method.vsd_space=image"], tmp_path / "image"))[2]
     b = run(compose_config(FAST, tmp_path / "latent"))[2]
     la, lb = logged_losses(Path(a["run_dir"])), logged_losses(Path(b["run_dir"]))
     assert len(la) == 2 and all(map(math.isfinite, la))

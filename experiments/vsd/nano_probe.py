@@ -1,6 +1,6 @@
 """Held-out L2 before and after a short OSEDiff run on the nano base (the learning test's measurement).
 
-    python experiments/vsd/nano_probe.py intact 40 /tmp/probe loss.vsd_weight=0.1 method.optim.generator.lr=1e-3
+    python experiments/vsd/nano_probe.py intact 40 /tmp/probe method.vsd_weight=0.1 method.optim.generator.lr=1e-3
     python experiments/vsd/nano_probe.py detached 40 /tmp/probe_det     # generator output detached on purpose
 
 Prints one JSON line: start and end L2 (RGB, [0, 1]) on the val=demo crops, the relative drop, wall and CPU
@@ -22,19 +22,19 @@ import torch  # noqa: E402
 
 import test_learns as tl  # noqa: E402
 from helpers import compose_config  # noqa: E402
-from osediff_lab.models.generator import OSEDiffGenerator  # noqa: E402
+from osediff_lab.models.generator import OneStepGenerator  # noqa: E402
 from osediff_lab.train import build_module, run  # noqa: E402
 
 
 def detach_generator_output() -> None:
     """Break the gradient path on purpose: x_H leaves the generator detached (z_H keeps its graph)."""
-    forward = OSEDiffGenerator.forward
+    forward = OneStepGenerator.forward
 
     def detached(self, x_l, prompt_embeds, generator=None):
         x_h, z_h = forward(self, x_l, prompt_embeds, generator)
         return x_h.detach(), z_h
 
-    OSEDiffGenerator.forward = detached
+    OneStepGenerator.forward = detached
 
 
 def main(mode: str, steps: int, out: str, extra: list[str]) -> dict:

@@ -18,7 +18,6 @@ from osediff_lab.models.components import CALLER_SETTINGS as MODEL_CALLER_SETTIN
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
 from osediff_lab.prompts import CALLER_SETTINGS
 
-LOSS_WEIGHTS = ("l2_weight", "lpips_weight", "vsd_weight")
 MIXED = ("16-mixed", "bf16-mixed", "16", "bf16")
 UPSAMPLE_MODES = ("area", "bilinear", "bicubic")
 REG_LAYOUTS = ("single", "release_only_others_trains")
@@ -28,18 +27,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
     """Every problem found, each naming the config key (empty when the config can run)."""
     problems: list[str] = []
     loss, gen, data = cfg.loss, cfg.generator, cfg.data
-    for key in LOSS_WEIGHTS:
-        if loss[key] < 0:
-            problems.append(f"loss.{key}={loss[key]} is negative; loss weights must be >= 0")
-    if loss.l2_weight + loss.lpips_weight + (loss.vsd_weight if loss.get("vsd", True) else 0) <= 0:
-        problems.append("loss.l2_weight, loss.lpips_weight and loss.vsd_weight (or loss.vsd=false) are all 0: nothing to train")
-    if loss.get("vsd_space", "latent") not in ("latent", "image"):
-        problems.append(f"loss.vsd_space='{loss.vsd_space}' must be 'latent' or 'image'")
-    if loss.reg_steps_per_gen_step < 1:
-        problems.append(f"loss.reg_steps_per_gen_step={loss.reg_steps_per_gen_step} must be >= 1")
-    for lo, hi in (("vsd_t_min", "vsd_t_max"), ("reg_t_min", "reg_t_max")):
-        if not 0 <= loss[lo] < loss[hi] <= 1000:
-            problems.append(f"loss.{lo}={loss[lo]} / loss.{hi}={loss[hi]}: need 0 <= min < max <= 1000")
+    problems += [f"loss.{key} moved into the method: set {new}" for key, new in MOVED_LOSS_KEYS.items()
+                 if loss.get(key) is not None]
+    if loss.get("moved_to_method"):  # loss=no_vsd / loss=vsd_image
+        problems.append(f"the loss variants are method options now: set method={loss.moved_to_method} "
+                        "(and leave loss at its default)")
     if gen.latent not in ("mode", "sample"):
         problems.append(f"generator.latent='{gen.latent}' must be 'mode' or 'sample'")
     if gen.frozen_dtype not in DTYPES:
@@ -113,6 +105,12 @@ def release_switch_problems(gen: DictConfig) -> list[str]:
     return problems
 
 
+# OSEDiff's loss values moved from the loss group (which keeps the perceptual network) into method=osediff;
+# the loss variants became method options: loss=no_vsd -> method=osediff_no_vsd, loss=vsd_image -> method=osediff_vsd_image
+MOVED_LOSS_KEYS = {key: f"method.{key}" for key in (
+    "l2_weight", "lpips_weight", "vsd_weight", "vsd", "vsd_space", "cfg_scale", "release_score_precision",
+    "vsd_t_min", "vsd_t_max", "reg_t_min", "reg_t_max", "negative_prompt")} | {
+    "reg_steps_per_gen_step": "method.optim.regularizer.updates"}
 MOVED_OPTIM_KEYS = {
     "lr": "method.optim.generator.lr", "reg_lr": "method.optim.regularizer.lr", "betas": "method.optim.<group>.betas",
     "weight_decay": "method.optim.<group>.weight_decay", "eps": "method.optim.<group>.eps",

@@ -221,12 +221,12 @@ def generate_sr(cfg: DictConfig, out: Path) -> tuple[Path, Path, list[dict]]:
     Returns (sr_dir, gt_dir, failed): an LR image that fails is reported there and its HR is not linked."""
     from osediff_lab.data.paired import paired_dataset
     from osediff_lab.infer import try_super_resolve
-    from osediff_lab.pipeline import OSEDiffPipeline
+    from osediff_lab.pipeline import SRPipeline
 
     if cfg.val.get("name", "none") == "none":
         raise ConfigError("evaluate: checkpoint=... needs a paired benchmark to super-resolve: add val=realsr (or drealsr, div2k_val)")
     pairs = paired_dataset(cfg.val, int(cfg.scale)).pairs
-    pipe = OSEDiffPipeline.from_checkpoint(cfg.checkpoint, base=cfg.get("base"), options=cfg.get("pipeline"))
+    pipe = SRPipeline.from_checkpoint(cfg.checkpoint, base=cfg.get("base"), options=cfg.get("pipeline"))
     sr_dir, gt_dir = out / "sr", out / "gt"
     sr_dir.mkdir(parents=True, exist_ok=True)
     gt_dir.mkdir(parents=True, exist_ok=True)

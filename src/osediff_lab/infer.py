@@ -27,7 +27,7 @@ from osediff_lab.paths import CONF_DIR
 from osediff_lab.resolvers import refuse_renamed_choices
 
 if TYPE_CHECKING:  # the pipeline (diffusers, transformers, peft) is imported when a run needs it
-    from osediff_lab.pipeline import OSEDiffPipeline
+    from osediff_lab.pipeline import SRPipeline
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def sibling(stem: Path, suffix: str) -> Path:
     return stem.parent / f"{stem.name}{suffix}"
 
 
-def super_resolve_file(pipe: OSEDiffPipeline, src: Path, stem: Path) -> Path:
+def super_resolve_file(pipe: SRPipeline, src: Path, stem: Path) -> Path:
     """Super-resolve ``src`` into ``stem``.png, with its prompt in ``stem``.txt; both written atomically."""
     sr, prompt = pipe.enhance_image(load_rgb(src))
     dst = sibling(stem, ".png")
@@ -65,7 +65,7 @@ def super_resolve_file(pipe: OSEDiffPipeline, src: Path, stem: Path) -> Path:
     return dst
 
 
-def try_super_resolve(pipe: OSEDiffPipeline, src: Path, stem: Path) -> str | None:
+def try_super_resolve(pipe: SRPipeline, src: Path, stem: Path) -> str | None:
     """``super_resolve_file``, returning why it failed (None on success) for errors of one input only."""
     try:
         super_resolve_file(pipe, src, stem)
@@ -80,9 +80,9 @@ def run_inference(cfg: DictConfig) -> dict:
     """Process every input; returns the summary {output, succeeded, failed: [{input, reason}]}."""
     inputs = collect_inputs(cfg.input)
     out_root = Path(cfg.output)
-    from osediff_lab.pipeline import OSEDiffPipeline
+    from osediff_lab.pipeline import SRPipeline
 
-    pipe = OSEDiffPipeline.from_checkpoint(cfg.ckpt, base=cfg.get("base"), options=cfg.pipeline, prompt=cfg.get("prompt"))
+    pipe = SRPipeline.from_checkpoint(cfg.ckpt, base=cfg.get("base"), options=cfg.pipeline, prompt=cfg.get("prompt"))
     written: dict[Path, Path] = {}
     failed: list[dict[str, str]] = []
     for src, rel in tqdm(inputs, desc="super-resolving", unit="img", disable=not inputs):

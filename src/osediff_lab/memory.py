@@ -98,7 +98,7 @@ def make_fake(module: nn.Module, mode: FakeTensorMode, device: str = "cpu") -> d
 
 
 def training_step(module: SRModule, hq: torch.Tensor) -> Callable[[], None]:
-    """The module's own training step (``SRModule.train_step``: clipping, non-finite skips, every group's
+    """The module's own training step (``SRModule.optimize_batch``: clipping, non-finite skips, every group's
     updates) without a trainer, with its own optimisers and trainer.precision's
     autocast, on a batch degraded from ``hq`` in [-1, 1]; text is the empty prompt. The benchmarks time it."""
     optimizers = module.build_optimizers()
@@ -107,7 +107,7 @@ def training_step(module: SRModule, hq: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         batch = module.on_after_batch_transfer({"hq": hq}, 0)
         with torch.autocast(hq.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            module.train_step(batch, optimizers, prompts=[""] * hq.shape[0])
+            module.optimize_batch(batch, optimizers, prompts=[""] * hq.shape[0])
 
     return step
 

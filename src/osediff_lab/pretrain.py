@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +41,10 @@ from osediff_lab.data.loader import WatchedDataLoader
 from osediff_lab.ema import EMA
 from osediff_lab.errors import ConfigError
 from osediff_lab.io import atomic_write, atomic_write_text
+from osediff_lab.lit.resume import Preemption
+from osediff_lab.metrics.suite import MetricSuite, metric_defs
 from osediff_lab.models.components import Components, build_random, load_pretrained
+from osediff_lab.models.schedules import schedule_from_scheduler
 from osediff_lab.models.text import encode_prompts
 from osediff_lab.paths import CONF_DIR
 
@@ -78,22 +80,6 @@ def batches(cfg: DictConfig, batch_size: int, crop: int, seed: int, start_step: 
                         generator=torch.Generator().manual_seed(seed))
     for batch in loader:
         yield batch["hq"]
-
-
-class Stopper:
-    """SIGTERM/SIGINT set a flag; the loop writes a checkpoint and stops cleanly at the next step."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.warning("signal %d: writing a checkpoint and stopping", signum)
-        self.stop = True
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -134,30 +120,25 @@ def vae_losses(vae: AutoencoderKL, x: torch.Tensor, w: DictConfig) -> dict[str, 
     return terms
 
 
-def psnr_y(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR on the Y channel (BT.601, as pyiqa's test_y_channel) of two batches in [0, 1]."""
-    coef = torch.tensor([65.481, 128.553, 24.966], device=a01.device).view(1, 3, 1, 1) / 255.0
-    ya, yb = (a01 * coef).sum(1) + 16 / 255, (b01 * coef).sum(1) + 16 / 255
-    mse = ((ya - yb) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
-
-
 @torch.no_grad()
 def heldout_reconstruction(vae: AutoencoderKL, cfg: DictConfig) -> dict[str, float]:
-    """Mean Y-PSNR of VAE reconstructions (posterior mode, 8-bit) and of bicubic x scale on the held-out crops."""
+    """Mean Y-PSNR (the evaluation's ``psnr``, pyiqa) of VAE reconstructions (posterior mode, 8-bit) and of
+    bicubic x scale on the held-out crops."""
     from osediff_lab.data.resize import upsample_to
 
     ds = heldout_dataset(cfg.val, int(cfg.scale))
     hq = torch.stack([ds[i]["hq"] for i in range(len(ds))])
     lq = torch.stack([ds[i]["lq"] for i in range(len(ds))])
     rec = vae.decode(vae.encode(hq).latent_dist.mode()).sample.clamp(-1, 1)
-    q = lambda x: (((x + 1) / 2).clamp(0, 1) * 255).round() / 255  # noqa: E731  [-1, 1] -> 8-bit [0, 1]
     bic = upsample_to(lq, hq.shape[-2:])
-    return {
-        "heldout_recon_psnr_y": float(psnr_y(q(rec), q(hq)).mean()),
-        "heldout_bicubic_psnr_y": float(psnr_y(q(bic), q(hq)).mean()),
-        "heldout_crops": len(ds),
-    }
+    suite = MetricSuite(metric_defs(cfg.metric_defs, ["psnr"]), cfg.paths.weights_dir)
+
+    def psnr(sr: torch.Tensor) -> float:
+        """Mean PSNR of ``sr`` against the crops, both in [-1, 1] and rounded to 8 bits first."""
+        q = lambda x: (((x + 1) / 2).clamp(0, 1) * 255).round() / 255  # noqa: E731  [-1, 1] -> 8-bit [0, 1]
+        return sum(suite.score(q(sr), q(hq))["psnr"]) / len(ds)
+
+    return {"heldout_recon_psnr_y": psnr(rec), "heldout_bicubic_psnr_y": psnr(bic), "heldout_crops": len(ds)}
 
 
 def fit(
@@ -168,7 +149,7 @@ def fit(
     sc: DictConfig,
 ) -> dict[str, Any]:
     """The shared loop: AdamW, warmup + schedule, grad clip, EMA, progress bar, atomic checkpoints every
-    ``sc.ckpt_every`` steps and on SIGTERM, automatic resume from ``checkpoints/<stage>/last.pt``.
+    ``sc.ckpt_every`` steps and on SIGTERM / SIGUSR1 / SIGUSR2 (as training), automatic resume from ``checkpoints/<stage>/last.pt``.
     Returns the stage's stats; the trained (EMA when enabled) weights are left in ``model``."""
     out = Path(cfg.out_dir)
     ckpt = out / "checkpoints" / stage / "last.pt"
@@ -176,7 +157,7 @@ def fit(
     ema = EMA(model.state_dict(), float(sc.ema_decay), warmup=int(sc.ema_warmup)) if sc.ema_decay else None
     step, wall, history = 0, 0.0, []
     if cfg.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         if ema is not None and state.get("ema"):
@@ -188,7 +169,8 @@ def fit(
         torch.manual_seed(int(cfg.seed))
     total = int(sc.max_steps)
     data = batches(cfg, int(sc.batch_size), int(sc.crop_size), int(cfg.seed), step)
-    stopper = Stopper()
+    stopper = Preemption(ckpt)  # the training loop's signal handling (SIGTERM, SIGUSR1/2), without Lightning
+    stopper.install()
     running: dict[str, float] = {}
     start = time.time() - wall
     deadline = start + 60 * float(sc.max_minutes) if sc.get("max_minutes") else math.inf
@@ -204,7 +186,7 @@ def fit(
     model.train()
     try:
         with tqdm(total=total, initial=step, desc=f"pretrain {stage}", dynamic_ncols=True, disable=not cfg.progress_bar) as bar:
-            while step < min(total, stop_at) and not stopper.stop and time.time() < deadline:
+            while step < min(total, stop_at) and stopper.received is None and time.time() < deadline:
                 for g in opt.param_groups:
                     g["lr"] = float(sc.lr) * lr_factor(step, int(sc.warmup_steps), total, sc.schedule)
                 terms = loss_fn(model, next(data))
@@ -224,7 +206,7 @@ def fit(
                 if step % int(sc.ckpt_every) == 0:
                     checkpoint()
     finally:
-        stopper.restore()
+        stopper.release()
     checkpoint()
     if ema is not None:
         model.load_state_dict(ema.shadow)
@@ -239,10 +221,10 @@ def base_components(cfg: DictConfig) -> Components:
     return build_random(arch)
 
 
-def write_folder(components: Components, folder: Path, parts: tuple[str, ...]) -> None:
-    """Save the named parts of a diffusers-format folder."""
-    for name in parts:
-        getattr(components, name).save_pretrained(folder / name)
+def write_folder(folder: Path, parts: dict[str, Any]) -> None:
+    """Save parts into the subfolders of a diffusers-format folder they are named by."""
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
 
 
 def _command() -> str | None:
@@ -275,7 +257,8 @@ def stage_vae(cfg: DictConfig) -> dict[str, Any]:
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     stats |= {"scaling_factor": vae.config.scaling_factor, "params": sum(p.numel() for p in vae.parameters())}
     stats |= heldout_reconstruction(vae, cfg)
-    write_folder(comps, Path(cfg.out_dir) / "model", ("tokenizer", "text_encoder", "vae", "scheduler"))
+    write_folder(Path(cfg.out_dir) / "model", {"tokenizer": comps.tokenizer, "text_encoder": comps.text_encoder,
+                                               "vae": comps.vae, "scheduler": comps.scheduler})
     return stats
 
 
@@ -294,7 +277,7 @@ def stage_unet(cfg: DictConfig) -> dict[str, Any]:
     te = comps.text_encoder.eval().requires_grad_(False)
     comps.text_encoder = te
     sched = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
-    abar = sched.alphas_cumprod.float()
+    schedule = schedule_from_scheduler(sched)
     sc = cfg.unet
     embeds = null_embeddings(comps, list(sc.prompts))
     probs = torch.tensor([float(p) for p in sc.prompt_probs])
@@ -308,16 +291,15 @@ def stage_unet(cfg: DictConfig) -> dict[str, Any]:
         b = z0.shape[0]
         t = torch.randint(0, sched.config.num_train_timesteps, (b,))
         noise = torch.randn_like(z0)
-        a = abar[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        z_t = schedule.add_noise(z0, noise, t)
         cond = embeds[torch.multinomial(probs, b, replacement=True)]
         eps = unet(z_t, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(eps, noise)
         return {"eps": loss, "total": loss}
 
-    stats = fit(cfg, "unet", comps.unet, loss_fn, sc)
-    stats["params"] = sum(p.numel() for p in comps.unet.parameters())
-    write_folder(comps, folder, ("unet",))
+    stats = fit(cfg, "unet", comps.denoiser, loss_fn, sc)
+    stats["params"] = sum(p.numel() for p in comps.denoiser.parameters())
+    write_folder(folder, {"unet": comps.denoiser})
     load_pretrained(folder)  # the finished folder loads exactly as model=sd21_base would load it
     return stats
 
@@ -332,10 +314,10 @@ def stage_samples(cfg: DictConfig) -> dict[str, Any]:
     ddim.set_timesteps(int(sc.steps))
     g = torch.Generator().manual_seed(int(cfg.seed))
     side = int(sc.size) // (2 ** (len(comps.vae.config.block_out_channels) - 1))
-    z = torch.randn(int(sc.num), comps.unet.config.in_channels, side, side, generator=g)
+    z = torch.randn(int(sc.num), comps.denoiser.config.in_channels, side, side, generator=g)
     cond = null_embeddings(comps, [sc.prompt]).expand(int(sc.num), -1, -1)
     for t in tqdm(ddim.timesteps, desc="DDIM", disable=not cfg.progress_bar):
-        eps = comps.unet(z, t, encoder_hidden_states=cond).sample
+        eps = comps.denoiser(z, t, encoder_hidden_states=cond).sample
         z = ddim.step(eps, t, z, eta=float(sc.eta), generator=g).prev_sample
     img = comps.vae.decode(z / comps.scaling_factor).sample.clamp(-1, 1)
     grid = make_grid(((img + 1) / 2).cpu(), nrow=int(sc.nrow), padding=2)

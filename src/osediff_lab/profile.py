@@ -148,7 +148,7 @@ class Modules:
         parts = {
             "text_encoder": self.components.text_modules(),
             "vae_encoder": [m for m in (vae.encoder, vae.quant_conv) if m is not None],
-            "unet": [self.components.unet],
+            "unet": [self.components.denoiser],
             "vae_decoder": [m for m in (vae.decoder, vae.post_quant_conv) if m is not None],
         }
         return ({"prompt_extractor": [self.tagger]} if self.tagger is not None else {}) | parts
@@ -169,7 +169,7 @@ class Modules:
             runs["prompt_extractor"] = lambda: self.tagger(img)
         runs["text_encoder"] = lambda: c.text([""])
         runs["vae_encoder"] = lambda: c.vae.encode(x)
-        runs["unet"] = lambda: denoiser_output(c.unet, z, t, embeds, factor)
+        runs["unet"] = lambda: denoiser_output(c.denoiser, z, t, embeds, factor)
         runs["vae_decoder"] = lambda: c.vae.decode(z)
         return runs
 
@@ -185,13 +185,13 @@ def build_modules(cfg: DictConfig, training: bool = False) -> tuple[Modules, dic
     if training:
         parts = build_osediff(components, cfg.generator)
         generator = parts.generator
-        named = Modules(None, components.replace(vae=generator.vae, unet=generator.unet)).parts()
+        named = Modules(None, components.replace(vae=generator.vae, denoiser=generator.unet)).parts()
         trainable = {k: sum(p.numel() for m in ms for p in m.parameters() if p.requires_grad) for k, ms in named.items()}
         trainable["regularizer"] = sum(p.numel() for p in parts.reg_unet.parameters() if p.requires_grad)
     else:
         generator, _ = build_generator(components, cfg.generator, share_unet=True)
     merge_and_unload(generator)
-    return Modules(tagger, components.replace(vae=generator.vae, unet=generator.unet)), trainable
+    return Modules(tagger, components.replace(vae=generator.vae, denoiser=generator.unet)), trainable
 
 
 def profile_rows(cfg: DictConfig) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
+from osediff_lab import curves as cv
 from osediff_lab.io import atomic_write_text
 from osediff_lab.tables import markdown_table
 
@@ -148,6 +149,135 @@ def plot_tradeoff(runs: list[dict], path: Path, x: str = PLOT_AXES[0], y: str = 
     return path
 
 
+def arm_curves(arms: dict[str, dict[str, dict]], metric: str) -> dict[str, dict[str, cv.Curve]]:
+    """``{arm: {seed: {step: value}}}`` of one logged quantity, from each run's CSV journal."""
+    return {arm: {seed: cv.run_curves(Path(r["run_dir"]), (metric,)).get(metric, {}) for seed, r in seeds.items()}
+            for arm, seeds in arms.items()}
+
+
+def seeds_table(runs: list[dict], baseline: str | None, seed_key: str = "seed") -> str:
+    """Markdown: per arm (the varying overrides but the seed) the mean +- std over seeds of each final validation metric
+    and wall time; with ``baseline`` (an arm, ``objective=vsd``), per metric the paired difference arm - baseline on the
+    same seed at every validation step (mean +- std over seeds; steps counted from 1)."""
+    arms = cv.by_arm(runs, varying_overrides(runs), seed_key)
+    metrics = [m for m in metric_columns(runs) if not m.startswith(("val/bicubic", "val_info"))]
+    final = cv.aggregate_final(arms, metrics)
+    rows = []
+    for arm, seeds in arms.items():
+        wall = [r["wall_time_s"] for r in seeds.values() if r.get("wall_time_s") is not None]
+        rows.append([arm, len(seeds), *[cv.fmt_mean_std(final[arm].get(m)) for m in metrics],
+                     cv.fmt_mean_std(cv.mean_std(wall), 0) if wall else "-"])
+    text = f"Final validation, mean ± std over seeds ({seed_key}):\n\n"
+    text += "\n".join(markdown_table(["arm", "seeds", *metrics, "wall (s)"], rows)) + "\n"
+    if baseline is None:
+        return text
+    if baseline not in arms:
+        raise SystemExit(f"--baseline '{baseline}' is not an arm of these runs: {sorted(arms)}")
+    for m in metrics:
+        diffs = cv.paired_differences(arm_curves(arms, m), baseline)
+        steps = sorted({s for d in diffs.values() for s in d})
+        rows = [[arm, *[cv.fmt_mean_std(d.get(s)) for s in steps]] for arm, d in diffs.items()]
+        text += f"\n{m}: arm - {baseline}, paired by seed, mean ± std over seeds:\n\n"
+        text += "\n".join(markdown_table(["arm", *[f"step {s + 1}" for s in steps]], rows)) + "\n"
+    return text
+
+
+def plot_arms(runs: list[dict], path: Path, metrics: tuple[str, ...] = ("val/psnr", "val/niqe"), seed_key: str = "seed") -> Path:
+    """Per validation metric: each arm's mean over seeds at every validation step, +- one std shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = cv.by_arm(runs, varying_overrides(runs), seed_key)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for arm, seeds in arm_curves(arms, m).items():
+            steps = sorted(set.intersection(*(set(c) for c in seeds.values()))) if seeds else []
+            if not steps:
+                continue
+            stats = [cv.mean_std(c[s] for c in seeds.values()) for s in steps]
+            mean = [x[0] for x in stats]
+            std = [x[1] or 0.0 for x in stats]
+            x = [s + 1 for s in steps]
+            ax.plot(x, mean, marker="o", label=f"{arm} (n={len(seeds)})")
+            ax.fill_between(x, [a - b for a, b in zip(mean, std, strict=True)],
+                            [a + b for a, b in zip(mean, std, strict=True)], alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(m)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_references(runs: list[dict], out_dir: Path, seed_key: str = "seed") -> list[Path]:
+    """One reference file per arm, ``<model>_<method>.json`` (the runs' Hydra choices): the envelope over its seeds of
+    every health quantity and validation metric, with the command that made it."""
+    from omegaconf import OmegaConf
+
+    written = []
+    for arm, seeds in cv.by_arm(runs, varying_overrides(runs), seed_key).items():
+        first = next(iter(seeds.values()))
+        choices = OmegaConf.load(Path(first["run_dir"]) / ".hydra" / "hydra.yaml").hydra.runtime.choices
+        about = {"model": choices.model, "method": choices.method, "arm": arm, "seeds": sorted(seeds),
+                 "task_name": first.get("task_name"), "steps": first.get("steps"),
+                 "overrides": [o for o in first.get("overrides", []) if o.partition("=")[0] != seed_key],
+                 "made_by": "python -m osediff_lab.report <sweep dir> --write-reference <dir>"}
+        ref = cv.reference([cv.run_curves(Path(r["run_dir"])) for r in seeds.values()], about)
+        path = Path(out_dir) / f"{choices.model}_{choices.method}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(ref, indent=1) + "\n")
+        written.append(path)
+    return written
+
+
+def reference_text(run: dict, ref: dict, margin: float) -> str:
+    """Where a run leaves the reference envelope: each quantity's first step outside, earliest first."""
+    found = cv.exits(cv.run_curves(Path(run["run_dir"])), ref, margin)
+    head = f"{run['run_dir']} against the reference {ref.get('model')}_{ref.get('method')} (seeds {ref.get('seeds')})"
+    if not found:
+        return f"{head}: inside the envelope at every step ({len(ref['quantities'])} quantities)\n"
+    lines = [f"{head}: leaves it at step {found[0]['step'] + 1} ({found[0]['quantity']})"]
+    lines += [f"  {e['quantity']}: first outside at step {e['step'] + 1}: {e['value']:.4g} not in "
+              f"[{e['min']:.4g}, {e['max']:.4g}]" for e in found]
+    return "\n".join(lines) + "\n"
+
+
+def plot_reference(run: dict, ref: dict, path: Path, margin: float) -> Path:
+    """Every quantity of the reference: its envelope (min-max shaded, mean dashed) and the run's curve over it, the
+    first step outside marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = cv.run_curves(Path(run["run_dir"]))
+    names = [n for n in ref["quantities"] if n in curves]
+    cols = 4
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names, strict=False):
+        env = ref["quantities"][name]
+        x = [s + 1 for s in env["steps"]]
+        ax.fill_between(x, env["min"], env["max"], alpha=0.3, color="grey", label="reference min-max")
+        ax.plot(x, env["mean"], "--", color="grey", lw=1)
+        steps = sorted(curves[name])
+        ax.plot([s + 1 for s in steps], [curves[name][s] for s in steps], color="C0", lw=1.2, label="this run")
+        hit = cv.first_exit(curves[name], env, margin)
+        if hit is not None:
+            ax.plot(hit["step"] + 1, hit["value"], "o", color="red")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("source", nargs="?", help="a sweep/run directory with summary.json files, or a W&B group name")
@@ -159,6 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="write the perception-distortion plot here (PNG)")
     parser.add_argument("--x", default=PLOT_AXES[0], help="plot x metric (default %(default)s)")
     parser.add_argument("--y", default=PLOT_AXES[1], help="plot y metric (default %(default)s)")
+    parser.add_argument("--seeds", action="store_true",
+                        help="aggregate seeds: mean +- std per arm (the varying overrides but --seed-key); --plot draws "
+                             "each arm's validation curves")
+    parser.add_argument("--seed-key", default="seed", help="the override that numbers seeds (default %(default)s)")
+    parser.add_argument("--baseline", metavar="ARM",
+                        help="with --seeds: paired differences against this arm at every validation step (objective=vsd)")
+    parser.add_argument("--write-reference", type=Path, metavar="DIR",
+                        help="write each arm's reference curves (<model>_<method>.json: per-step min/max/mean over seeds)")
+    parser.add_argument("--reference", metavar="NAME|FILE",
+                        help="check each run against reference curves (a file, or nano_osediff, ...); --plot overlays it")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="with --reference: widen the envelope by this x its width on each side (default %(default)s)")
     args = parser.parse_args(argv)
     if args.wandb_workspace:
         from osediff_lab.dashboard import workspace_definition
@@ -177,14 +319,29 @@ def main(argv: list[str] | None = None) -> None:
     unfinished = unfinished_runs(source) if source.exists() else []
     if not runs and not unfinished:
         raise SystemExit(f"no summary.json under {source}: has any run of this sweep started?")
+    if args.reference:
+        ref = cv.load_reference(args.reference)
+        for run in runs:
+            print(reference_text(run, ref, args.margin))
+        if args.plot and runs:
+            print(f"plot written to {plot_reference(runs[0], ref, args.plot, args.margin)}")
+        return
+    if args.write_reference:
+        for path in write_references(runs, args.write_reference, args.seed_key):
+            print(f"reference curves written to {path}")
+        return
     table = results_table(runs) if runs else "(no finished run)\n"
+    if args.seeds and runs:
+        table = seeds_table(runs, args.baseline, args.seed_key) + "\nPer run:\n\n" + table
     if unfinished:
         table += f"\n{len(unfinished)} run(s) without a result:\n\n" + unfinished_table(unfinished)
     print(table)
     if args.out:
         atomic_write_text(args.out, f"<!-- generated by: python -m osediff_lab.report {args.source} -->\n\n" + table)
         print(f"table written to {args.out}")
-    if args.plot:
+    if args.plot and args.seeds:
+        print(f"plot written to {plot_arms(runs, args.plot, seed_key=args.seed_key)}")
+    elif args.plot:
         written = plot_tradeoff(runs, args.plot, args.x, args.y)
         print(f"plot written to {written}" if written else f"no plot: runs lack {args.x} and {args.y}")
 

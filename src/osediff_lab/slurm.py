@@ -152,7 +152,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """The last line of a job's traceback (``ConfigError: loss.vsd_weight=-1 ...``), not submitit's framing."""
+    """The last line of a job's traceback (``ConfigError: method.vsd_weight=-1 ...``), not submitit's framing."""
     lines = [ln.strip() for ln in str(exc).splitlines()]
     starts = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception|Exit)\b.*:", ln)]
     if not starts:

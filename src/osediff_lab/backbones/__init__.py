@@ -20,7 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from osediff_lab.backbones import flux, sd, sd3, sdxl  # noqa: F401  (the built-in families register themselves)
+from osediff_lab.backbones import sd, sd3, sdxl  # noqa: F401  (the built-in families register themselves)
+
+# isort: split
+from osediff_lab.backbones import flux  # noqa: F401  (registered after sd: recognisers run latest first, SD's denoiser rule is the fallback)
 from osediff_lab.backbones.base import REGISTRY, Backbone, Release
 from osediff_lab.backbones.components import TAG, Components
 from osediff_lab.backbones.embeds import TextEmbeds, as_embeds

@@ -247,9 +247,9 @@ class Backbone(ABC):
             return [str(exc)]
         problems = []
         if isinstance(schedule, FlowMatchSchedule) != self.rectified_flow:
-            problems.append(f"{type(c.scheduler).__name__} does not fit a {type(c.unet).__name__}: {self.schedule_note}")
+            problems.append(f"{type(c.scheduler).__name__} does not fit a {type(c.denoiser).__name__}: {self.schedule_note}")
         latent = c.vae.config.latent_channels
-        channels_in, channels_out = self.denoiser_channels(c.unet)
+        channels_in, channels_out = self.denoiser_channels(c.denoiser)
         if latent != channels_in or latent != channels_out:
             problems.append(f"VAE latent channels {latent} != denoiser in/out channels {channels_in}/{channels_out}")
         return problems + self.conditioning_problems(c)

@@ -25,24 +25,24 @@ def library_class(library: str, name: str) -> type:
 
 
 class Components:
-    """The frozen-at-load parts of a base model that methods share, built by their ``backbone``. ``unet`` is the
-    denoiser of any family (SD3's transformer too); ``*_2`` / ``*_3`` are the extra tokenizers and text encoders
+    """The frozen-at-load parts of a base model that methods share, built by their ``backbone``. ``denoiser`` is the
+    UNet or transformer of any family; ``*_2`` / ``*_3`` are the extra tokenizers and text encoders
     of families with several (SD3's T5, ``text_encoder_3``, may be absent). A plain class, not a dataclass, so
     that Hydra hands it to a method's constructor as itself rather than as a config copy of its fields."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, vae: AutoencoderKL, unet: nn.Module,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, vae: AutoencoderKL, denoiser: nn.Module,
                  scheduler: SchedulerMixin, backbone: Any, tokenizer_2: PreTrainedTokenizerBase | None = None,
                  text_encoder_2: nn.Module | None = None, tokenizer_3: PreTrainedTokenizerBase | None = None,
                  text_encoder_3: nn.Module | None = None) -> None:
-        self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = tokenizer, text_encoder, vae, unet, scheduler
+        self.tokenizer, self.text_encoder, self.vae, self.denoiser, self.scheduler = tokenizer, text_encoder, vae, denoiser, scheduler
         self.backbone = backbone
         self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
         self.tokenizer_3, self.text_encoder_3 = tokenizer_3, text_encoder_3
-        setattr(unet, TAG, backbone)
+        setattr(denoiser, TAG, backbone)
 
     def replace(self, **changes: Any) -> Components:
         """A copy with the parts ``changes`` names swapped (as ``dataclasses.replace``)."""
-        parts = ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "backbone", "tokenizer_2", "text_encoder_2",
+        parts = ("tokenizer", "text_encoder", "vae", "denoiser", "scheduler", "backbone", "tokenizer_2", "text_encoder_2",
                  "tokenizer_3", "text_encoder_3")
         return Components(**{name: getattr(self, name) for name in parts} | changes)
 

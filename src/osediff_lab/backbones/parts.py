@@ -147,7 +147,7 @@ def random_components(backbone: Any, arch: Mapping[str, Any]) -> Components:
     scheduler = scheduler_class(scheduler_cfg.pop("class_name", "DDPMScheduler"), "model.arch.scheduler.class_name")
     with torch.device("cpu"):  # its tables hold values even when the networks are built on the meta device
         scheduler = scheduler.from_config(scheduler_cfg)
-    return Components(vae=vae, unet=denoiser, scheduler=scheduler, backbone=backbone, **parts)
+    return Components(vae=vae, denoiser=denoiser, scheduler=scheduler, backbone=backbone, **parts)
 
 
 def load_components(backbone: Any, path: Path) -> Components:
@@ -160,4 +160,4 @@ def load_components(backbone: Any, path: Path) -> Components:
                 parts[folder] = library_class("transformers", class_name).from_pretrained(str(path), subfolder=folder, **kw)
     vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kw)
     denoiser = backbone.denoiser_type().from_pretrained(str(path), subfolder=backbone.denoiser_folder, **kw)
-    return Components(vae=vae, unet=denoiser, scheduler=load_scheduler(path), backbone=backbone, **parts)
+    return Components(vae=vae, denoiser=denoiser, scheduler=load_scheduler(path), backbone=backbone, **parts)

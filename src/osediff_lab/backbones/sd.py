@@ -78,5 +78,5 @@ class SDBackbone(Backbone):
         return "conv_in"
 
     def conditioning_problems(self, c: Components) -> list[str]:
-        width, cross = int(c.text_encoder.config.hidden_size), c.unet.config.cross_attention_dim
+        width, cross = int(c.text_encoder.config.hidden_size), c.denoiser.config.cross_attention_dim
         return [] if cross == width else [f"UNet cross_attention_dim {cross} != text encoder width {width}"]

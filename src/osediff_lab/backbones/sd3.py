@@ -118,7 +118,7 @@ class SD3Backbone(Backbone):
         if c.text_encoder_3 is not None:
             tokenizers.append(c.tokenizer_3)
             encoders.append(c.text_encoder_3)
-        return SD3Text(tokenizers, encoders, int(c.unet.config.joint_attention_dim), self.t5_max_length)
+        return SD3Text(tokenizers, encoders, int(c.denoiser.config.joint_attention_dim), self.t5_max_length)
 
     def denoiser_output(self, net: nn.Module, z_t: torch.Tensor, timestep: torch.Tensor, embeds: TextEmbeds,
                         factor: int) -> torch.Tensor:
@@ -147,7 +147,7 @@ class SD3Backbone(Backbone):
         return int(net.config.patch_size)
 
     def conditioning_problems(self, c: Components) -> list[str]:
-        net, problems = c.unet.config, []
+        net, problems = c.denoiser.config, []
         widths = [int(m.config.hidden_size) for m in (c.text_encoder, c.text_encoder_2)]
         pooled = sum(int(m.config.projection_dim) for m in (c.text_encoder, c.text_encoder_2))
         if sum(widths) > net.joint_attention_dim:

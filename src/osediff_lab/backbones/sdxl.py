@@ -64,7 +64,7 @@ class SDXLBackbone(SDBackbone):
         return net(z_t, timestep, encoder_hidden_states=embeds.hidden.to(z_t.dtype), added_cond_kwargs=added).sample
 
     def conditioning_problems(self, c: Components) -> list[str]:
-        unet, problems = c.unet.config, []
+        unet, problems = c.denoiser.config, []
         widths = [int(m.config.hidden_size) for m in (c.text_encoder, c.text_encoder_2)]
         pooled = int(c.text_encoder_2.config.projection_dim)
         if unet.cross_attention_dim != sum(widths):

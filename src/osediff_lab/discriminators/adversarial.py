@@ -15,7 +15,7 @@ from osediff_lab.build import arguments, component_problems, raise_problems, tak
 from osediff_lab.discriminators.base import DISCRIMINATOR, Discriminator, real_sample
 from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.components import Components
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 
 
 @dataclass
@@ -31,7 +31,7 @@ class AdversarialState:
 
 
 def discriminator_step_loss(
-    discriminator: Discriminator, generator: OSEDiffGenerator, state: AdversarialState
+    discriminator: Discriminator, generator: OneStepGenerator, state: AdversarialState
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The discriminator's loss and diagnostics on the step's real sample (made at the first update) and fake."""
     if state.real is None:

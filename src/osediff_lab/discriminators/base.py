@@ -26,7 +26,7 @@ from osediff_lab.discriminators.losses import (
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.backbone import TextEmbeds
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 from osediff_lab.models.lora import adapters_disabled
 
 DISCRIMINATOR = "discriminator"  # its parameter group in a method
@@ -100,6 +100,9 @@ class Discriminator(nn.Module):
         loss = discriminator_loss(self.loss, real_logits, fake_logits, self.real_target)
         metrics = {"d_logit_real": mean_logit(real_logits), "d_logit_fake": mean_logit(fake_logits),
                    "d_accuracy": accuracy(real_logits, fake_logits)}
+        for side, logits in (("real", real_logits), ("fake", fake_logits)):  # every value: histograms at log steps
+            flat = torch.cat([x.detach().float().flatten() for x in logits])
+            metrics |= {f"d_logits_{side}": flat, f"d_probs_{side}": torch.sigmoid(flat)}
         if with_r1:
             r1 = r1_penalty(real_logits, real)
             loss = loss + self.r1_gamma / 2 * r1
@@ -113,7 +116,7 @@ def sample_for(discriminator: Discriminator, x_h: torch.Tensor, z_h: torch.Tenso
 
 
 @torch.no_grad()
-def real_sample(discriminator: Discriminator, generator: OSEDiffGenerator, hq: torch.Tensor) -> torch.Tensor:
+def real_sample(discriminator: Discriminator, generator: OneStepGenerator, hq: torch.Tensor) -> torch.Tensor:
     """An HQ batch (in [-1, 1]) in the discriminator's domain: itself, or the scaled latent of the pretrained VAE
     encoder (the generator's encoder LoRA disabled, the posterior's mode)."""
     if discriminator.domain == IMAGE:

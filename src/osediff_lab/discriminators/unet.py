@@ -103,7 +103,7 @@ class UNetFeatureDiscriminator(Discriminator):
         denoisers: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__(loss, real_target, r1_gamma)
-        base = components.unet
+        base = components.denoiser
         if not hasattr(base, "down_blocks") or not hasattr(base, "mid_block"):
             raise ConfigError(f"discriminator=unet_features reads the down and mid blocks of a UNet2DConditionModel; this "
                               f"base model's denoiser is a {type(base).__name__}: choose an image discriminator")

@@ -5,7 +5,7 @@
 A module carries at most one LoRA per file: adapters on disjoint modules (OSEDiff's three denoiser groups) share one
 file, adapters on the same modules (PiSA-SR's pixel and semantic sets) get one file each. Tensors trained in full
 (OSEDiff's input layer) go to their own file with that module's LoRA folded in, and the VAE's LoRA to another:
-no standard LoRA loader applies either, the README says what a loader must do.
+no standard LoRA loader applies either; ``kohya_readme`` (the card's usage section) says what a loader must do.
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def full_modules(trained: dict[str, torch.Tensor]) -> set[str]:
     return {name.rpartition(".")[0] for name in trained}
 
 
-def write_kohya(loaded: LoadedExport, out: Path) -> dict[str, list[str]]:
-    """The denoiser LoRA file(s), the fully trained denoiser tensors and the VAE LoRA into folder ``out``, and a
-    README; returns {role: file names} (roles: denoiser_lora, denoiser_full, vae_lora, vae_full)."""
+def write_kohya(loaded: LoadedExport, out: Path) -> tuple[dict[str, list[str]], str]:
+    """The denoiser LoRA file(s), the fully trained denoiser tensors and the VAE LoRA into folder ``out``; returns
+    {role: file names} (roles: unet_lora, unet_full, vae_lora, vae_full) and the README text on loading them."""
     gen, folder = loaded.generator, loaded.denoiser_folder
     files: dict[str, list[str]] = defaultdict(list)
     for part, prefix in (("unet", f"lora_{folder}_"), ("vae", VAE_PREFIX)):
@@ -140,8 +140,7 @@ def write_kohya(loaded: LoadedExport, out: Path) -> dict[str, list[str]]:
             stem = f"{name}_lora" + (f"_{adapter}" if adapter else "")
             path = save_lora_tensors(kohya_tensors(group, prefix), out / f"{stem}.safetensors", KOHYA)
             files[f"{part}_lora"].append(path.name)
-    (out / "README.md").write_text(kohya_readme(loaded, dict(files)))
-    return dict(files)
+    return dict(files), kohya_readme(loaded, dict(files))
 
 
 def kohya_readme(loaded: LoadedExport, files: dict[str, list[str]]) -> str:
@@ -149,7 +148,7 @@ def kohya_readme(loaded: LoadedExport, files: dict[str, list[str]]) -> str:
     folder = loaded.denoiser_folder
     prefix = f"lora_{folder}_"
     lines = [
-        "# LoRA files (kohya / ComfyUI layout)", "",
+        "LoRA files in the kohya / ComfyUI layout.", "",
         f"Exported by osediff-lab from `{loaded.ckpt.path.name}` (method `{(loaded.ckpt.meta.get('method') or {}).get('_target_', 'OSEDiff')}`, "
         f"base `{loaded.ckpt.meta['base_model']['name']}`). This is a **one-step super-resolution** model, not a "
         "text-to-image style LoRA: the image is the VAE decoding of one denoiser call on the VAE latent of the "

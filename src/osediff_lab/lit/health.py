@@ -13,7 +13,8 @@ import pytorch_lightning as pl
 import torch
 
 log = logging.getLogger(__name__)
-TERM_GRAD = "train/grad_zh_"  # + term: the weighted term's gradient norm at z_H (SRModule.train_step)
+TERM_GRAD = "train/grad_zh_"  # + term: the weighted term's gradient norm at z_H (SRModule.optimize_batch)
+FIT = "train/fit_"  # + group: its loss over a fresh LoRA's on the same sample (OSEDiff.health_metrics)
 
 
 @dataclass
@@ -26,6 +27,7 @@ class HealthRules:
     d_accuracy_steps: int = 500
     rising_window: int = 5
     rising_ratio: float = 1.5
+    fit_max: float = 1.0
     groups: tuple[str, ...] = ()  # the further parameter groups, whose losses are train/loss_<group>
     warnings: dict[str, dict[str, Any]] = field(default_factory=dict)
     _since: dict[str, int] = field(default_factory=dict)
@@ -48,9 +50,10 @@ class HealthRules:
                                  lambda since: (f"D accuracy >= {self.d_accuracy} for {step - since} steps since step {since}: "
                                                 "the generator gets no signal"))
         for group in self.groups:
-            key = f"train/loss_{group}"
-            if key in metrics:
-                raised += self._rising(group, step, metrics[key])
+            if f"{FIT}{group}" in metrics:
+                raised += self._rising(group, step, metrics[f"{FIT}{group}"], fit=True)
+            elif f"train/loss_{group}" in metrics:
+                raised += self._rising(group, step, metrics[f"train/loss_{group}"])
         return raised
 
     def _held(self, rule: str, step: int, holds: bool, span: int, message) -> list[str]:
@@ -63,20 +66,28 @@ class HealthRules:
             return [self._warn(rule, step, message(since))]
         return []
 
-    def _rising(self, group: str, step: int, value: float) -> list[str]:
-        """A group's loss whose mean over the last ``rising_window`` log steps exceeds the window before by ``rising_ratio``."""
+    def _rising(self, group: str, step: int, value: float, fit: bool = False) -> list[str]:
+        """A group's loss whose mean over the last ``rising_window`` log steps exceeds the window before by
+        ``rising_ratio``; with ``fit`` the value is its loss over a fresh LoRA's on the same sample (the generator's
+        drift cancels out), which also warns when that window's mean is above ``fit_max``."""
         history = self._history.setdefault(group, deque(maxlen=2 * self.rising_window))
         history.append((step, value))
-        rule = f"rising:{group}"
-        if len(history) < 2 * self.rising_window or rule in self.warnings:
+        rule, n = f"rising:{group}", self.rising_window
+        if len(history) < n or rule in self.warnings:
             return []
         values = [v for _, v in history]
-        before, after = values[: self.rising_window], values[self.rising_window:]
-        mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
+        after, first = values[-n:], history[-n][0]
+        mean_after = sum(after) / n
+        unit = "x a fresh LoRA's on the same noised latents" if fit else ""
+        if fit and mean_after > self.fit_max:
+            return [self._warn(rule, step, f"{group} loss rising: {mean_after:.3g}{unit} over steps {first}-{step} "
+                                           f"(above health.warnings.fit_max={self.fit_max})")]
+        if len(history) < 2 * n:
+            return []
+        mean_before = sum(values[:n]) / n
         if mean_before > 0 and mean_after > self.rising_ratio * mean_before:
-            first = history[self.rising_window][0]
-            return [self._warn(rule, step, f"{group} loss rising: mean {mean_after:.4g} over steps {first}-{step}, "
-                                           f"{mean_before:.4g} over the {self.rising_window} log steps before")]
+            return [self._warn(rule, step, f"{group} loss rising: mean {mean_after:.4g}{unit} over steps {first}-{step}, "
+                                           f"{mean_before:.4g} over the {n} log steps before")]
         return []
 
     def _warn(self, rule: str, step: int, message: str) -> str:
@@ -119,6 +130,6 @@ class HealthMonitor(pl.Callback):
 
     def summary(self) -> dict[str, Any]:
         """The ``health`` block of summary.json: the warnings raised (with their first step) and the last values."""
-        watched = {k: v for k, v in self.last.items() if k.startswith((TERM_GRAD, "train/grad_norm", "train/d_", "train/loss_"))}
+        watched = {k: v for k, v in self.last.items() if k.startswith((TERM_GRAD, FIT, "train/grad_norm", "train/d_", "train/loss_"))}
         return {"warnings": [w["message"] for w in self.rules.warnings.values()], "first_steps":
                 {rule: w["step"] for rule, w in self.rules.warnings.items()}, "last": watched}

@@ -109,7 +109,7 @@ def wandb_logger(
 
 def job_overrides() -> dict[str, str]:
     """This Hydra job's command-line overrides as {key: value}: a sweep's arms, for grouping runs in W&B
-    (``config.overrides.<key>`` works for group choices such as ``loss=no_vsd`` too). Dots in keys become
+    (``config.overrides.<key>`` works for group choices such as ``method=osediff_no_vsd`` too). Dots in keys become
     slashes, as W&B reads dots in config keys as nesting."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -189,7 +189,7 @@ class JournaledWandbLogger(WandbLogger):
             self.journal.log_metrics(scalars, step)
             self.journal.save()
         if step > self.held_through:  # rows a resumed attempt replays (after a SIGKILL) W&B has already
-            self._guard("log", lambda: self._send(metrics, step))
+            self._guard("log", lambda: self._send(dict(metrics) | histograms(metrics), step))
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
@@ -216,6 +216,15 @@ class JournaledWandbLogger(WandbLogger):
         self._guard("finish", run.finish)
         if self.broken is None:
             record_delivered(Path(self.save_dir), self.sent_through, folder)
+
+
+def histograms(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The many-valued tensors of ``metrics`` (a discriminator's logits) as ``wandb.Histogram``s: W&B only, never
+    journaled (an attempt's replay from the journal sends scalars)."""
+    import wandb
+
+    return {k: wandb.Histogram(v.detach().float().cpu().numpy()) for k, v in metrics.items()
+            if hasattr(v, "numel") and v.numel() > 1}
 
 
 def _scalar(value: Any) -> float | None:
@@ -245,7 +254,8 @@ class AppendingCSVLogger(CSVLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        self.experiment.log_metrics(metrics, step)
+        """One row of the scalars of ``metrics`` (histograms are W&B's)."""
+        self.experiment.log_metrics({k: v for k, v in metrics.items() if _scalar(v) is not None}, step)
 
     @rank_zero_only
     def log_hyperparams(self, params: Mapping[str, Any] | Namespace | None = None, *args: Any, **kwargs: Any) -> None:

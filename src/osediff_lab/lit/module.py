@@ -32,7 +32,7 @@ from osediff_lab.lit.validation import build_validator
 from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.osediff import cast_frozen, trainable_parameters
 from osediff_lab.models.text import PromptEmbedder, TextEncoders
-from osediff_lab.pipeline import OSEDiffPipeline
+from osediff_lab.pipeline import SRPipeline
 from osediff_lab.prompts import PromptProvider
 from osediff_lab.step import GENERATOR, Stepper, build_optimizer, further_updates, unit_scaler
 
@@ -94,7 +94,8 @@ class SRModule(pl.LightningModule):
         self._unit_scale = False
         self._scaler_state: dict[str, Any] | None = None  # a resumed checkpoint's loss-scaler state
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
-        self._pipeline: OSEDiffPipeline | None = None
+        self._pipeline: SRPipeline | None = None
+        self.histograms: dict[str, torch.Tensor] = {}  # the last step's many-valued diagnostics (optimize_batch)
         self.validator = build_validator(cfg)  # metric networks kept outside the module's state
 
     @property
@@ -202,7 +203,7 @@ class SRModule(pl.LightningModule):
         """No micro-batch of an accumulated step is pending: a checkpoint here resumes exactly."""
         return self.batches_trained % self.accumulate == 0
 
-    def train_step(
+    def optimize_batch(
         self,
         batch: dict[str, Any],
         optimizers: dict[str, torch.optim.Optimizer],
@@ -245,19 +246,25 @@ class SRModule(pl.LightningModule):
 
         logs = {f"train/loss_{k}": v.detach() for k, v in terms.items()}
         logs |= {f"train/loss_{group}": torch.stack(values).mean() for group, values in losses.items()}
-        logs |= {f"train/{k}": v for k, v in self.method.metrics.items()}
+        metrics = {f"train/{k}": v for k, v in self.method.metrics.items()}
+        # diagnostics of many values (a discriminator's logits): histograms at log steps, W&B's (the CSV keeps scalars)
+        self.histograms = {k: v for k, v in metrics.items() if torch.is_tensor(v) and v.numel() > 1}
+        logs |= {k: v for k, v in metrics.items() if k not in self.histograms}
         if last:
             for name, opt in optimizers.items():
                 logs[f"train/skipped_{name}"] = skipped[name]
                 logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
                 logs[f"train/grad_norm_{name}"] = stepper.grad_norms[name]
             logs |= {f"train/grad_norm_{module}": norm for module, norm in stepper.module_norms.items()}
+        probe = getattr(self.method, "health_metrics", None)  # a method's own log-step telemetry (OSEDiff's regularizer fit)
+        if measure and probe is not None:
+            health |= {f"train/{k}": v for k, v in probe().items()}
         logs |= health
         self.batches_trained += 1
         return logs
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Lightning's step: ``train_step`` with the trainer's optimisers. Returns the step's metrics (still on
+        """Lightning's step: ``optimize_batch`` with the trainer's optimisers. Returns the step's metrics (still on
         the device) with ``loss``: callbacks get them as ``outputs``; ``trainer.callback_metrics`` would read
         the progress bar's values back on every access."""
         step = self.batches_trained  # the x-axis of step logs: training batches done before this one
@@ -271,7 +278,7 @@ class SRModule(pl.LightningModule):
 
         raw = {name: opt.optimizer for name, opt in zip(self.groups, optimizers, strict=True)}
         measure = (step + 1) % self.trainer.log_every_n_steps == 0
-        logs = self.train_step(batch, raw, schedulers, count_step=count_step, measure=measure)
+        logs = self.optimize_batch(batch, raw, schedulers, count_step=count_step, measure=measure)
         self.log_dict(logs, on_step=True, prog_bar=False, logger=False)
         self.log("loss", logs["train/loss_total"], prog_bar=True, on_step=True, logger=False)
         if (step + 1) % self.trainer.log_every_n_steps == 0:  # the step's only host reads are here
@@ -291,7 +298,7 @@ class SRModule(pl.LightningModule):
             return
         scaler = self.grad_scaler()
         scale = {"train/loss_scale": scaler.get_scale()} if scaler is not None else {}
-        logger.log_metrics({k: float(v) for k, v in logs.items()} | scale, step=step)
+        logger.log_metrics({k: float(v) for k, v in logs.items()} | scale | self.histograms, step=step)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """One optimiser per parameter group (``optim.optimizer``) with the group's own settings."""
@@ -348,12 +355,12 @@ class SRModule(pl.LightningModule):
         """The generator tensors of the LoRA export, keyed relative to the generator (``unet.*``, ``vae.*``)."""
         return self.method.export_state_dict()
 
-    def inference_pipeline(self) -> OSEDiffPipeline:
+    def inference_pipeline(self) -> SRPipeline:
         """The inference pipeline over the live model (``infer``'s size rule, colour fix and prompts),
         shared by validation and the sample grids, so both show what the exported weights will do."""
         if self._pipeline is None:
             options = (self.cfg.get("val") or {}).get("pipeline")
-            self._pipeline = OSEDiffPipeline(
+            self._pipeline = SRPipeline(
                 self.generator, self.text_encoders, self.prompts, self.cfg.scale, options, live=True
             )
         return self._pipeline

@@ -21,7 +21,7 @@ from torch import nn
 from osediff_lab.backbones import backbone_of
 from osediff_lab.dtypes import DTYPES
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
-from osediff_lab.models.lora import adapters_disabled
+from osediff_lab.models.lora import adapters_disabled, enable_checkpointing
 from osediff_lab.models.osediff import build_generator, cast_frozen
 from osediff_lab.models.vsd import classifier_free_guidance
 from osediff_lab.step import GENERATOR, GroupSettings, ParamGroup, settings_problems
@@ -35,7 +35,7 @@ class Method(nn.Module):
 
     ``generator`` is what inference runs: ``(x_L in [-1, 1], prompt embeddings) -> (x_H in [-1, 1], z_H)``.
     Validation, the sample grids and ``infer`` run it through the inference pipeline, which needs a latent
-    generator (an ``OSEDiffGenerator``: ``encode``, ``denoise``, ``decode``); a method with another kind of
+    generator (an ``OneStepGenerator``: ``encode``, ``denoise``, ``decode``); a method with another kind of
     generator trains with ``val=none callbacks.samples.num_images=0``.
     ``lora_targets`` maps each generator adapter (``unet.<adapter>``) to the modules it wraps: the LoRA sidecar.
     ``encode_text`` turns prompt strings into text embeddings on the current device (cached).
@@ -103,9 +103,10 @@ class Method(nn.Module):
 
     def apply_memory_options(self, frozen_dtype: str, gradient_checkpointing: bool, *frozen: nn.Module) -> None:
         """``generator.frozen_dtype`` (frozen weights of the generator and of ``frozen`` stored in that dtype) and
-        ``generator.gradient_checkpointing`` (the generator's UNet and VAE recompute activations in backward)."""
+        ``generator.gradient_checkpointing`` (the generator's UNet and VAE recompute activations in backward; the UNet
+        with the adapters active at forward time, whatever a later call switched)."""
         if gradient_checkpointing:
-            self.generator.unet.enable_gradient_checkpointing()
+            enable_checkpointing(self.generator.unet)
             self.generator.vae.enable_gradient_checkpointing()
         if DTYPES[frozen_dtype] != torch.float32:
             for module in (self.generator, *frozen):

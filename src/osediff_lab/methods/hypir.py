@@ -2,7 +2,7 @@
 XPixelGroup/HYPIR@b61d107): the base UNet with LoRA, run once at a fixed timestep on the LQ's VAE latent, trained with
 L2 + LPIPS + a GAN loss against a discriminator; no score distillation.
 
-The generator (trainer/sd2.py:83-92) is an ``OSEDiffGenerator`` without VAE LoRA: z_L a draw from the VAE posterior
+The generator (trainer/sd2.py:83-92) is an ``OneStepGenerator`` without VAE LoRA: z_L a draw from the VAE posterior
 (trainer/base.py:263), eps = UNet(z_L, t, c), z_H = the scheduler's x0 at t (``DDPMScheduler.step(...)
 .pred_original_sample``: (z_L - sqrt(1 - abar_t) eps) / sqrt(abar_t)), x_H = D(z_H), not clamped in training
 (sd2.py:91). Only the LoRA is trained (sd2.py:40, :54-58), so the UNet's input layer stays frozen
@@ -36,14 +36,14 @@ from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import GENERATOR, Method, ParamGroup, weighted_total
 from osediff_lab.models.backbone import TextEmbeds, input_layer
 from osediff_lab.models.components import Components
-from osediff_lab.models.generator import OSEDiffGenerator, compile_generator
+from osediff_lab.models.generator import OneStepGenerator, compile_generator
 from osediff_lab.models.osediff import build_generator, trainable_parameters
 
 FAKE_FROM = ("updated", "step")
 WEIGHTS = ("l2_weight", "lpips_weight", "gan_weight")
 
 
-def decode_unclamped(generator: OSEDiffGenerator, z_h: torch.Tensor) -> torch.Tensor:
+def decode_unclamped(generator: OneStepGenerator, z_h: torch.Tensor) -> torch.Tensor:
     """x_H = D(z_H / scaling_factor + shift_factor), in about [-1, 1] but not clamped (HYPIR trainer/sd2.py:91)."""
     z = z_h / generator.scaling_factor
     return generator.vae.decode(z + generator.shift_factor if generator.shift_factor else z).sample

@@ -28,7 +28,9 @@ from osediff_lab.models.vsd import classifier_free_guidance, diffusion_loss, sam
 
 log = logging.getLogger(__name__)
 REGULARIZER = "regularizer"  # the fake score's LoRA, stepped after the generator
-# the real score's weight dtype under loss.release_score_precision, by trainer.precision (the release: the run's weight_dtype)
+LOSS_WEIGHTS = ("l2_weight", "lpips_weight", "vsd_weight")
+VSD_SPACES = ("latent", "image")  # VSD on z_H (the paper) or on E(x_H), the re-encoded output image
+# the real score's weight dtype under method.release_score_precision, by trainer.precision (the release: the run's weight_dtype)
 RUN_WEIGHT_DTYPES = {"16-mixed": torch.float16, "16": torch.float16, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -36,6 +38,24 @@ class OSEDiff(Method):
     """OSEDiff's generator, regularizer UNet (real score: adapters off; fake score: its 'reg' LoRA) and losses."""
 
     groups = (GENERATOR, REGULARIZER)
+
+    @classmethod
+    def argument_problems(cls, args: Any) -> list[str]:
+        """The optimiser settings (``Method``), the loss weights, ``vsd_space`` and the timestep ranges."""
+        problems = super().argument_problems(args)
+        if "l2_weight" not in args:  # a subclass with other losses (its own checks)
+            return problems
+        problems += [f"method.{k}={args[k]} is negative; loss weights must be >= 0" for k in LOSS_WEIGHTS
+                     if float(args[k]) < 0]
+        if float(args.l2_weight) + float(args.lpips_weight) + (float(args.vsd_weight) if args.get("vsd", True) else 0) <= 0:
+            problems.append("method.l2_weight, method.lpips_weight and method.vsd_weight (or method.vsd=false) are all 0: "
+                            "nothing to train")
+        if args.get("vsd_space", "latent") not in VSD_SPACES:
+            problems.append(f"method.vsd_space='{args.vsd_space}' must be one of {list(VSD_SPACES)}")
+        for lo, hi in (("vsd_t_min", "vsd_t_max"), ("reg_t_min", "reg_t_max")):
+            if not 0 <= args[lo] < args[hi] <= 1000:
+                problems.append(f"method.{lo}={args[lo]} / method.{hi}={args[hi]}: need 0 <= min < max <= 1000")
+        return problems
 
     def __init__(
         self,
@@ -59,14 +79,15 @@ class OSEDiff(Method):
         conv_in_lora_twice: bool = False,
         vsd: bool = True,
     ) -> None:
-        if vsd_space not in ("latent", "image"):
-            raise ConfigError(f"loss.vsd_space='{vsd_space}' must be 'latent' or 'image'")
+        if vsd_space not in VSD_SPACES:
+            raise ConfigError(f"method.vsd_space='{vsd_space}' must be one of {list(VSD_SPACES)}")
         if lpips_weight > 0 and lpips is None:
-            raise ConfigError("loss.lpips_weight > 0 needs an LPIPS network")
+            raise ConfigError("method.lpips_weight > 0 needs an LPIPS network")
         parts = build_osediff(components, generator)
         super().__init__(parts.generator, {k: v for k, v in parts.targets.items() if not k.startswith("reg_unet")},
                          encode_text, lpips, optim)
         self.reg_unet = parts.reg_unet
+        self.reg_sample: tuple | None = None  # the regularizer's last noised sample and loss (health_metrics)
         self.weights = {"l2": l2_weight, "lpips": lpips_weight, "vsd": vsd_weight if vsd else 0.0}
         self.vsd_space, self.cfg_scale = vsd_space, cfg_scale
         self.vsd_t, self.reg_t = (vsd_t_min, vsd_t_max), (reg_t_min, reg_t_max)
@@ -100,7 +121,7 @@ class OSEDiff(Method):
         return self.generator.predict(z_t, t, embeds, self.reg_unet if unet is None else unet)
 
     def fake_pred(self, z_t: torch.Tensor, t: torch.Tensor, embeds: TextEmbeds) -> torch.Tensor:
-        """The fake score's output (regularizer UNet with its LoRA). With ``loss.release_score_precision`` it
+        """The fake score's output (regularizer UNet with its LoRA). With ``method.release_score_precision`` it
         runs outside autocast in fp32, as the release calls the fake score and the regularizer loss."""
         if not self.release_score_precision:
             return self.unet_pred(z_t, t, embeds)
@@ -163,8 +184,21 @@ class OSEDiff(Method):
         z0 = z_h.detach()
         t = sample_timesteps(z0.shape[0], *self.reg_t, z0.device) if t is None else t.to(z0.device)
         noise = torch.randn_like(z0) if noise is None else noise
-        z_t = self.schedule.add_noise(z0, noise, t)
-        return diffusion_loss(self.fake_pred(z_t, t, as_embeds(embeds).detach()), self.schedule.target(z0, noise, t))
+        z_t, cond, target = self.schedule.add_noise(z0, noise, t), as_embeds(embeds).detach(), self.schedule.target(z0, noise, t)
+        loss = diffusion_loss(self.fake_pred(z_t, t, cond), target)
+        self.reg_sample = (z_t, t, cond, target, loss.detach())
+        return loss
+
+    @torch.no_grad()
+    def health_metrics(self) -> dict[str, torch.Tensor]:
+        """At log steps: the regularizer's fit, its diffusion loss on its last update's noised sample over a fresh LoRA's
+        (its adapter disabled) on the same sample (``fit_regularizer``: below 1 it has learnt the generator's latents)."""
+        if self.reg_sample is None:
+            return {}
+        z_t, t, cond, target, loss = self.reg_sample
+        with adapters_disabled(self.reg_unet):
+            fresh = diffusion_loss(self.fake_pred(z_t, t, cond), target)
+        return {"loss_regularizer_fresh": fresh, "fit_regularizer": loss / fresh}
 
     def group_loss(self, name: str, state: torch.Tensor, embeds: TextEmbeds) -> torch.Tensor:
         """The regularizer's diffusion loss on the generator's latents z_H (``state``)."""

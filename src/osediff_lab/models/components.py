@@ -186,7 +186,7 @@ def build_components(cfg: DictConfig) -> Components:
 
 def frozen(components: Components) -> Components:
     """The components with text encoders, VAE and denoiser frozen and in eval mode (adapters add what trains)."""
-    for module in (*components.text_modules(), components.vae, components.unet):
+    for module in (*components.text_modules(), components.vae, components.denoiser):
         module.requires_grad_(False)
         module.eval()
     return components
@@ -201,6 +201,6 @@ def save_pretrained(components: Components, path: str | Path) -> Path:
             getattr(components, part.tokenizer_folder).save_pretrained(path / part.tokenizer_folder)
             encoder.save_pretrained(path / part.encoder_folder)
     components.vae.save_pretrained(path / "vae")
-    components.unet.save_pretrained(path / components.backbone.denoiser_folder)
+    components.denoiser.save_pretrained(path / components.backbone.denoiser_folder)
     components.scheduler.save_pretrained(path / "scheduler")
     return path

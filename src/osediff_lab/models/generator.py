@@ -14,7 +14,7 @@ from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.schedules import NoiseSchedule
 
 
-class OSEDiffGenerator(nn.Module):
+class OneStepGenerator(nn.Module):
     """x_L in [-1, 1] (LQ bicubic-upsampled to HQ size) -> (x_H in [-1, 1], z_H scaled latent).
 
     ``latent`` chooses how the encoder's posterior becomes z_L: ``mode`` (deterministic, inference)
@@ -99,7 +99,7 @@ class OSEDiffGenerator(nn.Module):
         return self.decode(z_h), z_h
 
 
-def compile_generator(generator: OSEDiffGenerator, backend: str = "inductor", mode: str = "default") -> None:
+def compile_generator(generator: OneStepGenerator, backend: str = "inductor", mode: str = "default") -> None:
     """``torch.compile`` the UNet, VAE encoder and VAE decoder in place (``nn.Module.compile``: parameter
     names, state dicts and LoRA layers unchanged); each compiles at its first call."""
     for module in (generator.unet, generator.vae.encoder, generator.vae.decoder):

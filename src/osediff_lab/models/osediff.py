@@ -1,7 +1,10 @@
 """Assemble OSEDiff from components: the LoRA generator and the regularizer UNet, per config.
 
 The regularizer shares the frozen pretrained UNet: the real score runs it with adapters disabled,
-the fake score with its own LoRA ('reg') enabled. That keeps two UNets in memory, not three.
+the fake score with its own LoRA ('reg') enabled. With ``generator.share_base`` the generator's UNet is a copy of
+the module tree that holds the same frozen layers (``models.lora.shared_base_copy``) with its own adapters and its
+own input layer (trained in full): one set of base weights in memory for the generator, the fake and the real score,
+bit for bit what separate copies compute (no adapter is switched between them). Without it, a deep copy: two UNets.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from torch import nn
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.backbone import input_layer, lora_groups
 from osediff_lab.models.components import Components
-from osediff_lab.models.generator import OSEDiffGenerator, compile_generator
-from osediff_lab.models.lora import add_lora, lora_layers, select_targets
+from osediff_lab.models.generator import OneStepGenerator, compile_generator
+from osediff_lab.models.lora import add_lora, lora_layers, select_targets, shared_base_copy
 
 UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "others": "default_others"}
 
@@ -26,7 +29,7 @@ UNET_ADAPTERS = {"encoder": "default_encoder", "decoder": "default_decoder", "ot
 @dataclass
 class OSEDiffParts:
     components: Components
-    generator: OSEDiffGenerator
+    generator: OneStepGenerator
     reg_unet: nn.Module
     targets: dict[str, list[str]]
 
@@ -43,7 +46,7 @@ def _lora_unet(unet: nn.Module, lora: DictConfig) -> dict[str, list[str]]:
     return {f"unet.{UNET_ADAPTERS[g]}": names for g, names in groups.items()}
 
 
-def _lora_vae(gen: OSEDiffGenerator, lora: DictConfig, train_encoder: bool, train_decoder: bool) -> dict[str, list[str]]:
+def _lora_vae(gen: OneStepGenerator, lora: DictConfig, train_encoder: bool, train_decoder: bool) -> dict[str, list[str]]:
     targets = {}
     vae = gen.vae
     if train_encoder:
@@ -59,12 +62,19 @@ def _lora_vae(gen: OSEDiffGenerator, lora: DictConfig, train_encoder: bool, trai
 
 def build_generator(
     components: Components, gen_cfg: DictConfig, share_unet: bool = False
-) -> tuple[OSEDiffGenerator, dict[str, list[str]]]:
-    """The LoRA generator and its adapter targets; ``share_unet`` wraps components.unet itself (inference)
-    instead of a copy (training, where the pretrained UNet must stay clean for the regularizer)."""
-    gen_unet = components.unet if share_unet else copy.deepcopy(components.unet)
+) -> tuple[OneStepGenerator, dict[str, list[str]]]:
+    """The LoRA generator and its adapter targets; ``share_unet`` wraps components.denoiser itself (inference, a
+    method with one denoiser) instead of a copy (training beside the regularizer, whose pretrained UNet must stay
+    clean): with ``generator.share_base`` one holding the same frozen layers, else a deep copy."""
+    denoiser = components.denoiser
+    if share_unet:
+        gen_unet = denoiser
+    elif gen_cfg.get("share_base", False):  # an export's sidecar (inference) has no such key and shares the UNet
+        gen_unet = shared_base_copy(denoiser, own=[input_layer(denoiser)])
+    else:
+        gen_unet = copy.deepcopy(denoiser)
     schedule = components.backbone.schedule(components.scheduler)
-    generator = OSEDiffGenerator(components.vae, gen_unet, schedule, gen_cfg.timestep, gen_cfg.latent)
+    generator = OneStepGenerator(components.vae, gen_unet, schedule, gen_cfg.timestep, gen_cfg.latent)
     lora = gen_cfg.lora
     targets = _lora_unet(gen_unet, lora)
     targets |= _lora_vae(generator, lora, gen_cfg.train_vae_encoder, gen_cfg.train_vae_decoder)
@@ -84,7 +94,12 @@ def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
     if gen_cfg.get("compile", False):  # training only: inference has pipeline.fast.compile
         compile_generator(generator, gen_cfg.get("compile_backend", "inductor"), gen_cfg.get("compile_mode", "default"))
     lora = gen_cfg.lora
-    reg_unet = components.unet
+    reg_unet = components.denoiser
+    shared = trained_in_base(generator.unet, reg_unet)  # before the regularizer's adapters freeze all but theirs
+    if shared:
+        raise ConfigError(f"generator.share_base=true: the generator trains {len(shared)} tensors the pretrained "
+                          f"denoiser holds ({', '.join(shared[:3])}), so the real and fake scores would move with it; "
+                          "set generator.share_base=false")
     reg_names = select_targets(reg_unet, lora.unet_targets)
     layout = lora.get("reg_layout", "single")
     if layout == "single":
@@ -101,6 +116,12 @@ def build_osediff(components: Components, gen_cfg: DictConfig) -> OSEDiffParts:
     else:
         raise ConfigError(f"generator.lora.reg_layout='{layout}' must be 'single' or 'release_only_others_trains'")
     return OSEDiffParts(components, generator, reg_unet, targets)
+
+
+def trained_in_base(gen_unet: nn.Module, base: nn.Module) -> list[str]:
+    """Names of the generator denoiser's trained tensors that ``base`` (the regularizer's) holds as well."""
+    held = {id(p) for p in base.parameters()}
+    return [n for n, p in gen_unet.named_parameters() if p.requires_grad and id(p) in held]
 
 
 def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.components import Components
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 from osediff_lab.models.lora import add_lora, lora_layers, merge_and_unload, select_targets
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def only_adapters(model: nn.Module, adapters: tuple[str, ...]) -> Iterator[None]
                 p.requires_grad_(grads[id(p)])
 
 
-class PiSAGenerator(OSEDiffGenerator):
+class PiSAGenerator(OneStepGenerator):
     """x_L in [-1, 1] -> (x_H in [-1, 1], z_H) with z_H = z_L - UNet(z_L, t, c): the UNet output is the residual.
 
     The VAE is frozen and has no adapters; the UNet carries the ``pixel`` and ``semantic`` adapters, both active in
@@ -129,7 +129,7 @@ def build_pisa_generator(
     """The generator over components' UNet with both adapters on ``lora.unet_targets`` (rank ``lora.rank``,
     alpha ``lora.alpha``), all frozen (the method chooses what trains); ``latent``: how z_L is taken from the
     VAE posterior. The pretrained UNet is that UNet with its adapters disabled (the score distillation's)."""
-    unet = components.unet
+    unet = components.denoiser
     generator = PiSAGenerator(components.vae, unet, components.backbone.schedule(components.scheduler), timestep, latent)
     names = select_targets(unet, lora.unet_targets)
     add_pisa_adapters(unet, {PIXEL: names, SEMANTIC: names}, {PIXEL: lora.rank, SEMANTIC: lora.rank}, lora.alpha, lora.init)

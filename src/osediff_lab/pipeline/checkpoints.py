@@ -27,7 +27,7 @@ from osediff_lab.models.components import (
     load_pretrained,
     resolve_pretrained_path,
 )
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 from osediff_lab.models.lora import add_lora
 from osediff_lab.models.lora_files import load_torch_weights, lora_sidecar, training_checkpoint_parts
 from osediff_lab.models.osediff import UNET_ADAPTERS
@@ -185,13 +185,13 @@ def load_base(ckpt: Checkpoint, base: str | Path | None = None) -> Components:
     return frozen(load_pretrained(_pretrained_dir(ckpt.meta["model_arch"].get("pretrained_path"), ckpt.meta["base_model"]["name"])))
 
 
-def build_loaded_generator(components: Components, ckpt: Checkpoint, options: DictConfig) -> OSEDiffGenerator:
+def build_loaded_generator(components: Components, ckpt: Checkpoint, options: DictConfig) -> OneStepGenerator:
     """The generator with the checkpoint's adapters placed on the base model (shared, not copied) and loaded;
     ``options``: the pipeline options, whose ``official`` / ``official_pisasr`` say how a release was trained."""
     if ckpt.kind == "official":
         official = options.official
         schedule = components.backbone.schedule(components.scheduler)
-        generator = OSEDiffGenerator(components.vae, components.unet, schedule, official.timestep, "mode")
+        generator = OneStepGenerator(components.vae, components.denoiser, schedule, official.timestep, "mode")
         for key, names in ckpt.meta.items():
             if key.startswith(("unet.", "vae.")) and names:
                 part, adapter = key.split(".")
@@ -202,7 +202,7 @@ def build_loaded_generator(components: Components, ckpt: Checkpoint, options: Di
     elif ckpt.kind == "official-pisasr":  # pisasr.py:413-445: both sets over their module lists, PEFT's default alpha
         official = options.official_pisasr
         schedule = components.backbone.schedule(components.scheduler)
-        generator = PiSAGenerator(components.vae, components.unet, schedule, official.timestep, "sample")
+        generator = PiSAGenerator(components.vae, components.denoiser, schedule, official.timestep, "sample")
         names = {adapter: ckpt.meta[f"unet.{adapter}"] for adapter in PISA_SETS}
         for adapter_names in names.values():
             _check_names_exist(generator.unet, adapter_names, ckpt.path, "unet")
@@ -245,7 +245,7 @@ def _check_names_exist(model: torch.nn.Module, names: list[str], path: Path, par
         )
 
 
-def load_generator_state(generator: OSEDiffGenerator, state: dict[str, torch.Tensor], source: Path) -> None:
+def load_generator_state(generator: OneStepGenerator, state: dict[str, torch.Tensor], source: Path) -> None:
     """Copy trained tensors in; every LoRA tensor must be provided and every provided tensor must fit."""
     own = generator.state_dict()
     unexpected = [k for k in state if k not in own]

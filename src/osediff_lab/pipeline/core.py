@@ -1,4 +1,4 @@
-"""OSEDiffPipeline: LQ images in, SR images out, with the paper's size rule, tiling and colour fix."""
+"""SRPipeline: LQ images in, SR images out, with the paper's size rule, tiling and colour fix."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from osediff_lab.data.images import pil_to_tensor, tensor_to_pil, to_rgb
 from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.backbone import TextEmbeds, latent_multiple, vae_factor
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline.checkpoints import (
     OFFICIAL_KINDS,
@@ -38,7 +38,7 @@ EMBED_CACHE_SIZE = 1024  # distinct prompts kept (image-dependent prompts such a
 VAE_TILING_ATTRS = ("use_tiling", "tile_latent_min_size", "tile_sample_min_size", "tile_overlap_factor")
 
 
-class OSEDiffPipeline:
+class SRPipeline:
     """One-step super-resolution with a loaded generator.
 
     ``merge_lora`` folds the adapters into the generator's weights in place (those of the one UNet call the
@@ -49,7 +49,7 @@ class OSEDiffPipeline:
 
     def __init__(
         self,
-        generator: OSEDiffGenerator,
+        generator: OneStepGenerator,
         text_encoders: TextEncoders,
         prompts: PromptProvider,
         scale: int,
@@ -107,7 +107,7 @@ class OSEDiffPipeline:
         options: DictConfig | dict | None = None,
         prompt: DictConfig | dict | None = None,
         **overrides: Any,
-    ) -> OSEDiffPipeline:
+    ) -> SRPipeline:
         """Load any supported checkpoint (ours .safetensors + .json, a training .ckpt, the official OSEDiff or
         PiSA-SR release .pkl) onto its base model (``base``: a diffusers dir; default: what the checkpoint names).
 

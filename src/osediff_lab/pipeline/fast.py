@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from osediff_lab.backbones import backbone_of
-from osediff_lab.models.generator import OSEDiffGenerator
+from osediff_lab.models.generator import OneStepGenerator
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,14 @@ def fast_path_problems(fast: DictConfig, merge_lora: bool) -> list[str]:
     return problems
 
 
-def set_attention(generator: OSEDiffGenerator, kind: str) -> None:
+def set_attention(generator: OneStepGenerator, kind: str) -> None:
     """The same attention kernel in every denoiser and VAE attention layer (the denoiser's processor class for
     that kernel is its backbone's: SD3's joint attention has its own)."""
     generator.vae.set_attn_processor(ATTENTION[kind]())
     backbone_of(generator.unet).set_attention(generator.unet, kind)
 
 
-def fuse_qkv(generator: OSEDiffGenerator) -> None:
+def fuse_qkv(generator: OneStepGenerator) -> None:
     """One projection for q, k, v (k, v in cross-attention) in the denoiser and VAE; needs merged LoRA."""
     if any(isinstance(m, BaseTunerLayer) for m in generator.modules()):
         raise ValueError("fuse QKV projections only after LoRA is merged and unloaded (pipeline.merge_lora=true)")
@@ -80,7 +80,7 @@ def compile_with_fallback(module: nn.Module, mode: str = "default", backend: str
     return True
 
 
-def apply_fast_paths(generator: OSEDiffGenerator, fast: DictConfig) -> None:
+def apply_fast_paths(generator: OneStepGenerator, fast: DictConfig) -> None:
     """Apply ``pipeline.fast`` to a generator whose LoRA is merged (when fusing) and that sits on its device."""
     set_attention(generator, fast.attention)
     if fast.fuse_qkv:
