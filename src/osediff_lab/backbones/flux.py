@@ -41,7 +41,7 @@ FLUX_SCHNELL_LICENCE = "Apache-2.0 (not gated): https://huggingface.co/black-for
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2 x 2 patch one token, its channels C-major then row, column."""
     b, c, h, w = z.shape
-    return z.reshape(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 5, 3).reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK)
+    return z.reshape(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK)
 
 
 def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
