@@ -87,6 +87,20 @@ def export_folder(args: DictConfig, out: Path) -> Path:
     return out / card.name
 
 
+def write_run_card(run_dir: Path, sidecar: Path) -> Path:
+    """The model card of a training run's LoRA export (``<run>/lora/README.md`` beside ``sidecar``, the run's sample
+    grids under ``images/``), from the run directory; validated offline (a ConfigError lists what is wrong)."""
+    card_cfg = defaults().card
+    run = RunRecord.from_dir(run_dir, int(card_cfg.max_images))
+    meta = json.loads(sidecar.read_text())
+    card = write_card(sidecar.parent, build_card(meta, run, "lora", lora_usage(sidecar.with_suffix(".safetensors").name),
+                                                 card_cfg), run)
+    problems = card_problems(card)
+    if problems:
+        raise ConfigError("the model card does not validate: " + "; ".join(problems))
+    return card
+
+
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     """CLI (keys: conf/export.yaml). Returns (weights, sidecar) for a LoRA file, else (folder, card)."""
     args = OmegaConf.merge(defaults(), OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))

@@ -23,6 +23,7 @@ from osediff_lab.checks import validate_config
 from osediff_lab.data.datamodule import HQDataModule
 from osediff_lab.data.degradation import build_degradation
 from osediff_lab.errors import USER_ERRORS, ConfigError, user_errors
+from osediff_lab.export import write_run_card
 from osediff_lab.io import atomic_write_text
 from osediff_lab.lit.callbacks import AtomicCheckpointIO, SampleGrid, StepProgress
 from osediff_lab.lit.ema import find_ema
@@ -243,6 +244,10 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
                 "peak_memory_mb": _peak_memory_mb(),
             }
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+            try:  # lora/README.md: reads summary.json, so after it; a card problem does not fail a finished run
+                write_run_card(run_dir, Path(sidecar))
+            except (ConfigError, OSError) as exc:
+                log.error("model card not written: %s", exc)
             _print_outputs(summary)
     finally:
         close_logger(trainer.logger)  # a W&B run left open would swallow the next job of a sweep
