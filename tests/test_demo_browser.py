@@ -42,7 +42,7 @@ def apt_install_chromium() -> str | None:
         return None
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         return f"{CHROMIUM} / {CHROMEDRIVER} missing; install them as root: apt-get install -y {' '.join(APT_PACKAGES)}"
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]):
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", *APT_PACKAGES]):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
                               env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         if done.returncode != 0:
