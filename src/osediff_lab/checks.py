@@ -15,6 +15,7 @@ from osediff_lab.errors import ConfigError, MissingWeightsError
 from osediff_lab.lit.loggers import OFFERED as LOGGER_OFFERED
 from osediff_lab.lit.precision import PRECISIONS, precision_name
 from osediff_lab.models.components import CALLER_SETTINGS as MODEL_CALLER_SETTINGS
+from osediff_lab.models.frozen import FROZEN_DTYPES
 from osediff_lab.models.perceptual import BACKBONE_FILES, check_lpips_weights
 from osediff_lab.prompts import CALLER_SETTINGS
 
@@ -34,8 +35,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
                         "(and leave loss at its default)")
     if gen.latent not in ("mode", "sample"):
         problems.append(f"generator.latent='{gen.latent}' must be 'mode' or 'sample'")
-    if gen.frozen_dtype not in DTYPES:
-        problems.append(f"generator.frozen_dtype='{gen.frozen_dtype}' must be one of {sorted(DTYPES)}")
+    if gen.frozen_dtype not in FROZEN_DTYPES:
+        problems.append(f"generator.frozen_dtype='{gen.frozen_dtype}' must be one of {sorted(FROZEN_DTYPES)}")
     elif gen.frozen_dtype != "fp32" and str(cfg.trainer.precision) not in MIXED:
         problems.append(
             f"generator.frozen_dtype={gen.frozen_dtype} needs a mixed trainer precision (trainer.precision=bf16-mixed "

@@ -23,13 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from osediff_lab.data.degradation import Degradation, degrade_pair
 from osediff_lab.data.resize import upsample_input
-from osediff_lab.dtypes import DTYPES
 from osediff_lab.lit.contents import check_contents, keep_saved
 from osediff_lab.lit.distributed import gather_objects, own_rank_state
 from osediff_lab.lit.optimization import SkipCounter, build_schedulers
 from osediff_lab.lit.precision import precision_name
 from osediff_lab.lit.validation import build_validator
 from osediff_lab.models.backbone import TextEmbeds
+from osediff_lab.models.frozen import FROZEN_DTYPES
 from osediff_lab.models.osediff import cast_frozen, trainable_parameters
 from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline import SRPipeline
@@ -73,7 +73,7 @@ class SRModule(pl.LightningModule):
         self.method = method
         self.prompts = prompts
         self.degradation = degradation
-        frozen_dtype = DTYPES[cfg.generator.frozen_dtype]
+        frozen_dtype = FROZEN_DTYPES[cfg.generator.frozen_dtype]  # fp8_e4m3: the text encoders in bf16
         if frozen_dtype != torch.float32:
             cast_frozen(self.text_encoders, frozen_dtype)
         self.groups = method.param_groups()

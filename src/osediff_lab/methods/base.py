@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from osediff_lab.backbones import backbone_of
-from osediff_lab.dtypes import DTYPES
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
+from osediff_lab.models.frozen import FP8_E4M3, FROZEN_DTYPES, store_fp8
 from osediff_lab.models.lora import adapters_disabled, enable_checkpointing
 from osediff_lab.models.osediff import build_generator, cast_frozen
 from osediff_lab.models.vsd import classifier_free_guidance
@@ -102,15 +102,18 @@ class Method(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} trains the group '{name}' but defines no group_loss")
 
     def apply_memory_options(self, frozen_dtype: str, gradient_checkpointing: bool, *frozen: nn.Module) -> None:
-        """``generator.frozen_dtype`` (frozen weights of the generator and of ``frozen`` stored in that dtype) and
+        """``generator.frozen_dtype`` (frozen weights of the generator and of ``frozen`` stored in that dtype; fp8_e4m3:
+        the frozen Linear / Conv2d weights of the generator's denoiser and of ``frozen``, denoisers, in 8 bits) and
         ``generator.gradient_checkpointing`` (the generator's UNet and VAE recompute activations in backward; the UNet
         with the adapters active at forward time, whatever a later call switched)."""
         if gradient_checkpointing:
             enable_checkpointing(self.generator.unet)
             self.generator.vae.enable_gradient_checkpointing()
-        if DTYPES[frozen_dtype] != torch.float32:
+        if frozen_dtype == FP8_E4M3:  # the denoisers' frozen Linear / Conv2d weights in 8 bits, the rest in bf16
+            store_fp8(self.generator.unet, *frozen)
+        if FROZEN_DTYPES[frozen_dtype] != torch.float32:
             for module in (self.generator, *frozen):
-                cast_frozen(module, DTYPES[frozen_dtype])
+                cast_frozen(module, FROZEN_DTYPES[frozen_dtype])
 
     def frozen_eval(self) -> None:
         """Put frozen feature extractors (LPIPS has dropout) back in eval mode after ``train()``."""
