@@ -22,7 +22,12 @@ from osediff_lab.memory import PeakTensorBytes, predict_training_memory, trainin
 from osediff_lab.models.backbone import TextEmbeds, denoiser_output, family_of, lora_groups
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.models.schedules import EpsilonSchedule, FlowMatchSchedule, VPredictionSchedule
+from osediff_lab.models.schedules import (
+    DynamicShiftFlowSchedule,
+    EpsilonSchedule,
+    FlowMatchSchedule,
+    VPredictionSchedule,
+)
 from osediff_lab.pipeline import SRPipeline
 from osediff_lab.profile import profile_rows
 from osediff_lab.prompts import NullPrompt
@@ -31,7 +36,8 @@ from test_profile import compose_profile_section
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TWINS = {"tiny_sd_turbo": ("sd", VPredictionSchedule),
-         "tiny_sdxl": ("sdxl", EpsilonSchedule), "tiny_sd3": ("sd3", FlowMatchSchedule)}
+         "tiny_sdxl": ("sdxl", EpsilonSchedule), "tiny_sd3": ("sd3", FlowMatchSchedule),
+         "tiny_flux": ("flux", DynamicShiftFlowSchedule)}
 RUN = [*TINY, "trainer.max_steps=3", "trainer.log_every_n_steps=1", "callbacks.samples.every_n_steps=0",
        "callbacks.checkpoint.every_n_train_steps=3", "trainer.enable_progress_bar=false",
        "val=demo", "val.every_n_steps=3", "val.metrics=[psnr]", "val.crop_size=64", "val.grid=1", "val.log_images=0",
@@ -88,7 +94,7 @@ def test_pisasr_trains_three_steps_on_every_twin_and_its_generator_infers_tiled(
     pipe = SRPipeline(module.generator, module.text_encoders, NullPrompt(), 4, options, live=True)
     out, _ = pipe.enhance(torch.rand(1, 3, 24, 20))
     assert out.shape == (1, 3, 96, 80) and torch.isfinite(out).all()
-    if model == "tiny_sd3":  # tiles must hold whole 2 x 2 patches: named before any work
+    if model in ("tiny_sd3", "tiny_flux"):  # tiles must hold whole 2 x 2 patches: named before any work
         with pytest.raises(ConfigError, match=r"latent_tiling.tile=5 .* multiples of 2"):
             SRPipeline(module.generator, module.text_encoders, NullPrompt(), 4, {"latent_tiling": {"tile": 5, "overlap": 2}}, live=True)
 
@@ -184,7 +190,7 @@ def test_sd3_generator_shifts_and_scales_latents_both_ways():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])  # SD2.1's family: tests/test_memory.py
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3", "tiny_flux"])  # SD2.1's family: tests/test_memory.py
 def test_memory_prediction_matches_the_real_step_on_each_family(model):
     cfg = twin(model, "data.crop_size=32", "data.batch_size=1")
     predicted = predict_training_memory(cfg)
@@ -197,7 +203,7 @@ def test_memory_prediction_matches_the_real_step_on_each_family(model):
     assert predicted.peak == pytest.approx(predicted.static + tracker.peak, rel=0.01)
 
 
-@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3"])  # SD2.1's family: tests/test_profile.py
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_sd3", "tiny_flux"])  # SD2.1's family: tests/test_profile.py
 def test_profile_counts_every_module_of_each_family(model):
     cfg = compose_config([*TINY, f"model={model}"])  # the null prompt: no prompt-extractor row
     with open_dict(cfg):
