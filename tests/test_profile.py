@@ -100,3 +100,22 @@ def test_auto_precision_and_device_resolution():
         resolve_dtype("fp64", cpu, key="profile.latency.precision")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == cpu
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["osediff", "osediff_gan", "pisasr_pixel"])
+def test_the_profile_counts_the_configured_methods_groups(method):
+    """The profile builds the configured method, not OSEDiff's parts: every group beyond the generator gets a
+    training-only row with its tensor count, and the trainable rows sum to the method's generator group."""
+    from osediff_lab.models.components import build_components
+    from osediff_lab.profile import build_method
+
+    cfg = compose_config(["model=tiny", "prompt=none", f"method={method}"])
+    with open_dict(cfg):
+        cfg.profile = compose_profile_section()
+        cfg.profile.latency.enabled = False
+    rows = {r["module"]: r for r in profile_rows(cfg)}
+    groups = {name: sum(p.numel() for p in g.params)
+              for name, g in build_method(cfg, build_components(cfg.model)).param_groups().items()}
+    assert rows["total"]["trainable"] == groups.pop("generator")
+    assert {k.removesuffix(" (training only)"): r["trainable"] for k, r in rows.items() if "training only" in k} == groups

@@ -66,7 +66,7 @@ def test_resume_with_other_lora_ranks_is_one_clear_error(tmp_path):
             "callbacks.checkpoint.every_n_train_steps=1", "trainer.enable_progress_bar=false"]
     run(compose_config(fast, tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    with pytest.raises(RuntimeError, match=r"other LoRA ranks: \d+ tensors differ in shape.*unet_rank=4 \(now 2\)"):
+    with pytest.raises(RuntimeError, match=r"other LoRA ranks or layers: \d+ tensors differ in shape.*generator\.lora\.unet_rank=4 \(now 2\)"):
         run(compose_config([*fast, "trainer.max_steps=2", f"ckpt_path={ckpt}", "generator.lora.unet_rank=2"],
                            tmp_path / "b"))
 
@@ -82,3 +82,14 @@ def test_memory_options_train_and_draw_their_sample_grid(tmp_path):
                           "callbacks.samples.every_n_steps=0", "trainer.enable_progress_bar=false"], tmp_path)
     _, _, summary = run(cfg)
     assert summary["steps"] == 1 and summary["last_sample_grid"].endswith("step_000001.png")
+
+
+def test_a_shape_mismatch_names_every_differing_setting_of_any_method():
+    from osediff_lab.lit.contents import config_differences
+
+    saved = {"method": {"lora_rank_pix": 4, "alpha": 8, "optim": {"lr": 1}}, "generator": {"lora": {"unet_rank": 4}},
+             "data": {"root": "a"}}
+    now = {"method": {"lora_rank_pix": 8, "alpha": 8, "optim": {"lr": 1}, "extra": True}, "generator": {"lora": {"unet_rank": 4}},
+           "data": {"root": "b"}}
+    assert config_differences(saved, now, ("generator", "method", "model")) == [
+        "method.extra=None (now True)", "method.lora_rank_pix=4 (now 8)"]

@@ -21,18 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.utils import instantiate
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from osediff_lab import resolvers
+from osediff_lab.build import target
 from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.io import atomic_write_text
 from osediff_lab.models.backbone import denoiser_output, vae_factor
+from osediff_lab.methods.base import GENERATOR, Method
 from osediff_lab.models.components import Components, build_components
 from osediff_lab.models.lora import merge_and_unload
-from osediff_lab.models.osediff import build_generator, build_osediff
+from osediff_lab.models.lora_files import lora_sidecar
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts.ram import RAMArch, RAMTagger
 from osediff_lab.tables import markdown_table
@@ -174,22 +177,31 @@ class Modules:
         return runs
 
 
+def build_method(cfg: DictConfig, components: Components) -> Method:
+    """The configured method (``cfg.method``) over ``components``, as training builds it but without LPIPS: a
+    frozen network outside the generator that the profile does not count."""
+    no_lpips = {"lpips_weight": 0.0} if "lpips_weight" in cfg.method else {}
+    return instantiate(cfg.method, components=components, encode_text=components.text, lpips=None,
+                       _recursive_=False, **no_lpips)
+
+
 def build_modules(cfg: DictConfig, training: bool = False) -> tuple[Modules, dict[str, int]]:
-    """The configured model with its generator's LoRA merged (inference form). With ``training`` the
-    regularizer is built too (a second UNet: use on the meta device) and trainable parameters are
-    counted per row, plus the regularizer's."""
+    """The configured method's inference generator with its LoRA merged. With ``training`` the whole method is
+    built (every trained group: use on the meta device) and trainable parameters are counted per row, plus each
+    further group's (the regularizer, a discriminator)."""
     prompt = cfg.get("prompt")
     tagger = RAMTagger(RAMArch.from_config(prompt.arch)) if prompt is not None and prompt.name in ("dape", "ram") else None
     components = build_components(cfg.model)
     trainable: dict[str, int] = {}
     if training:
-        parts = build_osediff(components, cfg.generator)
-        generator = parts.generator
+        method = build_method(cfg, components)
+        generator = method.generator
         named = Modules(None, components.replace(vae=generator.vae, denoiser=generator.unet)).parts()
         trainable = {k: sum(p.numel() for m in ms for p in m.parameters() if p.requires_grad) for k, ms in named.items()}
-        trainable["regularizer"] = sum(p.numel() for p in parts.reg_unet.parameters() if p.requires_grad)
+        trainable |= {name: sum(p.numel() for p in group.params) for name, group in method.param_groups().items()
+                      if name != GENERATOR}
     else:
-        generator, _ = build_generator(components, cfg.generator, share_unet=True)
+        generator, _ = target(cfg.method, "method").inference_generator(components, lora_sidecar(cfg, {}))
     merge_and_unload(generator)
     return Modules(tagger, components.replace(vae=generator.vae, denoiser=generator.unet)), trainable
 
@@ -231,7 +243,8 @@ def profile_rows(cfg: DictConfig) -> list[dict[str, Any]]:
     total["rel_diff"] = (total["gmacs"] - total_paper) / total_paper if total_paper else None
     if latency:
         total["latency"] = {"median_ms": sum(v.median_ms for v in latency.values()), "iqr_ms": None, "min_ms": None}
-    return [*rows, total, {"module": "regularizer (training only)", "trainable": trainable.get("regularizer", 0)}]
+    further = [{"module": f"{name} (training only)", "trainable": count} for name, count in trainable.items() if name not in params]
+    return [*rows, total, *further]
 
 
 def measure_all(cfg: DictConfig) -> dict[str, Latency]:

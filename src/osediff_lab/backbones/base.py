@@ -222,6 +222,16 @@ class Backbone(ABC):
         """The latent side multiple the denoiser needs (1: it pads itself)."""
         return 1
 
+    # ---- features a diffusion-feature discriminator reads -----------------------------------------------
+    def feature_points(self, net: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+        """The denoiser's named intermediate features in forward order: name -> (the module whose output holds it,
+        its channels). Every family names a ``mid`` (its bottleneck, or its middle block)."""
+        raise ConfigError(f"the {self.name} backbone names no denoiser features: choose an image discriminator")
+
+    def feature_map(self, output: Any, z_t: torch.Tensor, net: nn.Module) -> torch.Tensor:
+        """A feature point's module output as a (B, C, h, w) map (``z_t``: the latent the denoiser was called on)."""
+        return output[0] if isinstance(output, tuple) else output
+
     # ---- inference fast paths ----------------------------------------------------------------------------
     def set_attention(self, net: nn.Module, kind: str) -> None:
         """The attention kernel ``kind`` (``pipeline.fast.attention``) in every attention layer of the denoiser."""
@@ -257,6 +267,19 @@ class Backbone(ABC):
     def conditioning_problems(self, c: Components) -> list[str]:
         """Text encoder widths that do not fit the denoiser's conditioning inputs."""
         return []
+
+
+def token_points(blocks: Iterable[nn.Module], width: int) -> dict[str, tuple[nn.Module, int]]:
+    """A transformer's feature points: ``block.<i>`` (the output of block i) and ``mid`` (the middle block's)."""
+    blocks = list(blocks)
+    return {f"block.{i}": (block, width) for i, block in enumerate(blocks)} | {"mid": (blocks[len(blocks) // 2], width)}
+
+
+def token_map(tokens: torch.Tensor, z_t: torch.Tensor, patch: int) -> torch.Tensor:
+    """Image tokens (B, N, D) of a latent ``z_t`` (B, C, h, w) cut into ``patch`` x ``patch`` cells, row by row,
+    as a (B, D, h / patch, w / patch) map."""
+    rows, cols = z_t.shape[-2] // patch, z_t.shape[-1] // patch
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
 
 
 def attention_processor(name: str) -> Any:

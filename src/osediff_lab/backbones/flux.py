@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from osediff_lab.backbones.base import Backbone, Components, Release, TextPart, clip_files, library_class
+from osediff_lab.backbones.base import (
+    Backbone,
+    Components,
+    Release,
+    TextPart,
+    clip_files,
+    library_class,
+    token_map,
+    token_points,
+)
 from osediff_lab.backbones.embeds import TextEmbeds
 from osediff_lab.backbones.text import TextEncoders
 from osediff_lab.errors import ConfigError
@@ -188,6 +197,15 @@ class FluxBackbone(Backbone):
 
     def latent_multiple(self, net: nn.Module) -> int:
         return PACK
+
+    def feature_points(self, net: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+        """``block.<i>``: the image tokens after block i, double-stream blocks first, then single-stream; ``mid``:
+        the middle one's."""
+        width = int(net.config.num_attention_heads * net.config.attention_head_dim)
+        return token_points([*net.transformer_blocks, *net.single_transformer_blocks], width)
+
+    def feature_map(self, output: Any, z_t: torch.Tensor, net: nn.Module) -> torch.Tensor:
+        return token_map(output[1], z_t, PACK)  # both kinds of block give (text, image) tokens
 
     def set_attention(self, net: nn.Module, kind: str) -> None:
         if kind not in self.attention:

@@ -77,6 +77,11 @@ class SDBackbone(Backbone):
     def input_layer(self, net: nn.Module) -> str:
         return "conv_in"
 
+    def feature_points(self, net: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+        """``down.<i>`` (down block i's output) and ``mid`` (the bottleneck, DMD2's choice)."""
+        widths = list(net.config.block_out_channels)
+        return {f"down.{i}": (block, widths[i]) for i, block in enumerate(net.down_blocks)} | {"mid": (net.mid_block, widths[-1])}
+
     def conditioning_problems(self, c: Components) -> list[str]:
         width, cross = int(c.text_encoder.config.hidden_size), c.denoiser.config.cross_attention_dim
         return [] if cross == width else [f"UNet cross_attention_dim {cross} != text encoder width {width}"]

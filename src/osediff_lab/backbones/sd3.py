@@ -24,6 +24,8 @@ from osediff_lab.backbones.base import (
     clip_files,
     common_files,
     library_class,
+    token_map,
+    token_points,
 )
 from osediff_lab.backbones.embeds import TextEmbeds
 from osediff_lab.backbones.text import TextEncoders
@@ -145,6 +147,13 @@ class SD3Backbone(Backbone):
 
     def latent_multiple(self, net: nn.Module) -> int:
         return int(net.config.patch_size)
+
+    def feature_points(self, net: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+        """``block.<i>`` (joint block i's image tokens) and ``mid`` (the middle block's)."""
+        return token_points(net.transformer_blocks, int(net.config.num_attention_heads * net.config.attention_head_dim))
+
+    def feature_map(self, output: Any, z_t: torch.Tensor, net: nn.Module) -> torch.Tensor:
+        return token_map(output[1], z_t, int(net.config.patch_size))  # a joint block gives (text, image) tokens
 
     def conditioning_problems(self, c: Components) -> list[str]:
         net, problems = c.denoiser.config, []

@@ -4,9 +4,9 @@ main/sd_guidance.py:143-165), ADD and InvSR do. No extra weights: the denoiser i
 (``unet: frozen``) or the method's own regularizer UNet with its LoRA (``unet: regularizer``, DMD2's choice: the
 fake score network); only the heads are trained.
 
-Written against diffusers' UNet2DConditionModel (SD2.1, SD-Turbo, SDXL): the features are the outputs of
-``down_blocks[i]`` (``down.<i>``) and of ``mid_block`` (``mid``), taken by forward hooks; the call stops once the
-last of them is taken, so the up blocks never run. A transformer denoiser (SD3) has neither and is refused.
+Works on every backbone: the family names its denoiser's feature points (``Backbone.feature_points``: ``down.<i>``
+and ``mid`` of a UNet, ``block.<i>`` and ``mid`` of a transformer, whose image tokens become a map), taken by forward
+hooks; the call stops once the last of them is taken, so the rest of the denoiser never runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from osediff_lab.models.lora import frozen_base_copy
 from osediff_lab.models.vsd import sample_timesteps
 
 UNETS = ("frozen", "regularizer")
-LAYER = re.compile(r"^(mid|down\.(\d+))$")
+LAYER = re.compile(r"^(mid|[a-z_]+\.\d+)$")
 NO_REGULARIZER = ("discriminator.unet=regularizer reads the method's regularizer UNet, and this method has none (HYPIR): "
                   "set discriminator.unet=frozen")
 
@@ -41,29 +41,10 @@ class _Taken(Exception):
 def layer_problems(layers: Sequence[str]) -> list[str]:
     """Each layer must be ``mid`` or ``down.<i>``, none twice."""
     bad = [name for name in layers if not LAYER.match(str(name))]
-    problems = [f"discriminator.layers: {bad} are not 'mid' or 'down.<i>'"] if bad else []
+    problems = [f"discriminator.layers: {bad} are not 'mid' or '<kind>.<i>' (down.<i>, block.<i>)"] if bad else []
     if not layers or len(set(layers)) != len(layers):
         problems.append(f"discriminator.layers={list(layers)} must name at least one layer, each once")
     return problems
-
-
-def forward_order(name: str) -> float:
-    """Where feature ``name`` comes in the denoiser's forward pass: down block i at i, the mid block after all."""
-    index = LAYER.match(name).group(2)
-    return float("inf") if index is None else float(index)
-
-
-def feature_module(unet: nn.Module, name: str) -> nn.Module:
-    """The block whose output is the feature ``name``."""
-    match = LAYER.match(name)
-    return unet.mid_block if match.group(2) is None else unet.down_blocks[int(match.group(2))]
-
-
-def feature_channels(unet: nn.Module, name: str) -> int:
-    """Channels of feature ``name``: a down block's output width, or the last one's for the mid block."""
-    match = LAYER.match(name)
-    widths = list(unet.config.block_out_channels)
-    return widths[-1] if match.group(2) is None else widths[int(match.group(2))]
 
 
 class UNetFeatureDiscriminator(Discriminator):
@@ -103,10 +84,12 @@ class UNetFeatureDiscriminator(Discriminator):
         denoisers: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__(loss, real_target, r1_gamma)
-        base = components.denoiser
-        if not hasattr(base, "down_blocks") or not hasattr(base, "mid_block"):
-            raise ConfigError(f"discriminator=unet_features reads the down and mid blocks of a UNet2DConditionModel; this "
-                              f"base model's denoiser is a {type(base).__name__}: choose an image discriminator")
+        base, self.backbone = components.denoiser, components.backbone
+        points = self.backbone.feature_points(base)
+        unknown = [name for name in layers if name not in points]
+        if unknown:
+            raise ConfigError(f"discriminator.layers: {unknown} are not features of this {self.backbone.name} denoiser; "
+                              f"it has {list(points)}")
         self.layers = [str(name) for name in layers]
         self.t = (int(t_min), int(t_max))
         # a frozen copy is stored (and run) in ``dtype``; a shared UNet runs as its method runs it
@@ -122,7 +105,7 @@ class UNetFeatureDiscriminator(Discriminator):
         self.vae_factor = vae_factor(components.vae)
         heads = {}
         for name in self.layers:
-            channels = feature_channels(base, name)
+            channels = points[name][1]
             width = int(head_width or channels)
             groups = gcd(int(norm_groups), width)
             heads[name.replace(".", "_")] = conv_head(channels, width, int(head_depth), groups)
@@ -142,20 +125,22 @@ class UNetFeatureDiscriminator(Discriminator):
         t = sample_timesteps(x.shape[0], *self.t, x.device)
         z_t = self.schedule.add_noise(x.float(), torch.randn_like(x, dtype=torch.float32), t)
         net, taken = self.denoiser, {}
-        last = max(self.layers, key=forward_order)
+        points = self.backbone.feature_points(net)
+        modules = [module for module, _ in points.values()]
+        last = max(modules.index(points[name][0]) for name in self.layers)  # "mid" may be one of the blocks
 
         def take(name: str):
             def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-                taken[name] = output[0] if isinstance(output, tuple) else output
-                if name == last:
+                taken[name] = self.backbone.feature_map(output, z_t, net)
+                if modules.index(module) == last and all(n in taken for n in self.layers if points[n][0] is module):
                     raise _Taken
 
             return hook
 
-        handles = [feature_module(net, name).register_forward_hook(take(name)) for name in self.layers]
+        handles = [points[name][0].register_forward_hook(take(name)) for name in self.layers]
         try:
             with frozen_autocast(x.device.type, self.frozen_dtype):
-                denoiser_output(net, z_t.to(self.frozen_dtype), self.schedule.model_timestep(t), as_embeds(embeds).detach(), self.vae_factor)
+                denoiser_output(net, z_t.to(self.frozen_dtype), self.schedule.model_timestep(t, z_t), as_embeds(embeds).detach(), self.vae_factor)
         except _Taken:
             pass
         finally:

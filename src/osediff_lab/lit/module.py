@@ -336,7 +336,8 @@ class SRModule(pl.LightningModule):
             state = own_rank_state(checkpoint["degradation"], "degradation")
             if state is not None:
                 self.degradation.load_state_dict(state)
-        check_contents(checkpoint, self.saved_names, dict(self.named_parameters()), self.cfg.generator.lora)
+        check_contents(checkpoint, self.saved_names, dict(self.named_parameters()),
+                       OmegaConf.to_container(self.cfg, resolve=True))
         self._scaler_state = checkpoint.get("loss_scaler")
         if self._scaler is not None and self._scaler_state is not None:
             self._scaler.load_state_dict(self._scaler_state)
