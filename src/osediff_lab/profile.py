@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,8 +31,8 @@ from osediff_lab import resolvers
 from osediff_lab.build import target
 from osediff_lab.dtypes import resolve_device, resolve_dtype
 from osediff_lab.io import atomic_write_text
-from osediff_lab.models.backbone import denoiser_output, vae_factor
 from osediff_lab.methods.base import GENERATOR, Method
+from osediff_lab.models.backbone import denoiser_output, vae_factor
 from osediff_lab.models.components import Components, build_components
 from osediff_lab.models.lora import merge_and_unload
 from osediff_lab.models.lora_files import lora_sidecar
