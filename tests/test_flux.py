@@ -28,7 +28,7 @@ from osediff_lab.models.backbone import family_of, lora_groups
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.models.schedules import DynamicShiftFlowSchedule, FlowMatchSchedule
+from osediff_lab.backbones.schedules import DynamicShiftFlowSchedule, FlowMatchSchedule
 from osediff_lab.pipeline import SRPipeline
 from osediff_lab.prompts import NullPrompt
 from osediff_lab.train import build_module, run
@@ -258,3 +258,33 @@ def test_the_profile_cli_gives_rows_for_tiny_flux(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["module"]: r for r in json.loads((tmp_path / "profile.json").read_text())["rows"]}
     assert all(rows[k]["params"] > 0 and rows[k]["gmacs"] > 0 for k in ("text_encoder", "vae_encoder", "unet", "vae_decoder"))
+
+
+TINY_RECIPE = ["model=tiny_flux", "data=demo", "data.crop_size=64", "logger=csv", "loss.lpips.pretrained=false",
+               "loss.lpips.net=alex", "prompt=none", "val=none", "trainer.precision=32", "generator.frozen_dtype=fp32"]
+UNAVAILABLE = ("dinov3_dists_weight", "latent_reg_weight", "l1_weight")
+
+
+def test_omgsr_release_refuses_the_losses_it_lacks_and_builds_on_the_tiny_twin_without_them(tmp_path):
+    cfg = compose_config(["+experiment=omgsr_flux_release"], tmp_path)
+    assert (cfg.model.name, cfg.generator.timestep, cfg.model.guidance, cfg.model.shift_image_seq_len) == ("flux_dev", 244, 1.0, 4096)
+    assert (cfg.generator.lora.unet_rank, cfg.generator.lora.vae_rank, cfg.method.gan_weight) == (64, 64, 0.5)
+    assert (cfg.data.crop_size, cfg.data.batch_size, cfg.optim.accumulate_grad_batches, cfg.trainer.max_steps) == (1024, 1, 4, 6000)
+    assert (cfg.method.optim.generator.lr, cfg.method.optim.generator.weight_decay, cfg.trainer.precision) == (5e-5, 1e-4, "bf16-mixed")
+    assert [cfg.method[k] for k in UNAVAILABLE] == [5.0, 5.0, 0.5]
+    tiny = [*TINY_RECIPE, "discriminator=convnext_tiny"]
+    refused = " ".join(config_problems(compose_config(["+experiment=omgsr_flux_release", *tiny], tmp_path)))
+    assert all(f"method.{k} is not an argument of HYPIR: it has no such loss term" in refused for k in UNAVAILABLE), refused
+    ours = compose_config(["+experiment=omgsr_flux_release", *tiny, *(f"~method.{k}" for k in UNAVAILABLE),
+                           "method.l2_weight=1"], tmp_path)
+    assert config_problems(ours) == []
+    module = build_module(ours)
+    assert family_of(module.method.generator.unet) == "flux" and module.method.generator.timestep == 244
+    assert not module.method.generator.unet.x_embedder.base_layer.weight.requires_grad
+
+
+def test_osediff_flux_builds_on_the_tiny_twin(tmp_path):
+    cfg = compose_config(["+experiment=osediff_flux", *TINY_RECIPE, "data.batch_size=1"], tmp_path)
+    assert config_problems(cfg) == [] and cfg.method.cfg_scale == 3.5
+    module = build_module(cfg)
+    assert module.method.generator.schedule.fixed_seq_len == 4096

@@ -10,6 +10,7 @@ and one config in ``conf/method``; a method defined elsewhere plugs in by its ``
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from osediff_lab.backbones import backbone_of
+from osediff_lab.build import HYDRA_KEYS, LABELS
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.frozen import FP8_E4M3, FROZEN_DTYPES, store_fp8
 from osediff_lab.models.lora import adapters_disabled, enable_checkpointing
@@ -55,6 +57,10 @@ class Method(nn.Module):
         for name in cls.groups:
             if name in optim:
                 problems += settings_problems(name, optim[name], f"method.optim.{name}")
+        taken = inspect.signature(cls).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in taken.values()):  # a term or option this method lacks: named, not dropped
+            problems += [f"method.{k} is not an argument of {cls.__name__}: it has no such loss term or option (it takes "
+                         f"{sorted(taken)})" for k in args if k not in taken and k not in (*HYDRA_KEYS, *LABELS)]
         return problems
 
     def __init__(
