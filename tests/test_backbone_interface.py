@@ -21,6 +21,7 @@ from torch import nn
 from helpers import TINY, compose_config
 from osediff_lab.backbones import backbone_of, family_of, recognise_folder, releases
 from osediff_lab.backbones.flux import FluxBackbone
+from osediff_lab.backbones.schedules import FlowMatchSchedule
 from osediff_lab.backbones.sd import SDBackbone
 from osediff_lab.backbones.sd3 import SD3Backbone
 from osediff_lab.backbones.sdxl import SDXLBackbone
@@ -28,7 +29,6 @@ from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import build_components, load_pretrained
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.models.schedules import FlowMatchSchedule
 from osediff_lab.weights.manifest import GROUPS, MANIFEST
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -16,18 +16,18 @@ from diffusers import SD3Transformer2DModel
 from omegaconf import open_dict
 
 from helpers import TINY, compose_config
+from osediff_lab.backbones.schedules import (
+    DynamicShiftFlowSchedule,
+    EpsilonSchedule,
+    FlowMatchSchedule,
+    VPredictionSchedule,
+)
 from osediff_lab.backbones.sdxl import size_time_ids
 from osediff_lab.errors import ConfigError
 from osediff_lab.memory import PeakTensorBytes, predict_training_memory, training_step
 from osediff_lab.models.backbone import TextEmbeds, denoiser_output, family_of, lora_groups
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.models.schedules import (
-    DynamicShiftFlowSchedule,
-    EpsilonSchedule,
-    FlowMatchSchedule,
-    VPredictionSchedule,
-)
 from osediff_lab.pipeline import SRPipeline
 from osediff_lab.profile import profile_rows
 from osediff_lab.prompts import NullPrompt

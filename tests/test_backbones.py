@@ -13,11 +13,11 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler
 from omegaconf import open_dict
 
 from helpers import TINY, compose_config
+from osediff_lab.backbones.schedules import EpsilonSchedule, VPredictionSchedule
 from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.components import build_components, check_compatible, save_pretrained
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.models.schedules import EpsilonSchedule, VPredictionSchedule
 from osediff_lab.pipeline import SRPipeline
 from osediff_lab.train import run
 

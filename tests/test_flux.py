@@ -21,6 +21,7 @@ from PIL import Image
 from helpers import TINY, compose_config
 from osediff_lab.backbones import recognise_arch, recognise_folder
 from osediff_lab.backbones.flux import FluxBackbone
+from osediff_lab.backbones.schedules import DynamicShiftFlowSchedule, FlowMatchSchedule
 from osediff_lab.backbones.sd3 import SD3Backbone
 from osediff_lab.checks import config_problems
 from osediff_lab.errors import ConfigError
@@ -28,7 +29,6 @@ from osediff_lab.models.backbone import family_of, lora_groups
 from osediff_lab.models.components import build_components, save_pretrained
 from osediff_lab.models.lora import adapters_disabled
 from osediff_lab.models.osediff import build_generator
-from osediff_lab.backbones.schedules import DynamicShiftFlowSchedule, FlowMatchSchedule
 from osediff_lab.pipeline import SRPipeline
 from osediff_lab.prompts import NullPrompt
 from osediff_lab.train import build_module, run

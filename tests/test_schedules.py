@@ -15,14 +15,14 @@ from diffusers import (
 )
 from torch import nn
 
-from osediff_lab.errors import ConfigError
-from osediff_lab.models.generator import OneStepGenerator
-from osediff_lab.models.schedules import (
+from osediff_lab.backbones.schedules import (
     EpsilonSchedule,
     FlowMatchSchedule,
     VPredictionSchedule,
     schedule_from_scheduler,
 )
+from osediff_lab.errors import ConfigError
+from osediff_lab.models.generator import OneStepGenerator
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 T = torch.tensor([0, 1, 20, 500, 980, 999])

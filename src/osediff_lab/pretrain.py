@@ -34,6 +34,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from osediff_lab import resolvers  # noqa: F401  (registers the resolvers the configs use)
+from osediff_lab.backbones.schedules import schedule_from_scheduler
 from osediff_lab.data.datamodule import source_files
 from osediff_lab.data.datasets import HQCropDataset
 from osediff_lab.data.heldout import heldout_dataset
@@ -44,7 +45,6 @@ from osediff_lab.io import atomic_write, atomic_write_text
 from osediff_lab.lit.resume import Preemption
 from osediff_lab.metrics.suite import MetricSuite, metric_defs
 from osediff_lab.models.components import Components, build_random, load_pretrained
-from osediff_lab.models.schedules import schedule_from_scheduler
 from osediff_lab.models.text import encode_prompts
 from osediff_lab.paths import CONF_DIR
 

@@ -32,8 +32,8 @@ from osediff_lab.errors import ConfigError
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
+    from osediff_lab.backbones.schedules import NoiseSchedule
     from osediff_lab.backbones.text import TextEncoders
-    from osediff_lab.models.schedules import NoiseSchedule
 
 REGISTRY: dict[str, type[Backbone]] = {}  # name -> class, in registration order
 FolderFile = tuple[str, str, str, "float | None"]  # (manifest entry suffix, file in the folder, what, approx MB)
@@ -195,9 +195,9 @@ class Backbone(ABC):
         ``model_timestep``) given ``embeds``, shaped like ``z_t``; ``factor`` is the VAE's pixels per latent cell."""
 
     def schedule(self, scheduler: SchedulerMixin) -> NoiseSchedule:
-        """The noise schedule of its scheduler (``models.schedules``: alpha-bar or fixed-shift flow); a backbone
+        """The noise schedule of its scheduler (``backbones.schedules``: alpha-bar or fixed-shift flow); a backbone
         whose shift depends on the image size overrides this."""
-        from osediff_lab.models.schedules import schedule_from_scheduler
+        from osediff_lab.backbones.schedules import schedule_from_scheduler
 
         return schedule_from_scheduler(scheduler)
 
@@ -249,7 +249,7 @@ class Backbone(ABC):
     def compatibility_problems(self, c: Components) -> list[str]:
         """Why these components cannot run a one-step method: a schedule that does not fit the denoiser, VAE
         latents of other channels, or conditioning of other widths."""
-        from osediff_lab.models.schedules import FlowMatchSchedule
+        from osediff_lab.backbones.schedules import FlowMatchSchedule
 
         try:
             schedule = self.schedule(c.scheduler)

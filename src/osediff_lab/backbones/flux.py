@@ -6,7 +6,7 @@ diffusers' FluxPipeline calls it (``pipeline_flux.py``: ``_pack_latents``, ``_pr
 takes the guidance value as an input (``guidance_embeds``), ``model.guidance`` in every call and the CFG value in the
 real score of score distillation (``Backbone.guidance_distilled``); FLUX.1-schnell has no guidance input. FLUX.1-dev's
 scheduler shifts sigma by the image size (``use_dynamic_shifting``): the schedule computes mu from the token count of
-the latent it is applied to (``models.schedules.DynamicShiftFlowSchedule``). Folder: tokenizer/ + text_encoder/
+the latent it is applied to (``backbones.schedules.DynamicShiftFlowSchedule``). Folder: tokenizer/ + text_encoder/
 (CLIP-L), tokenizer_2/ + text_encoder_2/ (T5-XXL), vae/, transformer/ (class FluxTransformer2DModel), scheduler/."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from osediff_lab.errors import ConfigError
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
-    from osediff_lab.models.schedules import NoiseSchedule
+    from osediff_lab.backbones.schedules import NoiseSchedule
 
 PACK = 2  # FluxPipeline packs 2 x 2 latent cells into one token (pipeline_flux.py _pack_latents)
 TIMESTEP_SCALE = 1000.0  # FluxPipeline passes timestep / 1000; the transformer multiplies it back (transformer_flux.py)
@@ -146,7 +146,7 @@ class FluxBackbone(Backbone):
     def schedule(self, scheduler: SchedulerMixin) -> NoiseSchedule:
         """A size-dependent shift (``use_dynamic_shifting``, FLUX.1-dev) from the scheduler's base/max token counts
         and shifts at the latent's packed token count (or ``shift_image_seq_len``); else the fixed-shift flow."""
-        from osediff_lab.models.schedules import DynamicShiftFlowSchedule
+        from osediff_lab.backbones.schedules import DynamicShiftFlowSchedule
 
         c = scheduler.config
         if not c.get("use_dynamic_shifting", False):

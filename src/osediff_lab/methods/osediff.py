@@ -1,7 +1,7 @@
 """OSEDiff (Wu et al., NeurIPS 2024): a LoRA generator trained with L2 + LPIPS + variational score distillation
 against a LoRA fake score (the regularizer), which itself learns the generator's latents by diffusion loss.
 
-The math is in ``osediff_lab.models.vsd`` on top of the generator's noise schedule (``osediff_lab.models.schedules``);
+The math is in ``osediff_lab.models.vsd`` on top of the generator's noise schedule (``osediff_lab.backbones.schedules``);
 the networks are assembled by ``osediff_lab.models.osediff``.
 """
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from osediff_lab.backbones.schedules import NoiseSchedule
 from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import GENERATOR, Method, ParamGroup, weighted_total
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
@@ -23,7 +24,6 @@ from osediff_lab.models.components import Components
 from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
 from osediff_lab.models.lora_files import load_lora_tensors
 from osediff_lab.models.osediff import build_osediff, trainable_parameters
-from osediff_lab.models.schedules import NoiseSchedule
 from osediff_lab.models.vsd import classifier_free_guidance, diffusion_loss, sample_timesteps, vsd_loss
 
 log = logging.getLogger(__name__)

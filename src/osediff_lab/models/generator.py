@@ -8,10 +8,10 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from osediff_lab.backbones.schedules import NoiseSchedule
 from osediff_lab.errors import ConfigError
 from osediff_lab.models.backbone import TextEmbeds, denoiser_output, latent_shift, vae_factor
 from osediff_lab.models.lora import merge_and_unload
-from osediff_lab.models.schedules import NoiseSchedule
 
 
 class OneStepGenerator(nn.Module):

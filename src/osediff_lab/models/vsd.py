@@ -2,7 +2,7 @@
 
 Everything here works on latents of any channel count (4 for SD2.1 and SDXL, 16 for SD3), scaled by the VAE
 scaling factor. The schedule-dependent parts (noising, x0 from the model output) live in
-``osediff_lab.models.schedules``.
+``osediff_lab.backbones.schedules``.
 """
 
 from __future__ import annotations
