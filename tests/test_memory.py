@@ -39,9 +39,15 @@ def tiny_cfg(*overrides: str):
     return compose_config([*TINY, "data.crop_size=64", "data.batch_size=2", *overrides])
 
 
+GAN_METHODS = {"osediff": [], "hypir": ["method=hypir", "discriminator=convnext_tiny", "generator.lora.unet_rank=4",
+                                          "generator.lora.unet_alpha=4"], "osediff_gan": ["method=osediff_gan"]}
+
+
 @pytest.mark.slow
-def test_fake_replay_predicts_the_real_steps_peak():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("method", list(GAN_METHODS))
+def test_fake_replay_predicts_the_real_steps_peak(method):
+    """OSEDiff and the adversarial methods (their discriminator's update included) on their tiny twins."""
+    cfg = tiny_cfg(*GAN_METHODS[method])
     predicted = predict_training_memory(cfg)
     torch.manual_seed(0)
     module = build_module(cfg).train()

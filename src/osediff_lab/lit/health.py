@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 log = logging.getLogger(__name__)
 TERM_GRAD = "train/grad_zh_"  # + term: the weighted term's gradient norm at z_H (SRModule.optimize_batch)
@@ -27,7 +26,7 @@ class HealthRules:
     d_accuracy_steps: int = 500
     rising_window: int = 5
     rising_ratio: float = 1.5
-    fit_max: float = 1.0
+    fit_max: float = 1.25
     groups: tuple[str, ...] = ()  # the further parameter groups, whose losses are train/loss_<group>
     warnings: dict[str, dict[str, Any]] = field(default_factory=dict)
     _since: dict[str, int] = field(default_factory=dict)
@@ -119,7 +118,7 @@ class HealthMonitor(pl.Callback):
         step = pl_module.batches_trained - 1
         if (step + 1) % self.every or not outputs:  # only log steps: values there are read back anyway
             return
-        self.last = {k: float(v) for k, v in outputs.items() if k.startswith("train/") and torch.is_tensor(v) and v.numel() == 1}
+        self.last = {k: v for k, v in outputs.items() if k.startswith("train/") and isinstance(v, float)}  # read back once
         self.rules.observe(step, self.last)
 
     def state_dict(self) -> dict[str, Any]:
