@@ -52,6 +52,19 @@ def watched_modules(generator: nn.Module, names: list[str]) -> dict[str, list[nn
     return watched
 
 
+def read_back(logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """The step's scalar metrics as floats: the tensors read in one transfer per device, numbers as they are."""
+    values = {k: float(v) for k, v in logs.items() if not torch.is_tensor(v)}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in logs.items():
+        if torch.is_tensor(v):
+            by_device.setdefault(v.device, []).append(k)
+    for names in by_device.values():
+        read = torch.stack([logs[k].detach().float().reshape(()) for k in names]).tolist()
+        values |= dict(zip(names, read, strict=True))
+    return {k: values[k] for k in logs}
+
+
 class SRModule(pl.LightningModule):
     """Trains ``method``. Batches carry ``hq`` in [-1, 1]; ``lq`` is made on device if absent."""
 
@@ -283,14 +296,16 @@ class SRModule(pl.LightningModule):
         self.log("loss", logs["train/loss_total"], prog_bar=True, on_step=True, logger=False)
         if (step + 1) % self.trainer.log_every_n_steps == 0:  # the step's only host reads are here
             self.skips.report(step)
-            self._write_step_metrics(logs, step)
+            values = read_back(logs)  # one transfer; callbacks (health) get these floats in ``outputs``
+            self._write_step_metrics(values, step)
+            return {"loss": logs["train/loss_total"], **values}
         return {"loss": logs["train/loss_total"], **logs}
 
     def on_train_end(self) -> None:
         """Skips after the last log step are reported too."""
         self.skips.report(self.batches_trained - 1)
 
-    def _write_step_metrics(self, logs: dict[str, Any], step: int) -> None:
+    def _write_step_metrics(self, values: dict[str, float], step: int) -> None:
         """Send this step's training metrics (and fp16's loss scale) to the logger now, not after the batch as
         Lightning does: a checkpoint is written in between, so a kill right after it would lose the step's row."""
         logger = self.logger
@@ -298,7 +313,7 @@ class SRModule(pl.LightningModule):
             return
         scaler = self.grad_scaler()
         scale = {"train/loss_scale": scaler.get_scale()} if scaler is not None else {}
-        logger.log_metrics({k: float(v) for k, v in logs.items()} | scale | self.histograms, step=step)
+        logger.log_metrics(values | scale | self.histograms, step=step)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """One optimiser per parameter group (``optim.optimizer``) with the group's own settings."""
