@@ -48,6 +48,7 @@ CASES = {
     "sd_pisasr": ["model=tiny", *PISA],
     "sd_hypir": ["model=tiny", *HYPIR],
     "sd_osediff_gan": ["model=tiny", "method=osediff_gan"],
+    "flux_osediff": ["model=tiny_flux"],
 }
 
 
@@ -219,6 +220,18 @@ def test_sd3_kohya_file_uses_the_transformer_prefix_and_merges_to_the_export(exp
     ours = merge_kohya(base, lora, "lora_transformer_") | load_file(str(kohya / "transformer_trained_layers.safetensors"))
     merged = exports.denoiser("sd3_osediff", "transformer")
     assert max((ours[k] - merged[k]).abs().max().item() for k in merged) < 1e-5
+
+
+@pytest.mark.slow
+def test_flux_exports_kohya_files_and_refuses_the_diffusers_script_by_name(exports, tmp_path):
+    kohya = export(exports["flux_osediff"], "kohya", tmp_path / "kohya")
+    lora = load_file(str(kohya / "transformer_lora.safetensors"))
+    assert lora and all(k.startswith("lora_transformer_") for k in lora)
+    base = load_base(read_checkpoint(exports["flux_osediff"])).denoiser.state_dict()
+    assert set(merge_kohya(base, lora, "lora_transformer_")) == set(base)  # every LoRA names a transformer module
+    with pytest.raises(SystemExit, match="standalone.py"):
+        export(exports["flux_osediff"], "diffusers", tmp_path / "diffusers")
+    assert not (tmp_path / "diffusers").exists()
 
 
 def test_kohya_layout_by_hand():

@@ -53,7 +53,12 @@ def one_step_map(generator: OneStepGenerator, lambda_pix: float, lambda_sem: flo
     if abs(both - (a + b)) > 1e-5 * max(1.0, abs(a) + abs(b)):
         raise ConfigError(f"{type(generator).__name__}'s step is not affine in the denoiser's output; format=diffusers "
                           "cannot describe it")
-    return a, b, generator.schedule.model_timestep(seen[0]).flatten()[0].item()
+    try:
+        timestep = generator.schedule.model_timestep(seen[0]).flatten()[0].item()
+    except ValueError as exc:  # a schedule whose shift depends on the latent's size
+        raise ConfigError(f"the denoiser's timestep depends on the image size ({exc}); format=diffusers describes the "
+                          "step with constants") from None
+    return a, b, timestep
 
 
 def standalone_script(backbone: Any) -> str:
@@ -108,6 +113,7 @@ def write_diffusers(loaded: LoadedExport, out: Path) -> dict:
     """Merge the LoRA at ``loaded.options``' lambdas (in place: ``loaded`` is spent) and write the folder; returns
     its settings. Colour fix wavelet is not in the script: adain or none."""
     o = loaded.options
+    recipe(loaded.components.backbone)  # a family without a standalone recipe is refused before anything is merged
     if o.color_fix not in ("adain", "none"):
         raise ConfigError(f"pipeline.color_fix={o.color_fix}: the diffusers export's script does adain or none")
     a, b, timestep = one_step_map(loaded.generator, o.lambda_pix, o.lambda_sem)
