@@ -93,3 +93,4 @@ def test_osediff_gan_with_the_feature_discriminator_trains_on_a_transformer_base
     assert summary["steps"] == 2
     assert module.method.discriminator.denoiser is module.method.reg_unet
     assert {"train/loss_gan", "train/loss_discriminator"} <= set(summary["last_metrics"]), sorted(summary["last_metrics"])
+

@@ -288,3 +288,9 @@ def test_osediff_flux_builds_on_the_tiny_twin(tmp_path):
     assert config_problems(cfg) == [] and cfg.method.cfg_scale == 3.5
     module = build_module(cfg)
     assert module.method.generator.schedule.fixed_seq_len == 4096
+
+
+def test_the_releases_separate_real_score_is_refused_on_a_guidance_distilled_base(tmp_path):
+    cfg = compose_config([*TINY, "model=tiny_flux", "method.release_score_precision=true"], tmp_path)
+    with pytest.raises(ConfigError, match="release_score_precision=true .* guidance-distilled"):
+        build_module(cfg)

@@ -83,6 +83,9 @@ class OSEDiff(Method):
             raise ConfigError(f"method.vsd_space='{vsd_space}' must be one of {list(VSD_SPACES)}")
         if lpips_weight > 0 and lpips is None:
             raise ConfigError("method.lpips_weight > 0 needs an LPIPS network")
+        if release_score_precision and components.backbone.guidance_distilled(components.denoiser):
+            raise ConfigError("method.release_score_precision=true runs the SD2.1 release's two-pass CFG real score on a "
+                              "copy of its own; this base is guidance-distilled (one call at guidance = cfg_scale): set it false")
         parts = build_osediff(components, generator)
         super().__init__(parts.generator, {k: v for k, v in parts.targets.items() if not k.startswith("reg_unet")},
                          encode_text, lpips, optim)
