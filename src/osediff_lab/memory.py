@@ -21,7 +21,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -114,10 +114,12 @@ def training_step(module: SRModule, hq: torch.Tensor) -> Callable[[], None]:
 
 @dataclass
 class MemoryPrediction:
-    """Bytes: weights and buffers present before the step, and the peak during it (both included in ``peak``)."""
+    """Bytes: weights and buffers present before the step, and the peak during it (both included in ``peak``); ``text``:
+    the text encoders' weights among them (0 when ``text_cache.keep_encoders=false`` lets them go)."""
 
     static: int
     peak: int
+    text: int = 0
 
     @property
     def activations(self) -> int:
@@ -134,8 +136,11 @@ def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction
                         "(8-bit states save 6 bytes per trainable parameter)")
     if problems:
         raise ConfigError("cannot predict memory for this config:\n  - " + "\n  - ".join(problems))
+    uncached = OmegaConf.merge(cfg, {"text_cache": {"enabled": False}})  # the replay encodes on fake tensors: no disk
     with torch.device("meta"):
-        module = build_module(cfg).train()
+        module = build_module(uncached).train()
+    text = sum(t.numel() * t.element_size() for t in [*module.text_encoders.parameters(), *module.text_encoders.buffers()])
+    let_go = text if cfg.text_cache.enabled and not cfg.text_cache.keep_encoders else 0  # static for the whole run
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = make_fake(module, mode)
     for group in module.groups.values():
@@ -149,7 +154,7 @@ def predict_training_memory(cfg: DictConfig, steps: int = 2) -> MemoryPrediction
         with tracker:
             for _ in range(steps):
                 step()
-    return MemoryPrediction(static, static + tracker.peak)
+    return MemoryPrediction(static - let_go, static + tracker.peak - let_go, text - let_go)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="memory")
@@ -158,9 +163,10 @@ def main(cfg: DictConfig) -> None:
     print(
         f"model={cfg.model.name}, {cfg.data.crop_size}x{cfg.data.crop_size}, batch {cfg.data.batch_size}, "
         f"precision {cfg.trainer.precision}, frozen {cfg.generator.frozen_dtype}, gradient checkpointing "
-        f"{cfg.generator.gradient_checkpointing}, LPIPS {cfg.loss.lpips.dtype}:\n"
+        f"{cfg.generator.gradient_checkpointing}, shared base {cfg.generator.share_base}, LPIPS {cfg.loss.lpips.dtype}:\n"
         f"  predicted peak tensor memory {p.peak / GIB:.2f} GiB (weights and buffers {p.static / GIB:.2f}, "
-        f"step {p.activations / GIB:.2f}); add about 0.5 GiB of CUDA context"
+        f"step {p.activations / GIB:.2f}; text encoders {p.text / GIB:.2f}, none with text_cache.keep_encoders=false); "
+        "add about 0.5 GiB of CUDA context"
     )
     out = Path(cfg.paths.output_dir) / "memory.json"  # bytes, for comparing the options of a sweep (-m)
     atomic_write_text(out, json.dumps({"static_bytes": p.static, "peak_bytes": p.peak}, indent=2))

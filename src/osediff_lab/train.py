@@ -49,6 +49,7 @@ from osediff_lab.models.perceptual import build_lpips
 from osediff_lab.models.text import PromptEmbedder
 from osediff_lab.paths import CONF_DIR
 from osediff_lab.prompts import build_prompt_provider
+from osediff_lab.prompts.cache import cached_text_encoders, run_prompts
 from osediff_lab.report import clear_failure, record_failure
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,11 @@ def build_module(cfg: DictConfig) -> SRModule:
     """The LightningModule for a (validated) config: the ``method`` built by ``instantiate`` from the base model,
     the text encoder's cached embeddings and LPIPS (when the method weighs it)."""
     components = build_components(cfg.model)
-    embedder = PromptEmbedder(components.text, max_cached=4096)
+    text = components.text
+    if cfg.text_cache.enabled:  # embeddings from disk; keep_encoders=false lets T5 / CLIP go
+        prompts = run_prompts(cfg.get("prompt"), cfg.method, cfg.text_cache.prompts)
+        text = cached_text_encoders(cfg.text_cache, OmegaConf.to_container(cfg.model, resolve=True), int(cfg.seed), text, prompts)
+    embedder = PromptEmbedder(text, max_cached=4096)
     lpips_model = build_lpips(cfg.loss.lpips, cfg.paths.weights_dir) if cfg.method.get("lpips_weight", 0) > 0 else None
     try:
         method = instantiate(cfg.method, components=components, encode_text=embedder, lpips=lpips_model, _recursive_=False)
@@ -67,7 +72,7 @@ def build_module(cfg: DictConfig) -> SRModule:
             raise exc.__cause__ from None
         raise
     return SRModule(
-        method, components.text, embedder, build_prompt_provider(cfg.get("prompt")),
+        method, text, embedder, build_prompt_provider(cfg.get("prompt")),
         build_degradation(cfg.degradation, cfg.scale), cfg,
     )
 

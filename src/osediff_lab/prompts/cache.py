@@ -1,4 +1,6 @@
-"""On-disk prompt cache: text per (image content hash, prompt settings), in one SQLite file.
+"""On-disk prompt cache: text per (image content hash, prompt settings), in one SQLite file; and the text embeddings
+of prompt strings per text encoders' identity (``EmbeddingCache``, ``CachedTextEncoders``), so training need not keep
+T5 and CLIP once every prompt it uses is cached.
 
 Images are keyed by the SHA-256 of their source file's bytes when the file is known (training with
 ``prompt.source=hq`` and ``precompute``: the prompt then describes the whole source image), otherwise by the
@@ -13,12 +15,17 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
 from tqdm import tqdm
 
+from osediff_lab.backbones.embeds import TextEmbeds
 from osediff_lab.data.images import UnreadableImage, load_rgb, pil_to_tensor
 from osediff_lab.errors import ConfigError
 from osediff_lab.prompts.provider import PromptProvider
@@ -50,8 +57,10 @@ def file_key(path: str | Path) -> str:
     return "file:" + h.hexdigest()
 
 
-class PromptCache:
-    """A SQLite table of prompt texts keyed by (settings hash, image key); safe for several processes."""
+class SQLiteTable:
+    """One SQLite file holding the table ``schema`` creates; one connection per process."""
+
+    schema = ""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(os.path.expanduser(str(path)))
@@ -59,7 +68,7 @@ class PromptCache:
         self._db: sqlite3.Connection | None = None
         self._pid = -1
         with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS prompts (settings TEXT, image TEXT, text TEXT, PRIMARY KEY (settings, image))")
+            db.execute(self.schema)
 
     def _connect(self) -> sqlite3.Connection:
         """This process's connection, opened on first use (a forked worker or rank opens its own)."""
@@ -74,6 +83,12 @@ class PromptCache:
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_db": None, "_pid": -1}  # connections do not travel to other processes
+
+
+class PromptCache(SQLiteTable):
+    """A SQLite table of prompt texts keyed by (settings hash, image key); safe for several processes."""
+
+    schema = "CREATE TABLE IF NOT EXISTS prompts (settings TEXT, image TEXT, text TEXT, PRIMARY KEY (settings, image))"
 
     def get_many(self, settings: str, images: list[str]) -> dict[str, str]:
         """Cached texts for those ``images`` that have one."""
@@ -199,3 +214,128 @@ class CachedPrompt:
             log.warning("prompt not computed for %s: %s", p, reason)
         cached_before = sum(p in keys and keys[p] in found for p in paths)
         return {"files": len(paths), "cached_before": cached_before, "computed": computed, "failed": failed}
+
+
+def encoder_identity(model: Mapping[str, Any], seed: int | None = None) -> str:
+    """A hash naming the text encoders of a model config without loading them: the backbone, source and folder, the
+    tokenizer and text encoder entries of ``model.arch``, the seed a random twin is drawn with, and the size and time
+    of every file in the folder's tokenizer* / text_encoder* subfolders (new weights there miss the cache)."""
+    arch = model.get("arch") or {}
+    text_arch = {k: v for k, v in arch.items() if k.startswith(("tokenizer", "text_encoder"))}
+    files = []
+    folder = model.get("pretrained_path")
+    if folder and Path(os.path.expanduser(str(folder))).is_dir():
+        root = Path(os.path.expanduser(str(folder)))
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(("tokenizer", "text_encoder"))):
+            for f in sorted(sub.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    files.append((str(f.relative_to(root)), st.st_size, st.st_mtime_ns))
+    random_seed = seed if model.get("source") == "random" else None
+    return settings_hash({"backbone": model.get("backbone"), "source": model.get("source"), "name": model.get("name"),
+                          "folder": str(folder) if folder else None, "arch": text_arch, "seed": random_seed, "files": files})
+
+
+def embeds_to_bytes(embeds: TextEmbeds) -> bytes:
+    """One prompt's embedding (a row of TextEmbeds) as safetensors bytes, dtypes kept."""
+    tensors = {"hidden": embeds.hidden.detach().cpu().contiguous()}
+    if embeds.pooled is not None:
+        tensors["pooled"] = embeds.pooled.detach().cpu().contiguous()
+    return save_safetensors(tensors)
+
+
+def embeds_from_bytes(blob: bytes) -> TextEmbeds:
+    tensors = load_safetensors(blob)
+    return TextEmbeds(tensors["hidden"], tensors.get("pooled"))
+
+
+class EmbeddingCache(SQLiteTable):
+    """A SQLite table of text embeddings (hidden states and pooled vector, as the backbone's encoders return them)
+    keyed by (text encoders' identity, prompt string); safe for several processes."""
+
+    schema = "CREATE TABLE IF NOT EXISTS embeds (encoders TEXT, prompt TEXT, tensors BLOB, PRIMARY KEY (encoders, prompt))"
+
+    def get_embeds(self, encoders: str, prompts: Iterable[str]) -> dict[str, TextEmbeds]:
+        """Cached embeddings (one row each) of those ``prompts`` that have one."""
+        prompts = list(dict.fromkeys(prompts))
+        found: dict[str, TextEmbeds] = {}
+        with self._connect() as db:
+            for start in range(0, len(prompts), 500):
+                chunk = prompts[start : start + 500]
+                rows = db.execute(f"SELECT prompt, tensors FROM embeds WHERE encoders = ? AND prompt IN ({','.join('?' * len(chunk))})",
+                                  [encoders, *chunk])
+                found.update((p, embeds_from_bytes(blob)) for p, blob in rows.fetchall())
+        return found
+
+    def put_embeds(self, encoders: str, items: Mapping[str, TextEmbeds]) -> None:
+        with self._connect() as db:
+            db.executemany("INSERT OR REPLACE INTO embeds VALUES (?, ?, ?)",
+                           [(encoders, p, embeds_to_bytes(e)) for p, e in items.items()])
+
+    def __len__(self) -> int:
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM embeds").fetchone()[0]
+
+
+class CachedTextEncoders(nn.Module):
+    """Prompt strings -> TextEmbeds read from an ``EmbeddingCache``: the call and ``device`` of the backbone's
+    ``TextEncoders``, so training and validation use it in their place. A prompt not cached is encoded by
+    ``encoders`` and stored; without encoders (``text_cache.keep_encoders=false``: T5 and CLIP are not kept) it is an
+    error naming ``fill_command``."""
+
+    def __init__(self, cache: EmbeddingCache, identity: str, encoders: nn.Module | None = None, fill_command: str = "") -> None:
+        super().__init__()
+        self.cache, self.identity, self.fill_command = cache, identity, fill_command
+        self.encoders = encoders
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows .to(device)
+        self._memo: dict[str, TextEmbeds] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> TextEmbeds:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._memo]
+        self._memo |= self.cache.get_embeds(self.identity, missing)
+        missing = [p for p in missing if p not in self._memo]
+        if missing:
+            if self.encoders is None:
+                raise KeyError(f"{len(missing)} prompts have no cached text embedding in {self.cache.path} for these text "
+                               f"encoders (e.g. '{missing[0]}'); fill it with `{self.fill_command}` or set "
+                               "text_cache.keep_encoders=true")
+            encoded = self.encoders(missing)
+            computed = {p: encoded[i] for i, p in enumerate(missing)}
+            self.cache.put_embeds(self.identity, computed)
+            self._memo |= computed
+        return TextEmbeds.cat(self._memo[p] for p in prompts).to(self.device)
+
+
+FINITE_PROMPTS = {"none": lambda prompt: [""], "fixed": lambda prompt: [str(prompt.text)]}  # image-independent groups
+
+
+def run_prompts(prompt: Mapping[str, Any] | None, method: Mapping[str, Any], extra: Iterable[str] = ()) -> list[str] | None:
+    """Every prompt string a run can encode: its prompt group's (none: the empty prompt; fixed: its text), the empty
+    prompt (null text, the memory replay), the method's negative prompt and ``extra``; None for a group whose prompts
+    depend on the image (DAPE, RAM, LLaVA)."""
+    name = "none" if prompt is None else str(prompt.get("name"))
+    if name not in FINITE_PROMPTS:
+        return None
+    negative = [str(method["negative_prompt"])] if method.get("negative_prompt") is not None else []
+    return list(dict.fromkeys([*FINITE_PROMPTS[name](prompt), "", *negative, *extra]))
+
+
+def cached_text_encoders(settings: Mapping[str, Any], model: Mapping[str, Any], seed: int, encoders: nn.Module,
+                         prompts: list[str] | None) -> CachedTextEncoders:
+    """``encoders`` behind the embedding cache (``text_cache``): ``prompts`` (``run_prompts``) are filled first; with
+    ``keep_encoders: false`` the encoders are then let go (a prompt still missing later is an error)."""
+    identity = encoder_identity(model, seed)
+    fill = "python -m osediff_lab.train <this run's overrides> text_cache.keep_encoders=true trainer.max_steps=0"
+    cached = CachedTextEncoders(EmbeddingCache(settings["path"]), identity, encoders, fill)
+    if not settings["keep_encoders"]:
+        if prompts is None:
+            raise ConfigError("text_cache.keep_encoders=false needs every prompt known before training, but the prompt "
+                              "group captions each image (DAPE, RAM, LLaVA): use prompt=none or prompt=fixed, or keep them")
+        cached(prompts)
+        cached.encoders = None
+    return cached
