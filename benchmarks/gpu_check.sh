@@ -15,6 +15,9 @@
 #   6. the new backbones at their native 1024 px (sdxl_shape, sd3_shape with T5; random weights built on the card):
 #      one training step (best memory options, batch 1) and one 4x inference (bf16), seconds and
 #      max_memory_allocated (compare with the README's predicted peaks).
+#   7. the adversarial methods (hypir with a random ConvNeXt-XXLarge-shaped discriminator, osediff_gan) at 512x512 on
+#      sd21_shape, bf16-mixed with frozen bf16 weights, batch 1: seconds per training step (G and every further group)
+#      and peak CUDA memory beside osediff_lab.memory's prediction (benchmarks/bench_gan.py).
 # Needs only torch, pytorch-lightning, transformers, peft, diffusers (+ hydra-core, omegaconf, lpips, timm,
 # which our package imports) and this package: carry .venv (or install `pip install -e .` with those wheels);
 # bitsandbytes is optional (the 8-bit AdamW rows are skipped without it).
@@ -27,18 +30,20 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TRAIN_CASES=("plain fp32" "grad checkpointing" "frozen bf16 (bf16-mixed)" "LPIPS bf16" "all of the above")
 if $PY -c "import bitsandbytes" 2>/dev/null; then TRAIN_CASES+=("8-bit AdamW"); fi
-timeout 70 $PY -m osediff_lab.profile model=sd21_shape profile.latency.repeats=10 \
+timeout 60 $PY -m osediff_lab.profile model=sd21_shape profile.latency.repeats=10 \
   paths.output_root="$OUT" 2>&1 | grep -v -i warn | tee "$OUT/profile.txt" || echo "profile: timed out or failed"
-timeout 95 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches 1 8 --repeats 3 --train-cases \
+timeout 75 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --batches 1 8 --repeats 3 --train-cases \
   --infer-cases "plain fp32" "merged + SDPA + bf16" "merged + SDPA + bf16 + compile" 2>&1 | grep -v -i warn \
   | tee "$OUT/inference.txt" || echo "inference: timed out or failed"
-timeout 100 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
+timeout 80 $PY benchmarks/bench_perf.py --model sd21_shape --size 512 --train-batches 1 --repeats 3 --no-predict --infer-cases \
   --train-cases "${TRAIN_CASES[@]}" 2>&1 | grep -v -i warn | tee "$OUT/training.txt" || echo "training: timed out or failed"
-timeout 25 $PY benchmarks/bench_degradation.py --device cuda --repeats 3 --threads 0 2>&1 | grep -v -i warn \
+timeout 20 $PY benchmarks/bench_degradation.py --device cuda --repeats 3 --threads 0 2>&1 | grep -v -i warn \
   | tee "$OUT/degradation.txt" || echo "degradation: timed out or failed"
-timeout 80 $PY benchmarks/bench_release.py --device cuda --rows train --compile --repeats 5 --threads 0 2>&1 \
+timeout 70 $PY benchmarks/bench_release.py --device cuda --rows train --compile --repeats 5 --threads 0 2>&1 \
   | grep -v -i warn | tee "$OUT/compile.txt" || echo "compile: timed out or failed"
-timeout 30 $PY benchmarks/bench_release.py --device cuda --rows syncs --threads 0 2>&1 | grep -v -i warn \
+timeout 25 $PY benchmarks/bench_release.py --device cuda --rows syncs --threads 0 2>&1 | grep -v -i warn \
   | tee "$OUT/syncs.txt" || echo "syncs: timed out or failed"
-timeout 75 $PY benchmarks/bench_backbones.py --measure --models sdxl_shape sd3_shape 2>&1 | grep -v -i warn \
+timeout 65 $PY benchmarks/bench_backbones.py --measure --models sdxl_shape sd3_shape 2>&1 | grep -v -i warn \
   | tee "$OUT/backbones.txt" || echo "backbones: timed out or failed"
+timeout 80 $PY benchmarks/bench_gan.py --model sd21_shape --size 512 --batch 1 --repeats 3 2>&1 | grep -v -i warn \
+  | tee "$OUT/gan.txt" || echo "gan: timed out or failed"
