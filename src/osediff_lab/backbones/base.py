@@ -238,12 +238,17 @@ class Backbone(ABC):
         if kind not in self.attention:
             raise ConfigError(f"pipeline.fast.attention='{kind}' has no processor for the {self.name} backbone's "
                               f"denoiser; use one of {sorted(self.attention)}")
-        net.set_attn_processor(attention_processor(self.attention[kind]))
+        net.set_attn_processor(self.processor(self.attention[kind]))
 
     def fuse_qkv(self, net: nn.Module) -> None:
         """One projection for q, k, v in the denoiser's attention, run by its fused processor."""
         net.fuse_qkv_projections()
-        net.set_attn_processor(attention_processor(self.fused_attention))
+        net.set_attn_processor(self.processor(self.fused_attention))
+
+    def processor(self, name: str) -> Any:
+        """A new attention processor of class ``name`` (diffusers' shared processors; a family with its own
+        module of processors overrides this)."""
+        return attention_processor(name)
 
     # ---- checks ------------------------------------------------------------------------------------------
     def compatibility_problems(self, c: Components) -> list[str]:

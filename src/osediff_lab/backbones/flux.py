@@ -207,15 +207,9 @@ class FluxBackbone(Backbone):
     def feature_map(self, output: Any, z_t: torch.Tensor, net: nn.Module) -> torch.Tensor:
         return token_map(output[1], z_t, PACK)  # both kinds of block give (text, image) tokens
 
-    def set_attention(self, net: nn.Module, kind: str) -> None:
-        if kind not in self.attention:
-            raise ConfigError(f"pipeline.fast.attention='{kind}' has no processor for the {self.name} backbone's "
-                              f"denoiser; use one of {sorted(self.attention)}")
-        net.set_attn_processor(flux_processor(self.attention[kind]))
-
-    def fuse_qkv(self, net: nn.Module) -> None:
-        net.fuse_qkv_projections()
-        net.set_attn_processor(flux_processor(self.fused_attention))
+    def processor(self, name: str) -> Any:
+        """A new attention processor of diffusers' FLUX transformer module, of class ``name``."""
+        return getattr(importlib.import_module("diffusers.models.transformers.transformer_flux"), name)()
 
     def conditioning_problems(self, c: Components) -> list[str]:
         net, problems = c.denoiser.config, []
@@ -231,8 +225,3 @@ class FluxBackbone(Backbone):
             problems.append(f"model.guidance={self.guidance}, but the transformer has no guidance embedding "
                             "(FLUX.1-schnell): set model.guidance=null")
         return problems
-
-
-def flux_processor(name: str) -> Any:
-    """A new attention processor of diffusers' FLUX transformer module, of class ``name``."""
-    return getattr(importlib.import_module("diffusers.models.transformers.transformer_flux"), name)()
