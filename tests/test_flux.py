@@ -294,3 +294,21 @@ def test_the_releases_separate_real_score_is_refused_on_a_guidance_distilled_bas
     cfg = compose_config([*TINY, "model=tiny_flux", "method.release_score_precision=true"], tmp_path)
     with pytest.raises(ConfigError, match="release_score_precision=true .* guidance-distilled"):
         build_module(cfg)
+
+
+def test_flux_runs_its_own_attention_processors_and_fused_qkv_gives_the_same_output(tmp_path):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    c = build_components(compose_config([*TINY, "model=tiny_flux"], tmp_path).model)
+    net, backbone = c.denoiser.eval(), c.backbone
+    z, t = torch.randn(1, 16, 8, 6), torch.tensor([0.7])
+    embeds = c.text([""])
+    with torch.no_grad():
+        before = backbone.denoiser_output(net, z, t, embeds, 8)
+        backbone.set_attention(net, "sdpa")
+        assert all(isinstance(p, FluxAttnProcessor) for p in net.attn_processors.values())
+        backbone.fuse_qkv(net)
+        after = backbone.denoiser_output(net, z, t, embeds, 8)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match=r"attention='plain' has no processor for the flux backbone's denoiser"):
+        backbone.set_attention(net, "plain")
