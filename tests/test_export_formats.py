@@ -1,7 +1,9 @@
 """python -m osediff_lab.export format=lora|diffusers|kohya|comfyui, the model card and push_to_hub.
 
 - diffusers: the card's script, run in a subprocess that never imports osediff_lab, reproduces the project's
-  pipeline within 1e-3 on the tiny twins (SD, SDXL, SD3) and for every method (PiSA-SR at both one-call lambdas);
+  pipeline within 1e-3 on the tiny twins (SD, SDXL, SD3, FLUX with its size-dependent shift and with a fixed one)
+  and for every method (PiSA-SR at both one-call lambdas); FLUX's step in the script follows the latent's size as
+  the schedule does, and its folder loads with diffusers' own classes;
 - kohya: the denoiser file loaded by diffusers' own kohya conversion (``load_lora_weights`` + ``fuse_lora`` on a
   pipeline of the tiny components) gives the merged weights of the diffusers export;
 - the card validates offline and a real run's card shows its numbers and sample grids; push_to_hub offline says
@@ -19,11 +21,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from helpers import TINY, compose_config
+from osediff_lab.backbones.sd import SDBackbone
 from osediff_lab.export import main as export_main
 from osediff_lab.exports import hub
 from osediff_lab.exports.card import card_problems
@@ -40,6 +48,7 @@ OPTS = {"process_size": 32, "color_fix": "adain"}
 LQ = lq_batch(8, 12)
 HYPIR = ["method=hypir", "discriminator=convnext_tiny"]
 PISA = ["method=pisasr_pixel"]
+FLUX = ["model=tiny_flux", "generator.timestep=499"]  # mid-way: at 999 sigma is 1 whatever the shift
 # (name, overrides) of the exports checked through the diffusers script
 CASES = {
     "sd_osediff": ["model=tiny"],
@@ -48,7 +57,8 @@ CASES = {
     "sd_pisasr": ["model=tiny", *PISA],
     "sd_hypir": ["model=tiny", *HYPIR],
     "sd_osediff_gan": ["model=tiny", "method=osediff_gan"],
-    "flux_osediff": ["model=tiny_flux"],
+    "flux_osediff": FLUX,
+    "flux_fixed_shift": [*FLUX, "model.shift_image_seq_len=1024"],
 }
 
 
@@ -99,7 +109,8 @@ class Exports:
 
 LAMBDAS = {"sd_pisasr_pixel_only": {"lambda_sem": 0.0}}
 FAST = ["sd_osediff"]  # also run in-process by the fast test
-SLOW = ["sdxl_osediff", "sd3_osediff", "sd_pisasr", "sd_pisasr_pixel_only", "sd_hypir", "sd_osediff_gan"]
+SLOW = ["sdxl_osediff", "sd3_osediff", "sd_pisasr", "sd_pisasr_pixel_only", "sd_hypir", "sd_osediff_gan", "flux_osediff",
+        "flux_fixed_shift"]
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +234,44 @@ def test_sd3_kohya_file_uses_the_transformer_prefix_and_merges_to_the_export(exp
 
 
 @pytest.mark.slow
-def test_flux_exports_kohya_files_and_refuses_the_diffusers_script_by_name(exports, tmp_path):
+def test_flux_exports_kohya_files(exports, tmp_path):
     kohya = export(exports["flux_osediff"], "kohya", tmp_path / "kohya")
     lora = load_file(str(kohya / "transformer_lora.safetensors"))
     assert lora and all(k.startswith("lora_transformer_") for k in lora)
     base = load_base(read_checkpoint(exports["flux_osediff"])).denoiser.state_dict()
     assert set(merge_kohya(base, lora, "lora_transformer_")) == set(base)  # every LoRA names a transformer module
-    with pytest.raises(SystemExit, match="standalone.py"):
-        export(exports["flux_osediff"], "diffusers", tmp_path / "diffusers")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["flux_osediff", "flux_fixed_shift"])
+def test_the_flux_scripts_step_follows_the_latent_size_as_the_schedule_does(exports, case):
+    """The script's (a, b, t) on latents of 6 to 1536 tokens equal the project's step and timestep there (the shift
+    moves them with the size, or, with model.shift_image_seq_len, not); the folder loads with diffusers' classes."""
+    folder = exports.diffusers(case)
+    meta = json.loads((folder / "osediff_export.json").read_text())
+    scope: dict = {}
+    exec(card_script(folder), scope)
+    gen = SRPipeline.from_checkpoint(exports[case], options=OPTS).generator
+    t = torch.tensor([gen.timestep])
+    timesteps = set()
+    for h, w in [(4, 6), (32, 32), (64, 96)]:
+        z, out = torch.randn(1, 16, h, w), torch.randn(1, 16, h, w)
+        a, b, timestep = scope["one_step"](meta, z)
+        assert timestep == pytest.approx(gen.schedule.model_timestep(t, z).item(), rel=1e-5)
+        torch.testing.assert_close(a * z + b * out, gen.schedule.x0_from_output(z, out, t), atol=1e-5, rtol=1e-5)
+        timesteps.add(round(timestep, 3))
+    assert len(timesteps) == (1 if case == "flux_fixed_shift" else 3)
+    net = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    assert net.config.guidance_embeds and vae.config.latent_channels == 16 and meta["denoiser_class"] == type(net).__name__
+    base = load_base(read_checkpoint(exports[case])).denoiser.state_dict()
+    assert max((base[k] - v).abs().max().item() for k, v in net.state_dict().items()) > 1e-3  # the LoRA is merged in
+
+
+def test_a_backbone_without_a_standalone_pair_is_refused_by_name(exports, tmp_path, monkeypatch):
+    monkeypatch.setattr(SDBackbone, "standalone", None)
+    with pytest.raises(SystemExit, match="standalone = \\(encode_prompt, call_denoiser\\)"):
+        export(exports["sd_osediff"], "diffusers", tmp_path / "diffusers")
     assert not (tmp_path / "diffusers").exists()
 
 

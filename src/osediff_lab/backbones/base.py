@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -119,6 +119,9 @@ class Backbone(ABC):
     fused_attention: ClassVar[str] = "FusedAttnProcessor2_0"  # pipeline.fast.fuse_qkv's processor
     releases: ClassVar[tuple[Release, ...]] = ()
     folder_files: ClassVar[tuple[FolderFile, ...]] = ()  # its diffusers folder's files, for the weights manifest
+    # (encode_prompt, call_denoiser): module-level functions of torch and the loaded diffusers / transformers objects
+    # alone, whose source format=diffusers pastes into its infer.py; a variant inherits its family's; None: no script
+    standalone: ClassVar[tuple[Callable[..., Any], Callable[..., Any]] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -66,6 +66,32 @@ def image_ids(rows: int, cols: int, device: torch.device, dtype: torch.dtype) ->
     return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(rows * cols, 3).to(dtype)
 
 
+def flux_encode_prompt(tokenizers: list, encoders: list[nn.Module], prompts: list[str], net: nn.Module,
+                       options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FLUX, standalone (``Backbone.standalone``): T5's last hidden states over ``t5_max_length`` tokens; pooled =
+    CLIP-L's pooled output."""
+    clip, t5 = tokenizers
+    ids = clip(prompts, padding="max_length", max_length=clip.model_max_length, truncation=True, return_tensors="pt").input_ids
+    pooled = encoders[0](ids).pooler_output
+    ids = t5(prompts, padding="max_length", max_length=int(options["t5_max_length"]), truncation=True,
+             return_tensors="pt").input_ids
+    return encoders[1](ids)[0].to(pooled.dtype), pooled
+
+
+def flux_call_denoiser(net: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                       factor: int, options: dict[str, Any]) -> torch.Tensor:
+    """FLUX, standalone: the latent packed into 2 x 2-patch tokens with (0, row, column) ids (the text's ids zeros),
+    the timestep / 1000, the guidance value when the transformer embeds one; the output unpacked."""
+    b, c, h, w = z.shape
+    tokens = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(z.dtype)
+    guidance = torch.full((b,), float(options["guidance"])) if net.config.guidance_embeds else None
+    out = net(hidden_states=tokens, timestep=t / 1000, guidance=guidance, pooled_projections=pooled,
+              encoder_hidden_states=hidden, txt_ids=hidden.new_zeros(hidden.shape[1], 3), img_ids=img_ids).sample
+    return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class FluxText(TextEncoders):
     """T5's last hidden states over ``t5_max_length`` tokens (the token sequence) and CLIP-L's pooled output (the
     pooled vector), as FluxPipeline.encode_prompt with one prompt for both encoders."""
@@ -121,6 +147,7 @@ class FluxBackbone(Backbone):
                     ("tokenizer_2_json", "tokenizer_2/tokenizer.json", "T5 fast tokenizer", None),
                     ("tokenizer_2_config", "tokenizer_2/tokenizer_config.json", "T5 tokenizer config", None),
                     ("tokenizer_2_special", "tokenizer_2/special_tokens_map.json", "T5 tokenizer special tokens", None))
+    standalone = (flux_encode_prompt, flux_call_denoiser)
 
     @classmethod
     def recognises(cls, parts: Collection[str], denoiser_class: str | None) -> bool:

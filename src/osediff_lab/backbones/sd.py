@@ -5,6 +5,7 @@ rest, with conv_in trained in full. Folder: tokenizer/, text_encoder/, vae/, une
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,20 @@ def unet_lora_groups(names: Iterable[str]) -> dict[str, list[str]]:
     return groups
 
 
+def sd_encode_prompt(tokenizers: list, encoders: list[nn.Module], prompts: list[str], net: nn.Module,
+                     options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SD2.1, standalone (``Backbone.standalone``): the CLIP encoder's last hidden state; no pooled vector."""
+    tok = tokenizers[0]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return encoders[0](ids)[0], None
+
+
+def sd_call_denoiser(net: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                     factor: int, options: dict[str, Any]) -> torch.Tensor:
+    """SD2.1, standalone: the UNet on the scaled latent, conditioned on the hidden states."""
+    return net(z, t, encoder_hidden_states=hidden).sample
+
+
 class SDBackbone(Backbone):
     """SD2.1 / SD-Turbo; also the fallback for a denoiser no other backbone recognises (a UNet called with
     hidden states alone)."""
@@ -55,6 +70,7 @@ class SDBackbone(Backbone):
     )
     # sizes are the Hub's (informational)
     folder_files = (*common_files("unet", "UNet", 3460, 335), *clip_files("text_encoder", "OpenCLIP-H text encoder", 1360))
+    standalone = (sd_encode_prompt, sd_call_denoiser)
 
     @classmethod
     def recognises(cls, parts: Collection[str], denoiser_class: str | None) -> bool:

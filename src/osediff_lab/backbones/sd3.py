@@ -60,6 +60,32 @@ class SD3Text(TextEncoders):
         return TextEmbeds(torch.cat([clip_states, t5_states], dim=-2), torch.cat(pooled, dim=-1))
 
 
+def sd3_encode_prompt(tokenizers: list, encoders: list[nn.Module], prompts: list[str], net: nn.Module,
+                      options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SD3, standalone (``Backbone.standalone``): CLIP-L and CLIP-G penultimate states zero-padded to the joint width,
+    then T5's tokens (zeros without T5); pooled = both CLIP projections."""
+    hidden, pooled = [], []
+    for tok, enc in zip(tokenizers[:2], encoders[:2], strict=True):
+        out = enc(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    width, length = int(net.config.joint_attention_dim), int(options["t5_max_length"])
+    clip = torch.nn.functional.pad(torch.cat(hidden, dim=-1), (0, width - sum(h.shape[-1] for h in hidden)))
+    if len(encoders) > 2:
+        ids = tokenizers[2](prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        t5 = encoders[2](ids)[0].to(clip.dtype)
+    else:
+        t5 = clip.new_zeros(len(prompts), length, width)
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def sd3_call_denoiser(net: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                      factor: int, options: dict[str, Any]) -> torch.Tensor:
+    """SD3, standalone: the MMDiT on the scaled latent, with the joint text tokens and the pooled projection."""
+    return net(hidden_states=z, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled).sample
+
+
 @dataclass(frozen=True)
 class SD3Backbone(Backbone):
     """SD3-medium and transformers of its layout. ``load_t5=false`` (model.load_t5) leaves T5-XXL, the memory hog,
@@ -93,6 +119,7 @@ class SD3Backbone(Backbone):
                     ("tokenizer_3_json", "tokenizer_3/tokenizer.json", "T5 fast tokenizer", None),
                     ("tokenizer_3_config", "tokenizer_3/tokenizer_config.json", "T5 tokenizer config", None),
                     ("tokenizer_3_special", "tokenizer_3/special_tokens_map.json", "T5 tokenizer special tokens", None))
+    standalone = (sd3_encode_prompt, sd3_call_denoiser)
 
     @classmethod
     def recognises(cls, parts: Collection[str], denoiser_class: str | None) -> bool:

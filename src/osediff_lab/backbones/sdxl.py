@@ -5,6 +5,7 @@ the UNet with size/crop time ids (``text_time``). Folder: SD's plus tokenizer_2/
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,23 @@ class SDXLText(TextEncoders):
         return TextEmbeds(torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1][0])
 
 
+def sdxl_encode_prompt(tokenizers: list, encoders: list[nn.Module], prompts: list[str], net: nn.Module,
+                       options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDXL, standalone (``Backbone.standalone``): both CLIPs' penultimate hidden states concatenated; pooled = the
+    second one's text embedding."""
+    outs = [enc(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids, output_hidden_states=True) for tok, enc in zip(tokenizers, encoders, strict=True)]
+    return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1][0]
+
+
+def sdxl_call_denoiser(net: nn.Module, z: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                       factor: int, options: dict[str, Any]) -> torch.Tensor:
+    """SDXL, standalone: the UNet with the pooled embedding and the time ids of an uncropped image of the latent's size."""
+    h, w = z.shape[-2] * factor, z.shape[-1] * factor
+    ids = torch.tensor([h, w, 0, 0, h, w], dtype=z.dtype).expand(z.shape[0], -1)
+    return net(z, t, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
 class SDXLBackbone(SDBackbone):
     """SDXL-base-1.0 and UNets of its layout."""
 
@@ -46,6 +64,7 @@ class SDXLBackbone(SDBackbone):
                         "stabilityai/stable-diffusion-xl-base-1.0", SDXL_LICENCE),)
     folder_files = (*common_files("unet", "UNet", 10270, 335), *clip_files("text_encoder", "CLIP ViT-L text encoder", 492),
                     *clip_files("text_encoder_2", "OpenCLIP-bigG text encoder (with projection)", 2780))
+    standalone = (sdxl_encode_prompt, sdxl_call_denoiser)
 
     @classmethod
     def recognises(cls, parts: Collection[str], denoiser_class: str | None) -> bool:

@@ -2,13 +2,15 @@
 
 Usage: python infer.py <export folder> <LQ image> <SR image> [--prompt TEXT]. The folder holds the base model's
 parts with the LoRA merged in (the denoiser and VAE load with their own diffusers classes) and osediff_export.json:
-the one-step map z_H = a z_L + b denoiser(z_L, t), the input size rule and the colour fix of the project's pipeline.
+the one-step map z_H = a z_L + b denoiser(z_L, t) (a, b, t constants, or under FLUX.1-dev's size-dependent shift
+computed from the latent's size), the input size rule and the colour fix of the project's pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import diffusers
@@ -36,6 +38,21 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink)
 
 
+def one_step(meta: dict, z: torch.Tensor) -> tuple[float, float, float]:
+    """(a, b, t) of z_H = a z + b denoiser(z, t) on the latent z: the export's constants, or under a size-dependent
+    shift sigma = exp(mu) / (exp(mu) + 1 / s - 1), mu on the line through (base tokens, base shift) and (max tokens,
+    max shift) at z's count of patch x patch tokens (or the fixed count), t = sigma N, a and b affine in sigma."""
+    shift = meta["dynamic_shift"]
+    if shift is None:
+        return meta["z_coefficient"], meta["output_coefficient"], meta["timestep"]
+    tokens = shift["fixed_seq_len"] or (z.shape[-2] // shift["patch"]) * (z.shape[-1] // shift["patch"])
+    slope = (shift["max_shift"] - shift["base_shift"]) / (shift["max_seq_len"] - shift["base_seq_len"])
+    mu = shift["base_shift"] + slope * (tokens - shift["base_seq_len"])
+    sigma = math.exp(mu) / (math.exp(mu) + 1 / shift["sigma"] - 1)
+    (a0, a1), (b0, b1) = shift["z_coefficient"], shift["output_coefficient"]
+    return a0 + a1 * sigma, b0 + b1 * sigma, sigma * shift["num_train_timesteps"]
+
+
 @torch.no_grad()
 def super_resolve(folder: str | Path, lq: torch.Tensor, encode_prompt, call_denoiser, prompt: str | None = None) -> torch.Tensor:
     """LQ batch (B, 3, h, w) in [0, 1] -> SR batch (B, 3, scale h, scale w) in [0, 1]."""
@@ -53,8 +70,9 @@ def super_resolve(folder: str | Path, lq: torch.Tensor, encode_prompt, call_deno
     z = posterior.sample(generator=seeded) if meta["latent"] == "sample" else posterior.mode()
     z = (z - meta["shift_factor"]) * meta["scaling_factor"]
     hidden, pooled = encode_prompt(tokenizers, encoders, [meta["prompt"] if prompt is None else prompt] * len(lq), net, meta["options"])
-    t = torch.full((len(lq),), meta["timestep"])
-    z_h = meta["z_coefficient"] * z + meta["output_coefficient"] * call_denoiser(net, z, t, hidden, pooled, meta["vae_factor"])
+    a, b, timestep = one_step(meta, z)
+    t = torch.full((len(lq),), timestep)
+    z_h = a * z + b * call_denoiser(net, z, t, hidden, pooled, meta["vae_factor"], meta["options"])
     sr = (vae.decode(z_h / meta["scaling_factor"] + meta["shift_factor"]).sample.clamp(-1, 1) + 1) / 2
     sr = sr[..., : work[0], : work[1]].float()
     if meta["color_fix"] == "adain":  # the LQ's per-channel mean and std
