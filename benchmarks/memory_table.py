@@ -6,8 +6,9 @@ torch.cuda.max_memory_allocated reports; add about 0.5 GiB of CUDA context). The
 (bf16-mixed, frozen weights bf16, the generator's own copy of the denoiser), + one shared base
 (generator.share_base), + gradient checkpointing, + the frozen denoiser in fp8 (generator.frozen_dtype=fp8_e4m3).
 PiSA-SR and HYPIR hold one denoiser already (their + shared base row equals plain). FSDP over N GPUs is arithmetic
-on the last row: the frozen denoiser's bytes / N per GPU, plus two gathered blocks (the one running and the one
-prefetched); text encoders are counted in every row and listed apart (a full prompt cache leaves them unloaded).
+on the checkpointed bf16 row without text encoders (models/sharding.py sharded_bytes): the frozen denoiser's bytes / N
+per GPU plus two gathered layers. + text cache: the last row less the text encoders' weights, which
+text_cache.keep_encoders=false lets go (static for the whole run: the prediction subtracts exactly them).
 Results append to --out as JSON lines (a case already there is not run again); the markdown table is printed.
 """
 
@@ -27,6 +28,7 @@ from osediff_lab import resolvers  # noqa: F401  (registers the config resolvers
 from osediff_lab.memory import GIB, predict_training_memory
 from osediff_lab.models.components import build_components
 from osediff_lab.models.frozen import store_fp8
+from osediff_lab.models.sharding import frozen_units, sharded_bytes
 from osediff_lab.paths import CONF_DIR
 
 METHODS = {"OSEDiff": ["method=osediff"], "PiSA-SR (pixel stage)": ["method=pisasr_pixel"],
@@ -53,21 +55,21 @@ def config(model: str, size: int, overrides: list[str]):
     return cfg
 
 
-def frozen_base(model: str, fp8: bool) -> dict[str, int]:
-    """Bytes of the frozen denoiser (bf16, or fp8 where stored so), of its largest block, and of the text encoders."""
+def frozen_base(model: str) -> dict[str, int]:
+    """Bytes of the frozen denoiser in bf16 and in fp8 storage, of its largest layer (an FSDP unit) in bf16, and of
+    the text encoders in bf16."""
     cfg = config(model, 64, [])
     with torch.device("meta"):
         components = build_components(cfg.model)
     net = components.denoiser.requires_grad_(False).to(torch.bfloat16)
-    if fp8:
-        store_fp8(net)
 
     def nbytes(module: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
-    blocks = [b for m in net.children() if isinstance(m, torch.nn.ModuleList) for b in m]
+    bf16, largest = nbytes(net), max(nbytes(u) for u in frozen_units(net))
+    store_fp8(net)
     text = sum(p.numel() * 2 for m in components.text_modules() for p in m.parameters())
-    return {"denoiser": nbytes(net), "block": max(nbytes(b) for b in blocks), "text": text}
+    return {"denoiser": bf16, "fp8": nbytes(net), "unit": largest, "text": text}
 
 
 def run(models: list[str], size: int, out: Path) -> list[dict]:
@@ -94,21 +96,28 @@ def run(models: list[str], size: int, out: Path) -> list[dict]:
 
 
 def table(rows: list[dict], models: list[str]) -> str:
-    lines = ["| model | method | " + " | ".join(OPTIONS) + " | " + " | ".join(f"+ FSDP {n} GPUs" for n in GPUS) + " |",
-             "|---|---|" + "---:|" * (len(OPTIONS) + len(GPUS))]
+    """GiB per method and option; FSDP columns: the checkpointed bf16 row with the frozen denoiser sharded (fp8
+    storage keeps its weights in buffers, which FSDP does not shard)."""
+    sharded_from = "+ grad. checkpointing"
+    lines = ["| model | method | " + " | ".join(OPTIONS) + " | + text cache | "
+             + " | ".join(f"ckpt + text cache + FSDP {n} GPUs" for n in GPUS) + " |",
+             "|---|---|" + "---:|" * (len(OPTIONS) + 1 + len(GPUS))]
+    notes = []
     for model in models:
-        base = frozen_base(model, fp8=True)
+        base = frozen_base(model)
         for method in METHODS:
             got = {r["option"]: r for r in rows if r["model"] == model and r["method"] == method}
             if len(got) < len(OPTIONS):
                 continue
-            last = got[list(OPTIONS)[-1]]["peak"]
-            sharded = [last - base["denoiser"] + base["denoiser"] / n + 2 * base["block"] for n in GPUS]
-            cells = [f"{got[o]['peak'] / GIB:.1f}" for o in OPTIONS] + [f"{b / GIB:.1f}" for b in sharded]
+            ckpt = got[sharded_from]["peak"] - base["text"]
+            sharded = [ckpt - base["denoiser"] + sharded_bytes(base["denoiser"], base["unit"], n) for n in GPUS]
+            no_text = got[list(OPTIONS)[-1]]["peak"] - base["text"]
+            cells = [f"{got[o]['peak'] / GIB:.1f}" for o in OPTIONS] + [f"{b / GIB:.1f}" for b in (no_text, *sharded)]
             lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
-        lines.append(f"| {model} | text encoders in every row (bf16) | {base['text'] / GIB:.1f} GiB | fp8 denoiser "
-                     f"{base['denoiser'] / GIB:.1f} GiB, largest block {base['block'] / GIB:.2f} GiB |" + " |" * (len(OPTIONS) + len(GPUS) - 2))
-    return "\n".join(lines)
+        notes.append(f"{model}: frozen denoiser {base['denoiser'] / GIB:.2f} GiB in bf16, {base['fp8'] / GIB:.2f} GiB in fp8; "
+                     f"largest layer {base['unit'] / GIB:.3f} GiB; text encoders {base['text'] / GIB:.2f} GiB in bf16, "
+                     "in every row (text_cache.keep_encoders=false: none)")
+    return "\n".join([*lines, "", *notes])
 
 
 def main() -> None:

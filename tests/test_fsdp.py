@@ -32,6 +32,7 @@ def test_memory_arithmetic():
     assert sharded_bytes(1001, 0, 2) == 501
 
 
+@pytest.mark.slow
 def test_plan_shards_each_frozen_base_layer_once():
     torch.manual_seed(0)
     module = build_module(compose_config(TINY))

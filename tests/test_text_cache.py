@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPTS = ["", "a photo of grass", "the sky"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny_sd3"])
 def test_cached_embeddings_are_the_encoders_bit_for_bit(tmp_path, model):
     cfg = compose_config([*TINY, f"model={model}"])
