@@ -114,6 +114,13 @@ RUN = (
     "python -m osediff_lab.train method=pisasr_semantic method.pixel_lora_from=outputs/.../lora/osediff_lora.safetensors",
     "python -m osediff_lab.infer input=lq_folder/ output=sr/ ckpt=outputs/.../lora/osediff_lora.safetensors pipeline.lambda_sem=0.5",
 )
+# docs/export.md: the formats of the demo's LoRA export, the diffusers folder's own script, the Hub offline
+EXPORTS = (
+    "python -m osediff_lab.export ckpt=outputs/.../lora/osediff_lora.safetensors format=diffusers out=sr_diffusers",
+    "python sr_diffusers/infer.py sr_diffusers lq.png sr.png",
+    "python -m osediff_lab.export ckpt=outputs/.../lora/osediff_lora.safetensors format=kohya out=sr_kohya",
+    "python -m osediff_lab.export ckpt=outputs/.../lora/osediff_lora.safetensors out=sr_lora push_to_hub=me/osediff-x4",
+)
 
 
 def readme_commands() -> list[str]:
@@ -136,10 +143,10 @@ def python_block() -> str:
 
 
 def test_every_readme_command_is_run_or_explained():
-    commands = set(readme_commands())
-    assert commands - set(NOT_HERE) - set(RUN) == set(), "README commands neither run by this test nor explained"
-    assert set(RUN) & set(NOT_HERE) == set()
-    assert (set(NOT_HERE) | set(RUN)) - commands == set(), "commands listed here that the README no longer shows"
+    commands, run = set(readme_commands()), set(RUN) | set(EXPORTS)
+    assert commands - set(NOT_HERE) - run == set(), "README commands neither run by this test nor explained"
+    assert run & set(NOT_HERE) == set()
+    assert (set(NOT_HERE) | run) - commands == set(), "commands listed here that the README no longer shows"
 
 
 class Shell:
@@ -290,3 +297,33 @@ def run_dir_with(shell: Shell, override: str) -> Path:
             if override in (d / ".hydra" / "overrides.yaml").read_text()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+@pytest.mark.slow
+def test_export_formats_the_scripts_output_and_the_hub_offline(shell, demo):
+    """docs/export.md's commands on the demo's LoRA: the diffusers folder's infer.py gives the pipeline's image (to
+    PNG rounding), kohya writes its files, push_to_hub offline writes the folder, says the upload and exits 3."""
+    lora = demo[1] / "lora" / "osediff_lora.safetensors"
+    small = "pipeline.process_size=64"  # the script's size rule comes from the export's pipeline options
+
+    def export(command: str, *extra: str, rc: int = 0) -> str:
+        return shell(command.replace("outputs/.../lora/osediff_lora.safetensors", quoted(lora)), *extra, rc=rc)
+
+    assert "diffusers export sr_diffusers" in export(EXPORTS[0], small)
+    lq = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    lq.save(shell.root / "lq.png")
+    # not through shell(): this machine's bitsandbytes logs its CPU-kernel lookup when diffusers loads (osediff_lab
+    # quiets it, the standalone script cannot); a warning of the script's own lines would name infer.py
+    script = subprocess.run([sys.executable, *EXPORTS[1].split()[1:]], cwd=shell.root, env=shell.env, capture_output=True,
+                            text=True, timeout=600)
+    assert script.returncode == 0 and "infer.py:" not in script.stderr and "osediff_lab" not in script.stderr, script.stderr
+    from osediff_lab.pipeline import SRPipeline
+
+    ours = np.asarray(SRPipeline.from_checkpoint(lora, options={"process_size": 64})([lq])[0], dtype=np.int16)
+    with Image.open(shell.root / "sr.png") as im:
+        theirs = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert theirs.shape == ours.shape == (80, 96, 3) and np.abs(theirs - ours).max() <= 1 and ours.std() > 3
+    export(EXPORTS[2])
+    assert {"unet_lora.safetensors", "README.md"} <= {p.name for p in (shell.root / "sr_kohya").iterdir()}
+    out = export(EXPORTS[3], rc=3)
+    assert "hf upload me/osediff-x4 sr_lora . --repo-type model" in out and (shell.root / "sr_lora" / "README.md").is_file()

@@ -90,6 +90,6 @@ def main(encode_prompt, call_denoiser, argv: list[str] | None = None) -> None:
     parser.add_argument("sr")
     parser.add_argument("--prompt", default=None)
     args = parser.parse_args(argv)
-    lq = torch.from_numpy(np.asarray(Image.open(args.lq).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    lq = torch.from_numpy(np.array(Image.open(args.lq).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
     sr = super_resolve(args.folder, lq, encode_prompt, call_denoiser, args.prompt)[0]
     Image.fromarray((sr * 255).round().byte().permute(1, 2, 0).numpy()).save(args.sr)
