@@ -79,7 +79,7 @@ class HealthRules:
         mean_after = sum(after) / n
         unit = "x a fresh LoRA's on the same noised latents" if fit else ""
         if fit and mean_after > self.fit_max:
-            return [self._warn(rule, step, f"{group} loss rising: {mean_after:.3g}{unit} over steps {first}-{step} "
+            return [self._warn(rule, step, f"{group} loss rising: {mean_after:.2f}{unit} over steps {first}-{step} "
                                            f"(above health.warnings.fit_max={self.fit_max})")]
         if len(history) < 2 * n:
             return []
