@@ -92,8 +92,11 @@ def _nan_terms(out):
 @pytest.mark.slow
 def test_memory_options_shrink_the_sd21_prediction():
     """At SD2.1 size on fake tensors (seconds, no memory): 384 px keeps the test quick."""
-    base = ["model=sd21_shape", "data.crop_size=384", "data.batch_size=1", "loss.lpips.pretrained=false"]
+    base = ["model=sd21_shape", "data.crop_size=384", "data.batch_size=1", "loss.lpips.pretrained=false",
+            "generator.share_base=false"]
     plain = predict_training_memory(compose_config(base), steps=1)
+    shared = predict_training_memory(compose_config([*base, "generator.share_base=true"]), steps=1)
+    assert 3.0 * 2**30 < plain.static - shared.static < 3.4 * 2**30  # one fp32 SD2.1 UNet (866M parameters) less
     ckpt = predict_training_memory(compose_config([*base, "generator.gradient_checkpointing=true"]), steps=1)
     bf16 = predict_training_memory(compose_config([*base, "generator.frozen_dtype=bf16", "trainer.precision=bf16-mixed"]), steps=1)
     assert plain.static > 8 * 2**30  # two fp32 UNets (generator + frozen/regularizer), VAE, text encoder, VGG
