@@ -29,6 +29,8 @@ NOISE = ("gemm_4bit_forward", "publisher trust check", "💡 Tip", "module(s) in
 
 NOT_HERE = {
     "make test": "the test suite itself",
+    "python -m osediff_lab.demo ckpt=run_a/lora/osediff_lora.safetensors ckpt_b=run_b/lora/osediff_lora.safetensors":
+        "serves the Gradio page until stopped; tests/test_demo_browser.py starts it and drives it in headless Chromium",
     "make test-fast": "the test suite's unit tests (tests marked slow left out)",
     "make bench": "benchmarks (timings never live in tests)",
     "make bench BENCH=train": "benchmarks (timings never live in tests)",
