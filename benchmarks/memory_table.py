@@ -72,11 +72,11 @@ def frozen_base(model: str) -> dict[str, int]:
     return {"denoiser": bf16, "fp8": nbytes(net), "unit": largest, "text": text}
 
 
-def run(models: list[str], size: int, out: Path) -> list[dict]:
+def run(models: list[str], methods: list[str], size: int, out: Path) -> list[dict]:
     done = {(r["model"], r["method"], r["option"]): r for r in map(json.loads, out.read_text().splitlines())} if out.exists() else {}
     for model in models:
-        for method, method_args in METHODS.items():
-            overrides = list(method_args)
+        for method in methods:
+            overrides = list(METHODS[method])
             for option, option_args in OPTIONS.items():
                 overrides += option_args
                 if (model, method, option) in done:
@@ -120,14 +120,44 @@ def table(rows: list[dict], models: list[str]) -> str:
     return "\n".join([*lines, "", *notes])
 
 
+CARDS_GB = (24, 48, 80, 141)  # GB as sold; a card fits a config whose peak plus CUDA context is at most 90 % of it
+CONTEXT = 0.5 * GIB
+
+
+def smallest_card(peak: float) -> str:
+    """The smallest card of CARDS_GB that holds ``peak`` bytes of tensors with margin, or 'none'."""
+    fits = [gb for gb in CARDS_GB if peak + CONTEXT <= 0.9 * gb * 1e9]
+    return f"{fits[0]} GB" if fits else "none"
+
+
+def cards(rows: list[dict], models: list[str]) -> str:
+    """The smallest card per method: plain bf16; every single-GPU tool (shared base, checkpointing, fp8, text cache);
+    and each GPU of 8 with the checkpointed bf16 base sharded and the text cache."""
+    lines = ["| base | method | plain bf16 | all single-GPU tools | FSDP, 8 GPUs |", "|---|---|---|---|---|"]
+    for model in models:
+        base = frozen_base(model)
+        for method in METHODS:
+            got = {r["option"]: r["peak"] for r in rows if r["model"] == model and r["method"] == method}
+            if len(got) < len(OPTIONS):
+                continue
+            ckpt = got["+ grad. checkpointing"] - base["text"]
+            fsdp = ckpt - base["denoiser"] + sharded_bytes(base["denoiser"], base["unit"], GPUS[-1])
+            best = got[list(OPTIONS)[-1]] - base["text"]
+            lines.append(f"| {model} | {method} | {smallest_card(got['plain bf16'])} | {smallest_card(best)} | "
+                         f"{smallest_card(fsdp)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["sd3_shape", "flux_shape"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("outputs/memory_table.jsonl"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    print(table(run(args.models, args.size, args.out), args.models))
+    rows = run(args.models, args.methods, args.size, args.out)
+    print(table(rows, args.models), cards(rows, args.models), sep="\n\n")
 
 
 if __name__ == "__main__":
