@@ -1,8 +1,8 @@
 """Training-health telemetry beyond tests/test_plugin_points.py (term gradients, the overweighted VSD on tiny, D
 accuracy by hand): the regularizer's fit against a fresh LoRA computed by hand and measured at log steps only, its
 "regularizer loss rising" rule by hand, the discriminator's logits as W&B histograms read back from an offline run,
-and end to end on nano: a regularizer or a discriminator with a 100x learning rate is named, the healthy recipe
-raises nothing."""
+and end to end: a regularizer with a 10x learning rate (nano) or a discriminator with a 100x one (tiny) is named,
+the healthy nano recipe raises nothing."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_regularizer_fit_rule_by_hand():
     assert rules.observe(0, {"train/fit_regularizer": 0.8}) == [] and rules.observe(10, {"train/fit_regularizer": 0.8}) == []
     assert rules.observe(20, {"train/fit_regularizer": 1.1}) == []  # mean of the window 0.95
     (raised,) = rules.observe(30, {"train/fit_regularizer": 1.3})  # mean 1.2
-    assert raised == ("regularizer loss rising: 1.2x a fresh LoRA's on the same noised latents over steps 20-30 "
+    assert raised == ("regularizer loss rising: 1.20x a fresh LoRA's on the same noised latents over steps 20-30 "
                       "(above health.warnings.fit_max=1.0)")
     rising = HealthRules(rising_window=2, rising_ratio=1.5, fit_max=1.0, groups=("regularizer",))
     raised = [m for step, fit in enumerate([0.2, 0.2, 0.25, 0.35, 0.4]) for m in rising.observe(step, {"train/fit_regularizer": fit})]
@@ -115,7 +115,7 @@ def test_discriminator_histograms_reach_w_and_b_at_log_steps(tmp_path, monkeypat
 
 
 NANO = ["+experiment=ablate_objective", "hydra.mode=RUN", *TELEMETRY, "trainer.log_every_n_steps=5",
-        "val.every_n_steps=0", "health.warnings.rising_window=3"]
+        "val=none", "health.warnings.rising_window=3"]
 
 
 def health_of(tmp_path: Path, *overrides: str) -> dict:
@@ -124,18 +124,28 @@ def health_of(tmp_path: Path, *overrides: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_regularizer_with_a_100x_learning_rate_is_named(tmp_path):
-    """lr 0.1 instead of the recipe's 1e-3: the regularizer's loss leaves a fresh LoRA's behind (upwards)."""
-    health = health_of(tmp_path, "+objective=vsd", "trainer.max_steps=30", "method.optim.regularizer.lr=0.1")
+def test_a_regularizer_with_a_10x_learning_rate_is_named(tmp_path):
+    """lr 1e-2 instead of the recipe's 1e-3: the regularizer's loss is 1.5-2.1x a fresh LoRA's from the first log steps
+    (100x diverges: the run stops on non-finite steps, optim.max_consecutive_bad_steps, before any fit is read)."""
+    health = health_of(tmp_path, "+objective=vsd", "trainer.max_steps=20", "method.optim.regularizer.lr=1e-2")
     assert any(m.startswith("regularizer loss rising") for m in health["warnings"]), health
+
+
+GAN_TINY = [*TINY, *TELEMETRY, "method=hypir", "discriminator=convnext_tiny", "generator.lora.unet_rank=4",
+            "generator.lora.unet_alpha=4", "trainer.max_steps=30", "trainer.log_every_n_steps=5",
+            "health.warnings.d_accuracy=0.65", "health.warnings.d_accuracy_steps=15"]
 
 
 @pytest.mark.slow
 def test_a_discriminator_with_a_100x_learning_rate_is_named(tmp_path):
-    """lr 0.1 instead of the recipe's 1e-3: HYPIR's discriminator tells real from fake at every log step."""
-    health = health_of(tmp_path, "+objective=gan", "trainer.max_steps=30", "method.optim.discriminator.lr=0.1",
-                       "health.warnings.d_accuracy_steps=15")
-    assert any(m.startswith("D accuracy >= 0.99") for m in health["warnings"]), health
+    """HYPIR on the tiny model with D's lr 1e-3, 100x the release's 1e-5: D tells the random generator's outputs from
+    photographs (accuracy 0.68-0.81 from step 10) and the rule names it; at the release's lr it stays at 0.5-0.56.
+    The threshold is lowered to 0.65: the spectral-normalised heads of a width-8 tiny D saturate near 0.8 (on nano
+    neither GAN arm's D leaves 0.5 in 100 steps, even at lr 0.1: experiments/objectives)."""
+    _, _, broken = run(compose_config([*GAN_TINY, "method.optim.discriminator.lr=1e-3"], tmp_path / "broken"))
+    assert any(m.startswith("D accuracy >= 0.65") for m in broken["health"]["warnings"]), broken["health"]
+    _, _, healthy = run(compose_config(GAN_TINY, tmp_path / "healthy"))
+    assert healthy["health"]["warnings"] == [] and healthy["health"]["last"]["train/d_accuracy"] < 0.65
 
 
 @pytest.mark.slow

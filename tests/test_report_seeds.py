@@ -80,6 +80,8 @@ def test_envelope_and_first_exit_by_hand():
     assert cv.first_exit({0: 1.0, 10: 4.5}, env) == {"step": 10, "value": 4.5, "min": 2.0, "max": 4.0}
     assert cv.first_exit({0: 1.0, 10: 4.5}, env, margin=0.25) is None  # 4.5 <= 4 + 0.25 x (4 - 2)
     assert cv.first_exit({0: float("nan")}, env)["step"] == 0
+    assert cv.first_exit({0: 0.1, 10: 4.5}, env, persist=2)["step"] == 0  # outside two steps running, from step 0
+    assert cv.first_exit({0: 1.0, 10: 4.5}, env, persist=2) is None  # one step outside is not enough
 
 
 def test_the_cli_aggregates_seeds_writes_references_and_names_where_a_run_leaves_them(sweep, tmp_path, capsys):
@@ -95,7 +97,8 @@ def test_the_cli_aggregates_seeds_writes_references_and_names_where_a_run_leaves
     assert ref["seeds"] == ["1", "2", "3"] and ref["quantities"]["val/psnr"]["min"] == [28.5, 29.9]
     odd = make_run(tmp_path / "odd", "vsd", "4", (29.2, 31.0), grad=1.0)
     capsys.readouterr()
-    main([str(odd), "--reference", str(tmp_path / "refs" / "nano_osediff.json"), "--plot", str(tmp_path / "over.png")])
+    main([str(odd), "--reference", str(tmp_path / "refs" / "nano_osediff.json"), "--plot", str(tmp_path / "over.png"),
+          "--margin", "0", "--persist", "1"])
     out = capsys.readouterr().out
     assert "leaves it at step 100 (val/psnr)" in out and "31 not in [29.9, 30.4]" in out
     assert (tmp_path / "over.png").stat().st_size > 0

@@ -96,15 +96,20 @@ def envelope(curves: Iterable[Curve]) -> dict[str, list]:
             "mean": [statistics.fmean(c[s] for c in curves) for s in steps]}
 
 
-def first_exit(curve: Curve, env: Mapping[str, list], margin: float = 0.0) -> dict[str, float] | None:
-    """The first step of the envelope where ``curve`` lies outside [min, max] widened on each side by ``margin`` x
-    (max - min), with its value and bounds; None when it stays inside at every step both hold."""
+def first_exit(curve: Curve, env: Mapping[str, list], margin: float = 0.0, persist: int = 1) -> dict[str, float] | None:
+    """The first step of the envelope from which ``curve`` lies outside [min, max] (widened on each side by ``margin`` x
+    (max - min)) at ``persist`` consecutive steps both hold, with its value and bounds there; None when it never does."""
+    run: list[dict[str, float]] = []
     for step, lo, hi in zip(env["steps"], env["min"], env["max"], strict=True):
         if step not in curve:
             continue
         pad = margin * (hi - lo)
-        if not (math.isfinite(curve[step]) and lo - pad <= curve[step] <= hi + pad):
-            return {"step": step, "value": curve[step], "min": lo, "max": hi}
+        if math.isfinite(curve[step]) and lo - pad <= curve[step] <= hi + pad:
+            run = []
+            continue
+        run.append({"step": step, "value": curve[step], "min": lo, "max": hi})
+        if len(run) >= persist:
+            return run[0]
     return None
 
 
@@ -137,12 +142,13 @@ def load_reference(name_or_path: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def exits(curves: Mapping[str, Curve], ref: Mapping[str, Any], margin: float) -> list[dict[str, Any]]:
-    """Where a run leaves the reference: per quantity both hold, its first step outside the envelope, earliest first."""
+def exits(curves: Mapping[str, Curve], ref: Mapping[str, Any], margin: float, persist: int = 1) -> list[dict[str, Any]]:
+    """Where a run leaves the reference: per quantity both hold, the first step from which it stays outside the
+    envelope ``persist`` steps (``first_exit``), earliest first."""
     found = []
     for name, env in ref["quantities"].items():
         if name in curves:
-            hit = first_exit(curves[name], env, margin)
+            hit = first_exit(curves[name], env, margin, persist)
             if hit is not None:
                 found.append({"quantity": name} | hit)
     return sorted(found, key=lambda e: (e["step"], e["quantity"]))

@@ -233,19 +233,20 @@ def write_references(runs: list[dict], out_dir: Path, seed_key: str = "seed") ->
     return written
 
 
-def reference_text(run: dict, ref: dict, margin: float) -> str:
-    """Where a run leaves the reference envelope: each quantity's first step outside, earliest first."""
-    found = cv.exits(cv.run_curves(Path(run["run_dir"])), ref, margin)
+def reference_text(run: dict, ref: dict, margin: float, persist: int) -> str:
+    """Where a run leaves the reference envelope: per quantity the first step from which it stays outside ``persist``
+    log steps, earliest first."""
+    found = cv.exits(cv.run_curves(Path(run["run_dir"])), ref, margin, persist)
     head = f"{run['run_dir']} against the reference {ref.get('model')}_{ref.get('method')} (seeds {ref.get('seeds')})"
     if not found:
         return f"{head}: inside the envelope at every step ({len(ref['quantities'])} quantities)\n"
     lines = [f"{head}: leaves it at step {found[0]['step'] + 1} ({found[0]['quantity']})"]
-    lines += [f"  {e['quantity']}: first outside at step {e['step'] + 1}: {e['value']:.4g} not in "
-              f"[{e['min']:.4g}, {e['max']:.4g}]" for e in found]
+    lines += [f"  {e['quantity']}: outside from step {e['step'] + 1}: {e['value']:.4g} not in "
+              f"[{e['min']:.4g}, {e['max']:.4g}] (widened by {margin:g}x its width, {persist} steps running)" for e in found]
     return "\n".join(lines) + "\n"
 
 
-def plot_reference(run: dict, ref: dict, path: Path, margin: float) -> Path:
+def plot_reference(run: dict, ref: dict, path: Path, margin: float, persist: int) -> Path:
     """Every quantity of the reference: its envelope (min-max shaded, mean dashed) and the run's curve over it, the
     first step outside marked."""
     import matplotlib
@@ -267,7 +268,7 @@ def plot_reference(run: dict, ref: dict, path: Path, margin: float) -> Path:
         ax.plot(x, env["mean"], "--", color="grey", lw=1)
         steps = sorted(curves[name])
         ax.plot([s + 1 for s in steps], [curves[name][s] for s in steps], color="C0", lw=1.2, label="this run")
-        hit = cv.first_exit(curves[name], env, margin)
+        hit = cv.first_exit(curves[name], env, margin, persist)
         if hit is not None:
             ax.plot(hit["step"] + 1, hit["value"], "o", color="red")
         ax.set_title(name, fontsize=8)
@@ -299,8 +300,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="write each arm's reference curves (<model>_<method>.json: per-step min/max/mean over seeds)")
     parser.add_argument("--reference", metavar="NAME|FILE",
                         help="check each run against reference curves (a file, or nano_osediff, ...); --plot overlays it")
-    parser.add_argument("--margin", type=float, default=0.0,
-                        help="with --reference: widen the envelope by this x its width on each side (default %(default)s)")
+    parser.add_argument("--margin", type=float, default=2.0,
+                        help="with --reference: widen the envelope by this x its width on each side (default %(default)s: "
+                             "3 seeds' min-max is narrow; experiments/objectives)")
+    parser.add_argument("--persist", type=int, default=3,
+                        help="with --reference: log steps running outside before a quantity counts (default %(default)s)")
     args = parser.parse_args(argv)
     if args.wandb_workspace:
         from osediff_lab.dashboard import workspace_definition
@@ -322,9 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference:
         ref = cv.load_reference(args.reference)
         for run in runs:
-            print(reference_text(run, ref, args.margin))
+            print(reference_text(run, ref, args.margin, args.persist))
         if args.plot and runs:
-            print(f"plot written to {plot_reference(runs[0], ref, args.plot, args.margin)}")
+            print(f"plot written to {plot_reference(runs[0], ref, args.plot, args.margin, args.persist)}")
         return
     if args.write_reference:
         for path in write_references(runs, args.write_reference, args.seed_key):
