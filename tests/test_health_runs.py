@@ -102,14 +102,14 @@ def test_discriminator_histograms_reach_w_and_b_at_log_steps(tmp_path, monkeypat
     _, module, summary = run(cfg)
     run_dir = Path(summary["run_dir"])
     history = read_history(run_dir / "wandb", (run_dir / "wandb_run_id.txt").read_text().strip())
-    rows = [r for r in history if "train/d_logits_real" in r]
+    rows = [r for r in history if "train/d_logits_real/_type" in r]  # a histogram's fields, as W&B nests them
     assert [r["_step"] for r in rows] == [1, 3]
     logits = module.histograms["train/d_logits_real"]  # the last step's: what W&B got at step 3
-    real = rows[-1]["train/d_logits_real"]
-    assert real["_type"] == "histogram" and sum(real["values"]) == logits.numel()
-    assert real["bins"][0] == pytest.approx(float(logits.min()), abs=1e-5)
-    assert real["bins"][-1] == pytest.approx(float(logits.max()), abs=1e-5)
-    assert 0 <= rows[-1]["train/d_probs_fake"]["bins"][0] <= rows[-1]["train/d_probs_fake"]["bins"][-1] <= 1
+    last = rows[-1]
+    assert last["train/d_logits_real/_type"] == "histogram" and sum(last["train/d_logits_real/values"]) == logits.numel()
+    assert last["train/d_logits_real/bins"][0] == pytest.approx(float(logits.min()), abs=1e-5)
+    assert last["train/d_logits_real/bins"][-1] == pytest.approx(float(logits.max()), abs=1e-5)
+    assert 0 <= last["train/d_probs_fake/bins"][0] <= last["train/d_probs_fake/bins"][-1] <= 1
     journal = dict(journal_rows(run_dir / "csv"))
     assert "train/d_logit_real" in journal[3] and not [k for k in journal[3] if "logits" in k or "probs" in k]
 
