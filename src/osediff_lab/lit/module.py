@@ -269,9 +269,8 @@ class SRModule(pl.LightningModule):
                 logs[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
                 logs[f"train/grad_norm_{name}"] = stepper.grad_norms[name]
             logs |= {f"train/grad_norm_{module}": norm for module, norm in stepper.module_norms.items()}
-        probe = getattr(self.method, "health_metrics", None)  # a method's own log-step telemetry (OSEDiff's regularizer fit)
-        if measure and probe is not None:
-            health |= {f"train/{k}": v for k, v in probe().items()}
+        if measure:  # a method's own log-step telemetry (OSEDiff's regularizer fit)
+            health |= {f"train/{k}": v for k, v in self.method.health_metrics().items()}
         logs |= health
         self.batches_trained += 1
         return logs

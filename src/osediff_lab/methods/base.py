@@ -107,6 +107,10 @@ class Method(nn.Module):
         ``generator_losses`` returned); called after the previous update was stepped."""
         raise NotImplementedError(f"{type(self).__name__} trains the group '{name}' but defines no group_loss")
 
+    def health_metrics(self) -> dict[str, torch.Tensor]:
+        """The method's own telemetry, measured at log steps only (OSEDiff: its regularizer's fit); none by default."""
+        return {}
+
     def apply_memory_options(self, frozen_dtype: str, gradient_checkpointing: bool, *frozen: nn.Module) -> None:
         """``generator.frozen_dtype`` (frozen weights of the generator and of ``frozen`` stored in that dtype; fp8_e4m3:
         the frozen Linear / Conv2d weights of the generator's denoiser and of ``frozen``, denoisers, in 8 bits) and
