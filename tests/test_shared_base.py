@@ -77,6 +77,20 @@ def test_shared_base_bit_for_bit_with_checkpointing_and_the_gan_method(extra):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["osediff", "osediff_gan"])
+def test_checkpointing_generator_and_regularizer_changes_no_bit(method):
+    """generator.gradient_checkpointing recomputes the generator's and the fake score's blocks (the regularizer's
+    step and the GAN's features of the regularizer UNet): the same numbers as keeping the activations."""
+    kept = run_steps("tiny", True, 2, f"method={method}")
+    recomputed = run_steps("tiny", True, 2, f"method={method}", "generator.gradient_checkpointing=true")
+    assert recomputed["module"].method.reg_unet.mid_block.gradient_checkpointing
+    for name, value in kept["trained"].items():
+        assert torch.equal(recomputed["trained"][name], value), name
+    for a, b in zip(kept["losses"], recomputed["losses"], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_share_base_refuses_a_trained_tensor_of_the_shared_base(monkeypatch):
     """A generator that trained a layer the pretrained denoiser holds would move the real and fake scores with it."""
     share_all = osediff_build.shared_base_copy

@@ -21,7 +21,7 @@ from osediff_lab.errors import ConfigError
 from osediff_lab.methods.base import GENERATOR, Method, ParamGroup, weighted_total
 from osediff_lab.models.backbone import TextEmbeds, as_embeds
 from osediff_lab.models.components import Components
-from osediff_lab.models.lora import adapters_disabled, frozen_base_copy
+from osediff_lab.models.lora import adapters_disabled, enable_checkpointing, frozen_base_copy
 from osediff_lab.models.lora_files import load_lora_tensors
 from osediff_lab.models.osediff import build_osediff, trainable_parameters
 from osediff_lab.models.vsd import classifier_free_guidance, diffusion_loss, sample_timesteps, vsd_loss
@@ -98,6 +98,8 @@ class OSEDiff(Method):
         self.release_score_precision = release_score_precision
         self.conv_in_lora_twice = conv_in_lora_twice
         self.apply_memory_options(generator.frozen_dtype, generator.gradient_checkpointing, self.reg_unet)
+        if generator.gradient_checkpointing:  # the fake score's backward in the regularizer's step (FLUX: 65 -> 40 GiB)
+            enable_checkpointing(self.reg_unet)
         # The release: a separate frozen copy of the pretrained UNet for the real score, stored and run in the
         # run's weight dtype (train_osediff.py's weight_dtype: fp16 under fp16 mixed precision, else fp32).
         self.real_dtype = RUN_WEIGHT_DTYPES.get(str(run_precision), torch.float32)
