@@ -236,7 +236,8 @@ MODEL_FACTORIES = {"tiny": random_components, "sd21_shape": random_components, "
                    "sd_turbo_shape": random_components, "nano": pretrained_components, "sd21_base": pretrained_components,
                    "sd_turbo": pretrained_components, "tiny_sdxl": random_components, "sdxl_shape": random_components,
                    "sdxl_base": pretrained_components, "tiny_sd3": random_components, "sd3_shape": random_components,
-                   "sd3_medium": pretrained_components}
+                   "sd3_medium": pretrained_components, "tiny_flux": random_components, "flux_shape": random_components,
+                   "flux_dev": pretrained_components, "flux_schnell": pretrained_components}
 
 
 def test_every_model_option_is_listed():
@@ -250,7 +251,7 @@ def test_every_model_option_names_its_factory(option, factory, tmp_path):
     assert cfg.model.source in ("random", "pretrained")  # kept for the memory predictor and the sidecar
 
 
-@pytest.mark.parametrize("option", ["tiny", "nano", "tiny_sd_turbo", "tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("option", ["tiny", "nano", "tiny_sd_turbo", "tiny_sdxl", "tiny_sd3", "tiny_flux"])
 def test_small_model_options_build_frozen_components(option, tmp_path):
     cfg = compose_config(TINY + [f"model={option}"], tmp_path)
     components = build_components(cfg.model)
