@@ -29,6 +29,15 @@ NOISE = ("gemm_4bit_forward", "publisher trust check", "💡 Tip", "module(s) in
 
 NOT_HERE = {
     "make test": "the test suite itself",
+    "python benchmarks/memory_table.py --models sd3_shape flux_shape --size 1024":
+        "benchmarks (numbers never live in tests): 32 predictions at SD3 and FLUX size, about an hour of CPU",
+    "python -m osediff_lab.memory model=flux_shape data.crop_size=1024 data.batch_size=1 trainer.precision=bf16-mixed "
+    "generator.frozen_dtype=fp8_e4m3 generator.gradient_checkpointing=true text_cache.enabled=true "
+    "text_cache.keep_encoders=false": "a FLUX-size prediction takes minutes of CPU; tests/test_memory.py runs the CLI, "
+    "tests/test_text_cache.py and tests/test_frozen_storage.py predict with these options on the tiny model",
+    "torchrun --nproc_per_node=4 benchmarks/fsdp_check.py model=flux_shape data.crop_size=1024 trainer.precision=bf16-mixed "
+    "generator.frozen_dtype=bf16 generator.gradient_checkpointing=true": "needs 4 GPUs; tests/test_fsdp.py runs the "
+    "sharding on two CPU ranks over gloo",
     "python -m osediff_lab.demo ckpt=run_a/lora/osediff_lora.safetensors ckpt_b=run_b/lora/osediff_lora.safetensors":
         "serves the Gradio page until stopped; tests/test_demo_browser.py starts it and drives it in headless Chromium",
     "make test-fast": "the test suite's unit tests (tests marked slow left out)",
