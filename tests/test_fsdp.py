@@ -4,17 +4,21 @@ memory arithmetic, and two CPU ranks over gloo training OSEDiff bit for bit as o
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from helpers import TINY, compose_config
+from osediff_lab.checks import shard_problems
 from osediff_lab.memory import training_step
 from osediff_lab.models.sharding import frozen_units, shard_frozen_base, sharded_bytes
 from osediff_lab.train import build_module
+from test_ddp import CLI, finish, loss_rows, train_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS = 2
@@ -84,3 +88,37 @@ def test_two_gloo_ranks_with_a_sharded_base_equal_one_process(tmp_path):
         for name, value in one["trained"].items():
             assert torch.equal(shard["trained"][name], value), name
     print(json.dumps({"frozen_params": one["total"], "per_rank": [r["local"] for r in ranks]}))
+
+
+def test_checks_refuse_a_sharded_base_that_cannot_work():
+    ok = ["trainer=ddp_cpu", "generator.shard_frozen_base=true", "callbacks.samples.num_images=0"]
+    assert not shard_problems(compose_config([*TINY, *ok]))
+    assert not shard_problems(compose_config([*TINY, "trainer=cpu"]))  # off: nothing to check
+    for extra, words in ((["trainer=cpu"], "several ranks"), (["trainer.devices=1"], "several ranks"),
+                         (["generator.share_base=false"], "share_base=true"), (["callbacks.samples.num_images=4"], "val=none"),
+                         (["trainer.precision=bf16-mixed", "generator.frozen_dtype=fp8_e4m3"], "buffers")):
+        problems = shard_problems(compose_config([*TINY, *ok, *extra]))
+        assert len(problems) == 1 and words in problems[0], (extra, problems)
+
+
+@pytest.mark.slow
+def test_ddp_run_with_the_key_trains_as_without_and_each_rank_holds_half(tmp_path):
+    """``trainer=ddp_cpu generator.shard_frozen_base=true`` through the real trainer: losses, the exported LoRA and every
+    rank's trained tensors bit for bit as the same run without the key; each rank holds about half the frozen base."""
+    args = [*CLI, "trainer=ddp_cpu", f"trainer.max_steps={STEPS}", "callbacks.samples.num_images=0"]
+    outs = {}
+    for name, extra in (("whole", []), ("sharded", ["generator.shard_frozen_base=true"])):
+        outs[name] = finish(train_cli([*args, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path))
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    losses = loss_rows(sharded)
+    assert losses.keys() == set(range(STEPS)) and losses == loss_rows(whole)
+    ref, got = (load_file(d / "lora" / "osediff_lora.safetensors") for d in (whole, sharded))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    digests = {json.loads((d / "ranks" / f"rank{r}.json").read_text())["trained_sha256"] for d in (whole, sharded)
+               for r in (0, 1)}
+    assert len(digests) == 1, "a rank's trained tensors differ"
+    held = {int(r): (int(h), int(t)) for r, h, t in re.findall(r"rank (\d) of 2 holds (\d+) of (\d+) frozen", outs["sharded"])}
+    assert held.keys() == {0, 1} and "shard_frozen_base" not in outs["whole"]
+    for h, t in held.values():
+        assert 0.45 * t < h < 0.6 * t  # half, and dim-0 padding
+    print(json.dumps({"frozen_bytes": held[0][1], "per_rank": [held[0][0], held[1][0]]}))

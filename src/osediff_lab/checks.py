@@ -75,6 +75,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems.extend(release_switch_problems(gen))
     problems.extend(optim_problems(cfg.optim, cfg.method))
     problems.extend(step_problems(cfg.trainer))
+    problems.extend(shard_problems(cfg))
     problems.extend(data_problems(cfg))
     if cfg.get("prompt") is not None:
         problems.extend(component_problems(cfg.prompt, "prompt", skip=CALLER_SETTINGS))
@@ -147,6 +148,27 @@ def step_problems(trainer: DictConfig) -> list[str]:
     if steps is None or steps < 1:
         return [f"trainer.max_steps={steps} must be >= 1: it counts the generator steps to train (0 trains nothing)"]
     return []
+
+
+def shard_problems(cfg: DictConfig) -> list[str]:
+    """``generator.shard_frozen_base`` needs several DDP ranks that all call the generator together, on sharded weights."""
+    trainer = cfg.trainer
+    if not cfg.generator.shard_frozen_base:
+        return []
+    key, problems = "generator.shard_frozen_base=true", []
+    devices = trainer.get("devices", 1)
+    if trainer.get("strategy") != "ddp" or (isinstance(devices, int) and devices * trainer.get("num_nodes", 1) < 2):
+        problems.append(f"{key} needs several ranks: trainer=ddp, ddp_cpu or slurm (strategy=ddp, devices x num_nodes > 1), "
+                        f"got strategy={trainer.get('strategy')}, devices={trainer.get('devices')}")
+    if cfg.generator.frozen_dtype == "fp8_e4m3":
+        problems.append(f"{key}: generator.frozen_dtype=fp8_e4m3 keeps its weights in buffers, which FSDP does not shard")
+    if not cfg.generator.share_base:
+        problems.append(f"{key} shards the generator's denoiser; with generator.share_base=false the regularizer's copy "
+                        "would stay whole: set generator.share_base=true")
+    if cfg.val.name != "none" or cfg.callbacks.samples.num_images > 0:
+        problems.append(f"{key}: validation and sample grids call the generator on some ranks only, which would wait "
+                        "forever for the others' gathers: set val=none and callbacks.samples.num_images=0")
+    return problems
 
 
 def validate_config(cfg: DictConfig) -> None:

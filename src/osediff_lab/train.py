@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from osediff_lab import resolvers  # registers ${run_id:...} before Hydra composes
@@ -195,6 +196,8 @@ def _fit(cfg: DictConfig, run_dir: Path, preemption: Preemption, ckpt: str | Non
     callbacks, samples = build_callbacks(cfg, run_dir, preemption)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) | val_trainer_kwargs(cfg)
     precision = precision_plugin(trainer_cfg.pop("precision", "32-true"), trainer_cfg.get("accelerator"))
+    if cfg.generator.shard_frozen_base:  # DTensor layers (SRModule.configure_model): no wrap-time broadcast,
+        trainer_cfg["strategy"] = DDPStrategy(init_sync=False)  # every rank built the same module from one seed
     trainer = pl.Trainer(
         **trainer_cfg,
         logger=build_logger(cfg, run_dir),

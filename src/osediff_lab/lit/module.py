@@ -19,18 +19,20 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
 from osediff_lab.data.degradation import Degradation, degrade_pair
 from osediff_lab.data.resize import upsample_input
 from osediff_lab.lit.contents import check_contents, keep_saved
-from osediff_lab.lit.distributed import gather_objects, own_rank_state
+from osediff_lab.lit.distributed import gather_objects, own_rank_state, rank_and_world
 from osediff_lab.lit.optimization import SkipCounter, build_schedulers
 from osediff_lab.lit.precision import precision_name
 from osediff_lab.lit.validation import build_validator
 from osediff_lab.models.backbone import TextEmbeds
 from osediff_lab.models.frozen import FROZEN_DTYPES
 from osediff_lab.models.osediff import cast_frozen, trainable_parameters
+from osediff_lab.models.sharding import frozen_units, shard_frozen_base
 from osediff_lab.models.text import PromptEmbedder, TextEncoders
 from osediff_lab.pipeline import SRPipeline
 from osediff_lab.prompts import PromptProvider
@@ -126,6 +128,19 @@ class SRModule(pl.LightningModule):
         self.text_encoders.eval()
         self.method.frozen_eval()
         return self
+
+    def configure_model(self) -> None:
+        """``generator.shard_frozen_base``: the generator denoiser's frozen layers (with ``generator.share_base``, the
+        whole shared base) split over the ranks by FSDP2 (``models/sharding.py``), once the process group exists."""
+        if not self.cfg.generator.shard_frozen_base:
+            return
+        rank, world = rank_and_world()
+        device = self.trainer.strategy.root_device.type
+        count = shard_frozen_base(self.generator.unet, mesh=init_device_mesh(device, (world,)))
+        params = [p for u in frozen_units(self.generator.unet) for p in u.parameters()]
+        held = sum(p.to_local().numel() * p.element_size() for p in params)
+        log.info("shard_frozen_base: rank %d of %d holds %d of %d frozen base bytes (%d layers)", rank, world, held,
+                 sum(p.numel() * p.element_size() for p in params), count)
 
     # ---- inputs -------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
