@@ -4,7 +4,8 @@ split over the ranks and gathered for its forward (and again for the input gradi
 (LoRA, the generator's own input layer) stay whole on every rank, averaged as DDP averages them (``step.py``). Units
 are the layers themselves, not blocks, because a shared base (``models.lora.shared_base_copy``) shares layers between
 two module trees: one unit per layer serves both. fp8 storage (``models.frozen``) keeps its weights in buffers, which
-FSDP does not shard. Runs on CPU over gloo too (tests/test_fsdp.py: two ranks equal one process)."""
+FSDP does not shard. The training option: ``generator.shard_frozen_base`` (``SRModule.configure_model``). Runs on CPU
+over gloo too (tests/test_fsdp.py: two ranks equal one process, and a ``trainer=ddp_cpu`` run equals one without)."""
 
 from __future__ import annotations
 
