@@ -35,9 +35,9 @@ def test_compiled_generator_matches_eager_forward_and_gradients():
     eager, compiled = generator(None), generator("aot_eager")
     assert [n for n, _ in eager.named_parameters()] == [n for n, _ in compiled.named_parameters()]  # state dicts unchanged
     traced = []
-    compiled.denoiser.conv_in.register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
+    compiled.unet.conv_in.register_forward_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    emb = torch.randn(2, 77, eager.denoiser.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    emb = torch.randn(2, 77, eager.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
     out_e, grads_e = step(eager, x, emb)
     out_c, grads_c = step(compiled, x, emb)
     assert traced and traced[0]  # the UNet ran through torch.compile's capture, not eagerly
