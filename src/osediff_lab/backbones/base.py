@@ -93,6 +93,22 @@ def clip_files(folder: str, what: str, mb: float) -> tuple[FolderFile, ...]:
     )
 
 
+def t5_files(folder: str, what: str) -> tuple[FolderFile, ...]:
+    """A two-shard T5-XXL encoder and its SentencePiece tokenizer in a diffusers folder (``folder``: text_encoder_2,
+    text_encoder_3; ``what``: the encoder config's label); sizes are the Hub's."""
+    tok = folder.replace("text_encoder", "tokenizer")
+    return (
+        (f"{folder}_config", f"{folder}/config.json", what, None),
+        (f"{folder}_index", f"{folder}/model.safetensors.index.json", "T5-XXL shard index", None),
+        (f"{folder}_1", f"{folder}/model-00001-of-00002.safetensors", "T5-XXL encoder, shard 1", 4990),
+        (f"{folder}_2", f"{folder}/model-00002-of-00002.safetensors", "T5-XXL encoder, shard 2", 4530),
+        (f"{tok}_spiece", f"{tok}/spiece.model", "T5 SentencePiece model", None),
+        (f"{tok}_json", f"{tok}/tokenizer.json", "T5 fast tokenizer", None),
+        (f"{tok}_config", f"{tok}/tokenizer_config.json", "T5 tokenizer config", None),
+        (f"{tok}_special", f"{tok}/special_tokens_map.json", "T5 tokenizer special tokens", None),
+    )
+
+
 def common_files(denoiser: str, denoiser_what: str, denoiser_mb: float, vae_mb: float) -> tuple[FolderFile, ...]:
     """The pipeline index, scheduler config, denoiser and VAE of a diffusers folder (``denoiser``: its subfolder)."""
     return (

@@ -26,6 +26,7 @@ from osediff_lab.backbones.base import (
     TextPart,
     clip_files,
     library_class,
+    t5_files,
     token_map,
     token_points,
 )
@@ -139,14 +140,7 @@ class FluxBackbone(Backbone):
                     ("vae_config", "vae/config.json", "VAE config", None),
                     ("vae", "vae/diffusion_pytorch_model.safetensors", "VAE (16 channels)", 168),
                     *clip_files("text_encoder", "CLIP ViT-L text encoder", 246),
-                    ("text_encoder_2_config", "text_encoder_2/config.json", "T5-XXL encoder config", None),
-                    ("text_encoder_2_index", "text_encoder_2/model.safetensors.index.json", "T5-XXL shard index", None),
-                    ("text_encoder_2_1", "text_encoder_2/model-00001-of-00002.safetensors", "T5-XXL encoder, shard 1", 4990),
-                    ("text_encoder_2_2", "text_encoder_2/model-00002-of-00002.safetensors", "T5-XXL encoder, shard 2", 4530),
-                    ("tokenizer_2_spiece", "tokenizer_2/spiece.model", "T5 SentencePiece model", None),
-                    ("tokenizer_2_json", "tokenizer_2/tokenizer.json", "T5 fast tokenizer", None),
-                    ("tokenizer_2_config", "tokenizer_2/tokenizer_config.json", "T5 tokenizer config", None),
-                    ("tokenizer_2_special", "tokenizer_2/special_tokens_map.json", "T5 tokenizer special tokens", None))
+                    *t5_files("text_encoder_2", "T5-XXL encoder config"))
     standalone = (flux_encode_prompt, flux_call_denoiser)
 
     @classmethod

@@ -24,6 +24,7 @@ from osediff_lab.backbones.base import (
     clip_files,
     common_files,
     library_class,
+    t5_files,
     token_map,
     token_points,
 )
@@ -111,14 +112,7 @@ class SD3Backbone(Backbone):
     folder_files = (*common_files("transformer", "MMDiT transformer", 4170, 168),
                     *clip_files("text_encoder", "CLIP ViT-L text encoder (with projection)", 247),
                     *clip_files("text_encoder_2", "OpenCLIP-bigG text encoder (with projection)", 1390),
-                    ("text_encoder_3_config", "text_encoder_3/config.json", "T5-XXL encoder config (optional: model.load_t5)", None),
-                    ("text_encoder_3_index", "text_encoder_3/model.safetensors.index.json", "T5-XXL shard index", None),
-                    ("text_encoder_3_1", "text_encoder_3/model-00001-of-00002.safetensors", "T5-XXL encoder, shard 1", 4990),
-                    ("text_encoder_3_2", "text_encoder_3/model-00002-of-00002.safetensors", "T5-XXL encoder, shard 2", 4530),
-                    ("tokenizer_3_spiece", "tokenizer_3/spiece.model", "T5 SentencePiece model", None),
-                    ("tokenizer_3_json", "tokenizer_3/tokenizer.json", "T5 fast tokenizer", None),
-                    ("tokenizer_3_config", "tokenizer_3/tokenizer_config.json", "T5 tokenizer config", None),
-                    ("tokenizer_3_special", "tokenizer_3/special_tokens_map.json", "T5 tokenizer special tokens", None))
+                    *t5_files("text_encoder_3", "T5-XXL encoder config (optional: model.load_t5)"))
     standalone = (sd3_encode_prompt, sd3_call_denoiser)
 
     @classmethod

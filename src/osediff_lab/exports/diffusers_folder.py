@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from osediff_lab.backbones.base import Backbone
 from osediff_lab.backbones.schedules import DynamicShiftFlowSchedule
 from osediff_lab.errors import ConfigError
 from osediff_lab.exports import standalone_infer
@@ -36,11 +37,11 @@ SCRIPT = "infer.py"
 Recipe = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor | None]], Callable[..., torch.Tensor]]
 
 
-def recipe(backbone: Any) -> Recipe:
+def recipe(backbone: Backbone) -> Recipe:
     """(encode_prompt, call_denoiser) of ``backbone``'s family (``Backbone.standalone``, inherited by a variant)."""
-    pair = getattr(backbone, "standalone", None)
+    pair = backbone.standalone
     if pair is None:
-        raise ConfigError(f"the {getattr(backbone, 'name', type(backbone).__name__)} backbone has no standalone prompt "
+        raise ConfigError(f"the {backbone.name} backbone has no standalone prompt "
                           "encoding / denoiser call for format=diffusers: give its class a `standalone = (encode_prompt, "
                           "call_denoiser)` pair of plain functions (as osediff_lab/backbones/sd.py does)")
     return pair

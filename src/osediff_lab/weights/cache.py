@@ -172,8 +172,8 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 def _refuse_connect(self: socket.socket, address) -> None:
     """socket.connect that lets loopback (local services such as W&B's) through and refuses the internet."""
-    host = address[0] if isinstance(address, tuple) else address
-    if self.family in (socket.AF_INET, socket.AF_INET6) and host not in LOOPBACK:
+    internet = isinstance(address, tuple) and isinstance(address[0], str)  # (host, port, ...); a UNIX socket's is a path
+    if internet and address[0] not in LOOPBACK:
         raise NetworkBlockedError(
             f"a library tried to reach {address} while building a model from the weights cache; a file it needs is "
             "missing. Run `python -m osediff_lab.weights check` and fetch what is missing on a connected machine."
