@@ -80,21 +80,12 @@ def infer_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def has_two_sets(pipe: SRPipeline) -> bool:
-    """True when the generator weighs two LoRA sets (PiSA-SR): it accepts lambdas other than (1, 1)."""
-    try:
-        pipe.generator.inference_denoiser(1.0, 0.5)
-    except ConfigError:
-        return False
-    return True
-
-
 def load_model(name: str, ckpt: str | Path, cfg: DictConfig) -> Model:
     """Load ``ckpt`` as infer does (``cfg``: the infer config), LoRA unmerged so that a PiSA-SR checkpoint's lambdas
     can change per run; a checkpoint with one set is merged afterwards when ``pipeline.merge_lora``."""
     pipe = SRPipeline.from_checkpoint(ckpt, base=cfg.get("base"), options=cfg.pipeline, prompt=cfg.get("prompt"),
                                       merge_lora=False)
-    two_sets = has_two_sets(pipe)
+    two_sets = pipe.generator.two_sets
     if cfg.pipeline.merge_lora and not two_sets:
         pipe.generator.merge_adapters(1.0, 1.0)
     return Model(name, Path(ckpt), pipe, two_sets)

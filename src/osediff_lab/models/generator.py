@@ -25,6 +25,7 @@ class OneStepGenerator(nn.Module):
     """
 
     inference_latent = "mode"  # z_L at inference under pipeline.latent=auto (PiSA-SR's release samples it)
+    two_sets = False  # whether it weighs two LoRA sets at inference (PiSA-SR's lambda_pix / lambda_sem)
 
     def __init__(
         self,
@@ -77,7 +78,7 @@ class OneStepGenerator(nn.Module):
     def inference_denoiser(self, lambda_pix: float, lambda_sem: float) -> Callable[[torch.Tensor, TextEmbeds], torch.Tensor]:
         """The z_L -> z_H map inference runs at ``pipeline.lambda_pix`` / ``lambda_sem``, PiSA-SR's weights of its
         two LoRA sets (``models.pisasr``); one LoRA set has no such weights, so only (1, 1) is accepted."""
-        if (lambda_pix, lambda_sem) != (1.0, 1.0):
+        if not self.two_sets and (lambda_pix, lambda_sem) != (1.0, 1.0):
             raise ConfigError(f"pipeline.lambda_pix={lambda_pix} / pipeline.lambda_sem={lambda_sem} weigh PiSA-SR's two "
                               "LoRA sets; this checkpoint is not a PiSA-SR one (leave both at 1)")
         return self.denoise

@@ -68,6 +68,7 @@ class PiSAGenerator(OneStepGenerator):
     """
 
     inference_latent = "sample"  # the release encodes with latent_dist.sample() at inference too (pisasr.py:481)
+    two_sets = True
 
     def denoise(self, z_l: torch.Tensor, prompt_embeds: TextEmbeds) -> torch.Tensor:
         """z_H = z_L - UNet(z_L, timestep, c) on scaled latents, the active adapters as they are."""
